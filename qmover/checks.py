@@ -1,0 +1,57 @@
+"""What must be true of a route's databases before a batch may move.
+
+Run once per connection, before the first batch: a missing queue or schema
+is reported as a cause and a fix instead of a driver error half-way through.
+"""
+
+from __future__ import annotations
+
+from psycopg2.extensions import connection
+
+from qmover import queries
+from qmover.db import Side, errors, scalar, where
+from qmover.errors import QmoverError
+from qmover.route import Route
+
+PGQ_FIX = ("install PgQ (Debian: apt-get install postgresql-15-pgq3) "
+           "and run CREATE EXTENSION pgq in that database")
+
+
+def has_schema(conn: connection, name: str) -> bool:
+    return bool(scalar(conn, queries.HAS_SCHEMA, (name,)))
+
+
+def require_queue(conn: connection, route: Route, side: Side) -> None:
+    """pgq installed and the route's queue created on this side."""
+    queue = route.src_queue if side == "source" else route.dst_queue
+    with errors(route, side):
+        if not has_schema(conn, "pgq"):
+            raise QmoverError(f"{where(route, side)}: PgQ is not installed; {PGQ_FIX}")
+        if not scalar(conn, queries.HAS_QUEUE, (queue,)):
+            raise QmoverError(
+                f"{where(route, side)}: queue {queue!r} does not exist; "
+                f"create it with: select pgq.create_queue('{queue}')")
+
+
+def require_registered(conn: connection, route: Route) -> None:
+    with errors(route, "source"):
+        if not scalar(conn, queries.IS_REGISTERED, (route.src_queue, route.consumer)):
+            raise QmoverError(
+                f"{where(route, 'source')}: consumer {route.consumer!r} is not registered "
+                f"on queue {route.src_queue!r}; run: qmover install CONFIG --route {route.name}")
+
+
+def require_pgq_ext(conn: connection, route: Route) -> None:
+    with errors(route, "target"):
+        if not has_schema(conn, "pgq_ext"):
+            raise QmoverError(
+                f"{where(route, 'target')}: schema pgq_ext is missing, so positions cannot be "
+                f"recorded; run: qmover install CONFIG --route {route.name}")
+
+
+def check_route(src: connection, dst: connection, route: Route) -> None:
+    """Everything a move needs; raises the first problem found."""
+    require_queue(src, route, "source")
+    require_registered(src, route)
+    require_queue(dst, route, "target")
+    require_pgq_ext(dst, route)

@@ -1,0 +1,160 @@
+"""The `qmover` command line: install, run, status, rewind, reset, unregister.
+
+Expected failures print one line and exit 1 (2 for a bad config); only bugs
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from qmover import admin, runner
+from qmover.config import Config, load_config
+from qmover.errors import QmoverError
+from qmover.route import Route
+
+log = logging.getLogger("qmover")
+
+config_argument = click.argument("config", type=click.Path(dir_okay=False))
+route_option = click.option(
+    "--route", "route_names", multiple=True, metavar="NAME",
+    help="Only this route (repeatable; default: every route in CONFIG).")
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"qmover: error: {message}", err=True)
+    sys.exit(code)
+
+
+def expected_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print QmoverErrors as one line with their exit code, no traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except QmoverError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper
+
+
+def selected_routes(config_path: str, route_names: tuple[str, ...]) -> tuple[Config, list[Route]]:
+    config = load_config(config_path)
+    routes = config.select(route_names)
+    if not routes:
+        raise QmoverError(f"{config_path}: no routes (a route is a section with src_db)")
+    return config, routes
+
+
+def for_each_route(config_path: str, route_names: tuple[str, ...],
+                   action: Callable[[Route], str]) -> None:
+    """Run an admin action on every route; report each, exit 1 if any failed."""
+    _, routes = selected_routes(config_path, route_names)
+    failures = 0
+    for route in routes:
+        try:
+            click.echo(action(route))
+        except QmoverError as exc:
+            failures += 1
+            click.echo(f"qmover: error: {exc}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def main(verbose: bool) -> None:
+    """Move PgQ events from source queues to target queues, exactly once."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+@main.command()
+@config_argument
+@route_option
+@expected_errors
+def install(config: str, route_names: tuple[str, ...]) -> None:
+    """Check pgq on both sides, create pgq_ext where absent, register the consumer."""
+    for_each_route(config, route_names, admin.install)
+
+
+@main.command()
+@config_argument
+@route_option
+@click.option("--once", is_flag=True, help="Move until no batch is ready, then exit.")
+@expected_errors
+def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
+    """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
+    _, routes = selected_routes(config, route_names)
+    stop = threading.Event()
+    with runner.stop_on_signals(stop):
+        code = runner.run(routes, once=once, stop=stop)
+    sys.exit(code)
+
+
+@main.command()
+@config_argument
+@route_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@expected_errors
+def status(config: str, route_names: tuple[str, ...], as_json: bool) -> None:
+    """Per route: source lag, pending events, positions, current batch."""
+    _, routes = selected_routes(config, route_names)
+    rows = [admin.status(route) for route in routes]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_status(rows))
+    if any(row["error"] for row in rows):
+        sys.exit(1)
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    headers = ("route", "lag_s", "pending", "src_tick", "dst_tick", "batch")
+    table = [headers]
+    for row in rows:
+        lag = row["lag_seconds"]
+        table.append((row["route"], "-" if lag is None else f"{lag:.1f}",
+                      *("-" if row[key] is None else str(row[key]) for key in
+                        ("pending_events", "source_last_tick", "target_last_tick", "current_batch"))))
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+             for line in table]
+    lines += [f"error: {row['error']}" for row in rows if row["error"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@config_argument
+@route_option
+@expected_errors
+def rewind(config: str, route_names: tuple[str, ...]) -> None:
+    """Move the source consumer back to the tick the target recorded."""
+    for_each_route(config, route_names, admin.rewind)
+
+
+@main.command()
+@config_argument
+@route_option
+@expected_errors
+def reset(config: str, route_names: tuple[str, ...]) -> None:
+    """Forget the target's position; the next batch is applied as it comes."""
+    for_each_route(config, route_names, admin.reset)
+
+
+@main.command()
+@config_argument
+@route_option
+@expected_errors
+def unregister(config: str, route_names: tuple[str, ...]) -> None:
+    """Unregister the source consumer and clear its target position."""
+    for_each_route(config, route_names, admin.unregister)

@@ -1,0 +1,214 @@
+"""Read the skytools-compatible INI file into routes.
+
+Every section with ``src_db`` is a route; ``[qmover]`` holds the broker
+settings.  Errors name file, section and key, and nothing here touches a
+database, so a bad file fails before anything moves.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+
+from qmover.errors import ConfigError
+from qmover.route import Route
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+GLOBAL_SECTION = "qmover"
+
+ROUTE_KEYS = frozenset({
+    "job_name", "consumer_name", "src_db", "dst_db",
+    "pgq_queue_name", "queue_name", "dst_queue_name",
+    "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
+    "loop_delay",
+})
+# Keys skytools scripts understand that have no meaning for qmover.
+SKYTOOLS_IGNORED_KEYS = frozenset({
+    "pidfile", "logfile", "log_size", "log_count", "log_level",
+    "use_skylog", "skylog_locations", "use_syslog", "syslog", "syslog_name",
+    "syslog_ident", "exception_sleep", "exception_reset", "stats_period",
+    "connection_lifetime", "keepalive", "tcp_keepalive", "tcp_keepidle",
+    "tcp_keepintvl", "tcp_keepcnt", "pgq_lazy_fetch", "pgq_autocommit",
+    "service_name", "config_dir", "config_file",
+})
+GLOBAL_KEYS = frozenset({"broker_url", "result_backend"})
+
+_UNITS = {
+    "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*$")
+_CLOCK = re.compile(r"^\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed file: routes in file order plus broker settings."""
+
+    path: Path
+    routes: dict[str, Route]
+    broker_url: str = DEFAULT_BROKER
+    result_backend: str = DEFAULT_BROKER
+
+    def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
+        """The named routes (all when none are named); unknown names are an error."""
+        if not names:
+            return list(self.routes.values())
+        unknown = [name for name in names if name not in self.routes]
+        if unknown:
+            known = ", ".join(self.routes) or "none"
+            raise ConfigError(
+                f"{self.path}: unknown route {unknown[0]!r}; routes in this file: {known}")
+        return [self.routes[name] for name in dict.fromkeys(names)]
+
+
+class _Section:
+    """One section's values, with errors that name file, section and key."""
+
+    def __init__(self, parser: configparser.ConfigParser, path: Path, name: str):
+        self.parser, self.path, self.name = parser, path, name
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key}: {problem}")
+
+    def get(self, key: str) -> str | None:
+        if not self.parser.has_option(self.name, key):
+            return None
+        try:
+            value = self.parser.get(self.name, key)
+        except configparser.InterpolationError as exc:
+            raise self.fail(key, f"bad %(...)s reference ({exc.message.splitlines()[0]})") from None
+        return value.strip()
+
+    def require(self, *keys: str) -> str:
+        for key in keys:
+            value = self.get(key)
+            if value:
+                return value
+        raise self.fail(keys[0], "missing; every route needs it")
+
+    def dsn(self, key: str) -> str:
+        value = self.require(key)
+        try:
+            psycopg2.extensions.parse_dsn(value)
+        except psycopg2.ProgrammingError:
+            # libpq's detail may quote part of the string, password included.
+            raise self.fail(key, "not a valid libpq connection string; "
+                                 "use key=value pairs or a postgresql:// URI") from None
+        return value
+
+    def number(self, key: str, kind: type, minimum: float) -> float | int | None:
+        value = self.get(key)
+        if value is None or value == "":
+            return None
+        try:
+            number = kind(value)
+        except ValueError:
+            raise self.fail(key, f"{value!r} is not a {'whole ' if kind is int else ''}number") from None
+        if number < minimum:
+            raise self.fail(key, f"must be at least {minimum}")
+        return number
+
+    def seconds(self, key: str) -> float | None:
+        value = self.get(key)
+        if value is None or value == "":
+            return None
+        seconds = parse_seconds(value)
+        if seconds is None:
+            raise self.fail(key, f"{value!r} is not a duration; write e.g. '30', '5 minutes' or '00:05:00'")
+        return seconds
+
+    def check_keys(self, allowed: frozenset[str]) -> None:
+        for key in self.parser.options(self.name):
+            if key in allowed or key in self.parser.defaults():
+                continue
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise self.fail(key, f"unknown key{suggestion}")
+
+
+def parse_seconds(value: str) -> float | None:
+    """'30', '1.5 s', '5 minutes', '2 hours', '00:05:00' -> seconds; None if unreadable."""
+    text = value.strip().lower()
+    clock = _CLOCK.match(text)
+    if clock:
+        hours, minutes, seconds = clock.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    amount = _AMOUNT.match(text)
+    if amount and amount.group(2) in _UNITS:
+        return float(amount.group(1)) * _UNITS[amount.group(2)]
+    return None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Parse the file; raise ConfigError naming file, section and key."""
+    path = Path(path)
+    parser = configparser.ConfigParser(
+        interpolation=configparser.BasicInterpolation(),
+        defaults={"config_dir": str(path.parent.resolve()), "config_file": str(path.resolve())},
+    )
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass the path of your qmover/skytools INI file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    except configparser.Error as exc:
+        first = exc.message.splitlines()[0] if hasattr(exc, "message") else str(exc)
+        raise ConfigError(f"{path}: not a valid INI file ({first})") from None
+
+    routes: dict[str, Route] = {}
+    sections: dict[str, str] = {}
+    for name in parser.sections():
+        if name == GLOBAL_SECTION or not parser.has_option(name, "src_db"):
+            continue
+        if not parser.has_option(name, "job_name"):
+            parser.set(name, "job_name", name)  # so %(job_name)s works as in skytools
+        route = _read_route(_Section(parser, path, name))
+        if route.name in routes:
+            raise ConfigError(
+                f"{path}: [{name}] job_name: route name {route.name!r} is also used by "
+                f"[{sections[route.name]}]; give each route its own job_name")
+        routes[route.name] = route
+        sections[route.name] = name
+
+    broker, backend = DEFAULT_BROKER, None
+    if parser.has_section(GLOBAL_SECTION):
+        section = _Section(parser, path, GLOBAL_SECTION)
+        section.check_keys(GLOBAL_KEYS)
+        broker = section.get("broker_url") or DEFAULT_BROKER
+        backend = section.get("result_backend")
+    broker = os.environ.get("QMOVER_BROKER_URL") or broker
+    backend = os.environ.get("QMOVER_RESULT_BACKEND") or backend or broker
+    return Config(path=path, routes=routes, broker_url=broker, result_backend=backend)
+
+
+def _or_default(value: float | int | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _read_route(section: _Section) -> Route:
+    section.check_keys(ROUTE_KEYS | SKYTOOLS_IGNORED_KEYS)
+    job_name = section.require("job_name")
+    src_queue = section.require("pgq_queue_name", "queue_name")
+    return Route(
+        name=job_name,
+        consumer=section.get("consumer_name") or job_name,
+        src_dsn=section.dsn("src_db"),
+        dst_dsn=section.dsn("dst_db"),
+        src_queue=src_queue,
+        dst_queue=section.get("dst_queue_name") or src_queue,
+        min_count=section.number("pgq_batch_collect_events", int, 1),
+        min_interval=section.seconds("pgq_batch_collect_interval"),
+        keep_lag=section.seconds("pgq_keep_lag"),
+        loop_delay=_or_default(section.number("loop_delay", float, 0), 1.0),
+    )

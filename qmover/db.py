@@ -1,0 +1,87 @@
+"""Connections to a route's two databases, and the errors they raise.
+
+Database errors become one-line QmoverErrors that name the route, the side
+and the database (never the password).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import psycopg2
+from psycopg2.extensions import connection, make_dsn, parse_dsn
+
+from qmover import queries
+from qmover.errors import QmoverError, TransientError
+from qmover.route import Route
+
+Side = Literal["source", "target"]
+CONNECT_TIMEOUT = 10
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver message, without its 'ERROR:' prefix."""
+    text = (getattr(exc, "pgerror", None) or str(exc)).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    for prefix in ("ERROR:", "FATAL:"):
+        line = line.removeprefix(prefix)
+    return line.strip()
+
+
+def where(route: Route, side: Side) -> str:
+    display = route.src_display if side == "source" else route.dst_display
+    return f"route {route.name}: {side} database ({display})"
+
+
+def connect(route: Route, side: Side, *, autocommit: bool) -> connection:
+    """Open one side of a route with the session settings the COPY relies on."""
+    dsn = route.src_dsn if side == "source" else route.dst_dsn
+    extra: dict[str, Any] = {"application_name": f"qmover {route.name}"}
+    if "connect_timeout" not in parse_dsn(dsn):
+        extra["connect_timeout"] = CONNECT_TIMEOUT
+    key = "src_db" if side == "source" else "dst_db"
+    try:
+        conn = psycopg2.connect(make_dsn(dsn, **extra))
+    except psycopg2.Error as exc:
+        raise TransientError(
+            f"{where(route, side)}: cannot connect: {first_line(exc)}; "
+            f"check {key} in the config and that the server is up") from None
+    with errors(route, side):
+        # Text COPY carries timestamps and text: both ends must agree on
+        # their spelling, whatever the server defaults are.
+        conn.set_client_encoding("UTF8")
+        conn.autocommit = autocommit
+        with conn.cursor() as cur:
+            cur.execute(queries.SESSION_SETUP)
+        if not autocommit:
+            conn.commit()
+    return conn
+
+
+@contextmanager
+def errors(route: Route, side: Side) -> Iterator[None]:
+    """Turn driver errors into one-line QmoverErrors naming route and side."""
+    try:
+        yield
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}") from None
+    except psycopg2.Error as exc:
+        raise QmoverError(f"{where(route, side)}: {first_line(exc)}") from None
+
+
+def scalar(conn: connection, query: Any, params: Any = None) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+def close(conn: connection | None) -> None:
+    """Close without raising: used on paths that are already failing."""
+    if conn is not None and not conn.closed:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass

@@ -1,0 +1,25 @@
+"""Expected failures: each carries one line that names the cause and the fix.
+
+The CLI prints these without a traceback; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class QmoverError(Exception):
+    """An expected failure; str() is the one line shown to the user."""
+
+    exit_code = 1
+
+
+class ConfigError(QmoverError):
+    """The config file is wrong; raised before any database is touched."""
+
+    exit_code = 2
+
+
+class TransientError(QmoverError):
+    """A connection failed or was lost; retrying later may succeed."""
+
+
+class LostPosition(QmoverError):
+    """The target's position matches neither end of the source batch."""

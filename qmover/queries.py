@@ -1,0 +1,67 @@
+"""Every SQL statement qmover sends, in one place.
+
+Values travel as query parameters; the only identifier that comes from
+outside (the target event table) is quoted with psycopg2.sql.Identifier.
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+
+# The columns a consumer can see, in COPY order.  ev_id and ev_txid are
+# assigned by the target queue, as skytools' queue_mover did.
+EVENT_COLUMNS = ("ev_time", "ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4")
+
+SESSION_SETUP = "set datestyle to iso, ymd"
+
+# --- checks -------------------------------------------------------------
+HAS_SCHEMA = "select exists (select 1 from pg_catalog.pg_namespace where nspname = %s)"
+HAS_QUEUE = "select exists (select 1 from pgq.get_queue_info() where queue_name = %s)"
+IS_REGISTERED = "select exists (select 1 from pgq.get_consumer_info(%s, %s))"
+
+# --- source side --------------------------------------------------------
+NEXT_BATCH = """
+    select batch_id, prev_tick_id, cur_tick_id
+      from pgq.next_batch_custom(%(queue)s, %(consumer)s,
+                                 %(keep_lag)s * interval '1 second',
+                                 %(min_count)s,
+                                 %(min_interval)s * interval '1 second')
+"""
+ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
+BATCH_EVENT_SQL = "select pgq.batch_event_sql(%s)"
+FINISH_BATCH = "select pgq.finish_batch(%s)"
+REGISTER = "select pgq.register_consumer(%s, %s)"
+REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
+UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
+CONSUMER_INFO = """
+    select extract(epoch from lag)::float8 as lag_seconds,
+           extract(epoch from last_seen)::float8 as last_seen_seconds,
+           last_tick, current_batch, next_tick, pending_events
+      from pgq.get_consumer_info(%s, %s)
+"""
+
+# --- target side --------------------------------------------------------
+# Serializes movers of one consumer inside the target transaction, so the
+# position read below is the one the previous mover committed.
+LOCK_CONSUMER = "select pg_advisory_xact_lock(hashtextextended('qmover:' || %s, 0))"
+GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
+SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
+CURRENT_EVENT_TABLE = "select pgq.current_event_table(%s)"
+
+
+def copy_batch_out(batch_event_sql: str) -> sql.Composed:
+    """COPY of the batch's visible columns, in event id order.
+
+    batch_event_sql is the SELECT that pgq.batch_event_sql() generated on
+    the source server for this batch.
+    """
+    columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
+    return sql.SQL("copy (select {} from ({}) as batch) to stdout").format(
+        columns, sql.SQL(batch_event_sql))
+
+
+def copy_events_in(event_table: str) -> sql.Composed:
+    """COPY into the table pgq.current_event_table() named ('schema.table')."""
+    schema, _, table = event_table.partition(".")
+    columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
+    return sql.SQL("copy {} ({}) from stdin").format(sql.Identifier(schema, table), columns)

@@ -1,0 +1,45 @@
+"""A route: one source queue, one consumer, one target queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg2.extensions import parse_dsn
+
+# DSN parts that are safe to show in logs and status output.
+_SHOWN_DSN_KEYS = ("service", "host", "hostaddr", "port", "dbname", "user")
+
+
+def describe_dsn(dsn: str) -> str:
+    """The DSN without password or other options, for messages and status."""
+    parts = parse_dsn(dsn)
+    shown = [f"{key}={parts[key]}" for key in _SHOWN_DSN_KEYS if key in parts]
+    return " ".join(shown) or "(libpq defaults)"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Everything the move protocol needs to know about one route.
+
+    Batch sizing follows skytools: ``min_count`` / ``min_interval`` ask PgQ to
+    merge ticks into bigger batches, ``keep_lag`` holds events back.
+    """
+
+    name: str
+    consumer: str
+    src_dsn: str
+    dst_dsn: str
+    src_queue: str
+    dst_queue: str
+    min_count: int | None = None
+    min_interval: float | None = None
+    keep_lag: float | None = None
+    loop_delay: float = 1.0
+
+    @property
+    def src_display(self) -> str:
+        return describe_dsn(self.src_dsn)
+
+    @property
+    def dst_display(self) -> str:
+        return describe_dsn(self.dst_dsn)

@@ -1,0 +1,96 @@
+"""`qmover run`: move batches of several routes in a loop, like skytools' daemon.
+
+A route whose error needs an operator (lost position, missing queue, ...)
+stops; the others go on.  Connection errors are retried with a growing
+delay, except with --once, which reports them and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from qmover.errors import QmoverError, TransientError
+from qmover.move import FaultHook, Moved
+from qmover.mover import RouteMover
+from qmover.route import Route
+
+log = logging.getLogger("qmover")
+MAX_RETRY_DELAY = 60.0
+
+
+def log_batch(route: Route, moved: Moved) -> None:
+    outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
+    log.info("route=%s batch=%d %s ms=%.1f", route.name, moved.batch_id, outcome, moved.seconds * 1000)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the batch in hand, then stop. Second: abort it."""
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # the target transaction rolls back
+        log.info("got %s: stopping after the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(routes: list[Route], *, once: bool, stop: threading.Event | None = None,
+        fault: FaultHook | None = None) -> int:
+    """Move until stopped (or, with once, until no route has a batch ready).
+
+    Returns the exit code: 0, or 1 when a route failed.
+    """
+    stop = stop or threading.Event()
+    movers = [RouteMover(route, fault) for route in routes]
+    failed: set[str] = set()
+    retry_at: dict[str, float] = {}
+    retries: dict[str, int] = {}
+    try:
+        while not stop.is_set():
+            active = [m for m in movers if m.route.name not in failed]
+            if not active:
+                break
+            busy = False
+            for mover in active:
+                name = mover.route.name
+                if stop.is_set() or time.monotonic() < retry_at.get(name, 0.0):
+                    continue
+                try:
+                    moved = mover.move_one()
+                except TransientError as exc:
+                    log.error("%s", exc)
+                    if once:
+                        failed.add(name)
+                        continue
+                    retries[name] = retries.get(name, 0) + 1
+                    delay = min(MAX_RETRY_DELAY, mover.route.loop_delay * 2 ** retries[name])
+                    retry_at[name] = time.monotonic() + delay
+                    continue
+                except QmoverError as exc:
+                    log.error("%s; route stopped", exc)
+                    failed.add(name)
+                    continue
+                retries.pop(name, None)
+                if moved is not None:
+                    busy = True
+                    log_batch(mover.route, moved)
+            if not busy:
+                if once:
+                    break
+                stop.wait(min(m.route.loop_delay for m in active))
+    finally:
+        for mover in movers:
+            mover.close()
+    return 1 if failed else 0

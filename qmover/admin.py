@@ -41,8 +41,16 @@ def install(route: Route) -> str:
                 with dst.cursor() as cur:
                     cur.execute(resources.files("qmover").joinpath("pgq_ext.sql").read_text())
             dst.commit()
+        with errors(route, "source"):
+            new = not scalar(src, queries.IS_REGISTERED, (route.src_queue, route.consumer))
+        if new:
+            # As skytools' SerialConsumer: a fresh registration starts at the
+            # source's current tick, so an old target position is meaningless.
+            with errors(route, "target"):
+                scalar(dst, queries.SET_LAST_TICK, (route.consumer, None))
+                dst.commit()
         try:
-            new = scalar(src, queries.REGISTER, (route.src_queue, route.consumer))
+            scalar(src, queries.REGISTER, (route.src_queue, route.consumer))
         except psycopg2.Error as exc:
             if "No ticks" in first_line(exc):
                 raise QmoverError(

@@ -1,0 +1,175 @@
+"""Fixtures: real PostgreSQL databases with PgQ, made per test and dropped after."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+ADMIN_DSN = os.environ.get("QMOVER_TEST_ADMIN_DSN", "host=127.0.0.1 dbname=postgres")
+HOST_DSN = os.environ.get("QMOVER_TEST_HOST_DSN", "host=127.0.0.1")
+
+Event = tuple  # (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+EVENT_FIELDS = "ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"
+
+
+@dataclass
+class PgqDatabase:
+    """A throwaway database with PgQ; helpers speak SQL to it directly."""
+
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return f"{HOST_DSN} dbname={self.name}"
+
+    def connect(self) -> psycopg2.extensions.connection:
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        return conn
+
+    def execute(self, query, params=None) -> list[tuple]:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall() if cur.description else []
+        conn.close()
+        return rows
+
+    def value(self, query, params=None):
+        rows = self.execute(query, params)
+        return rows[0][0] if rows else None
+
+    def create_queue(self, queue: str) -> None:
+        self.execute("select pgq.create_queue(%s)", (queue,))
+
+    def produce(self, queue: str, events: Sequence[Event]) -> None:
+        """Insert events in one transaction, like an application would."""
+        conn = psycopg2.connect(self.dsn)
+        with conn, conn.cursor() as cur:
+            for event in events:
+                cur.execute("select pgq.insert_event(%s, %s, %s, %s, %s, %s, %s)", (queue, *event))
+        conn.close()
+
+    def produce_series(self, queue: str, count: int, size: int = 150, tag: str = "e") -> None:
+        """count events with ~size bytes of data, generated server-side."""
+        self.execute(
+            "select count(pgq.insert_event(%s, 'type_' || (i %% 7), %s || i || ':' || repeat('x', %s),"
+            " 'public.t' || (i %% 3), 'extra2', null, i::text)) from generate_series(1, %s) i",
+            (queue, tag, size, count))
+
+    def tick(self, queue: str, force: bool = True) -> int | None:
+        """Close a batch now.
+
+        force: also with no new events (pgq.force_tick, which inflates the
+        queue's event counter); otherwise only when an event came in.
+        """
+        if force:
+            self.execute("select pgq.force_tick(%s)", (queue,))
+        else:
+            self.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
+        return self.value("select pgq.ticker(%s)", (queue,))
+
+    def events(self, queue: str) -> list[tuple]:
+        """Every event in the queue's tables, in id order, visible columns only."""
+        table = self.value("select queue_data_pfx from pgq.queue where queue_name = %s", (queue,))
+        schema, _, name = table.partition(".")
+        query = sql.SQL("select {} from {} order by ev_id").format(
+            sql.SQL(EVENT_FIELDS), sql.Identifier(schema, name))
+        return self.execute(query)
+
+    def last_tick(self, consumer: str) -> int | None:
+        return self.value("select pgq_ext.get_last_tick(%s)", (consumer,))
+
+
+def multiset(events: list[tuple]) -> Counter:
+    return Counter(events)
+
+
+@pytest.fixture
+def make_db() -> Iterator:
+    """Factory: make_db(pgq=True) -> PgqDatabase, dropped after the test."""
+    made: list[str] = []
+    admin = psycopg2.connect(ADMIN_DSN)
+    admin.autocommit = True
+
+    def create(pgq: bool = True, encoding: str | None = None) -> PgqDatabase:
+        name = f"qmt_{uuid.uuid4().hex[:12]}"
+        with admin.cursor() as cur:
+            options = sql.SQL(" encoding {} template template0").format(sql.Literal(encoding)) if encoding else sql.SQL("")
+            cur.execute(sql.SQL("create database {}{}").format(sql.Identifier(name), options))
+        made.append(name)
+        database = PgqDatabase(name)
+        if pgq:
+            database.execute("create extension pgq")
+        return database
+
+    yield create
+    with admin.cursor() as cur:
+        for name in made:
+            cur.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+    admin.close()
+
+
+MANUAL_CONFIG = """\
+[queue_mover3]
+job_name = eventlog_to_target_mover
+src_db = {src}
+dst_db = {dst}
+pgq_queue_name = eventlog
+dst_queue_name = copy_of_eventlog
+pidfile = log/%(job_name)s.pid
+logfile = pid/%(job_name)s.log
+"""
+
+
+@dataclass
+class RouteSetup:
+    """A source and a target database wired up as the manual's example route."""
+
+    src: PgqDatabase
+    dst: PgqDatabase
+    config: Path
+    name: str = "eventlog_to_target_mover"
+    src_queue: str = "eventlog"
+    dst_queue: str = "copy_of_eventlog"
+
+    def qmover(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        return run_qmover(*args, str(self.config), timeout=timeout, check=check)
+
+    def source_events(self) -> list[tuple]:
+        return self.src.events(self.src_queue)
+
+    def target_events(self) -> list[tuple]:
+        return self.dst.events(self.dst_queue)
+
+
+def run_qmover(*args: str, timeout: float = 120, check: bool = False,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "qmover", *args], capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qmover {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def route(make_db, tmp_path) -> RouteSetup:
+    """The manual's example route, installed, with the first tick taken."""
+    src, dst = make_db(), make_db()
+    src.create_queue("eventlog")
+    dst.create_queue("copy_of_eventlog")
+    config = tmp_path / "queue_mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
+    setup = RouteSetup(src, dst, config)
+    setup.qmover("install", check=True)
+    return setup

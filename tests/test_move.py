@@ -1,0 +1,131 @@
+"""End-to-end moves through `qmover run`: the manual's example and event fidelity."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+from conftest import multiset
+
+
+def test_manual_example_moves_events_end_to_end(route):
+    route.src.produce(route.src_queue, [("order", f"id={i}", "public.orders", None, None, None)
+                                        for i in range(50)])
+    route.src.tick(route.src_queue)
+    route.src.produce(route.src_queue, [("payment", f"p={i}", None, None, None, None) for i in range(20)])
+    route.src.tick(route.src_queue)
+
+    result = route.qmover("run", "--once", check=True)
+
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 70
+    batch_lines = re.findall(r"route=eventlog_to_target_mover batch=\d+ events=(\d+) ms=", result.stderr)
+    assert [int(n) for n in batch_lines] == [50, 20]
+    tick = route.src.value("select last_tick from pgq.get_consumer_info(%s, %s)",
+                           (route.src_queue, route.name))
+    assert route.dst.last_tick(route.name) == tick
+
+
+def test_run_once_twice_moves_nothing_more(route):
+    route.src.produce_series(route.src_queue, 30)
+    route.src.tick(route.src_queue)
+    route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
+    assert len(route.target_events()) == 30
+
+
+FIDELITY_EVENTS = [
+    (None, None, None, None, None, None),
+    ("t", "", "", "", "", ""),
+    ("ünïcødé ✓", "日本語 текст 🎉", "ä", "ö", "ü", "ß"),
+    ("tab\there", "new\nline\r\ncrlf", "back\\slash", "\\.", "\\N", "end\\"),
+    ("copy-end", "\\.\n\\.", "a\tb\nc\\d", None, "NULL", "\\\\"),
+    ("x", "null\x01ctrl\x1f", None, "", None, " "),
+]
+
+
+def test_every_visible_column_survives(route):
+    route.src.produce(route.src_queue, FIDELITY_EVENTS)
+    route.src.tick(route.src_queue)
+
+    route.qmover("run", "--once", check=True)
+
+    source, target = route.source_events(), route.target_events()
+    assert target == source
+    assert [row[:6] for row in target] == FIDELITY_EVENTS
+    # ev_time equal to the microsecond, as timestamps and as text
+    src_times = route.src.execute("select ev_time::text from pgq.event_1 order by ev_id")
+    dst_times = route.dst.execute("select ev_time::text from pgq.event_1 order by ev_id")
+    assert src_times == dst_times
+    assert any(t[0].split(".")[-1][:6].isdigit() for t in src_times)
+
+
+def test_ten_megabyte_event(route):
+    big = "0123456789abcdef" * (10 * 1024 * 1024 // 16)
+    route.src.produce(route.src_queue, [("big", big, "x" * 1000, None, None, None), ("small", "s", None, None, None, None)])
+    route.src.tick(route.src_queue)
+
+    route.qmover("run", "--once", check=True)
+
+    assert route.dst.value("select length(ev_data) from pgq.event_1 where ev_type = 'big'") == len(big)
+    assert route.target_events() == route.source_events()
+
+
+def test_empty_batches_advance_the_position(route):
+    ticks = [route.src.tick(route.src_queue) for _ in range(3)]
+
+    result = route.qmover("run", "--once", check=True)
+
+    assert route.target_events() == []
+    assert result.stderr.count("events=0") == 3
+    assert route.dst.last_tick(route.name) == ticks[-1]
+
+
+def test_batch_collect_settings_merge_ticks(route):
+    with route.config.open("a") as config:
+        config.write("pgq_batch_collect_events = 100\n")
+
+    def produce_ticks(count: int) -> None:
+        for _ in range(count):
+            route.src.produce_series(route.src_queue, 30)
+            route.src.tick(route.src_queue, force=False)
+
+    produce_ticks(5)
+    first = route.qmover("run", "--once", check=True)
+    produce_ticks(2)
+    second = route.qmover("run", "--once", check=True)
+
+    assert re.findall(r"events=(\d+)", first.stderr) == ["150"]  # 5 ticks, one batch
+    assert re.findall(r"events=(\d+)", second.stderr) == []  # 60 < 100: held back
+    assert len(route.target_events()) == 150
+
+
+def test_memory_does_not_grow_with_batch_size(route, tmp_path):
+    """Peak RSS of a mover moving 1k events vs 200k events (~50 MB) in one batch."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        import re, sys
+        from qmover.config import load_config
+        from qmover.mover import RouteMover
+        route = load_config(sys.argv[1]).select()[0]
+        with RouteMover(route) as mover:
+            moved = mover.move_one()
+        # VmHWM, unlike ru_maxrss, starts afresh at exec: this process only.
+        status = open("/proc/self/status").read()
+        print(moved.events, re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    """))
+
+    def peak_rss_kb(count: int) -> int:
+        route.src.produce_series(route.src_queue, count, size=200)
+        route.src.tick(route.src_queue)
+        out = subprocess.run([sys.executable, str(probe), str(route.config)], check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert int(out[0]) == count
+        return int(out[1])
+
+    small, large = peak_rss_kb(1_000), peak_rss_kb(200_000)
+    print(f"peak RSS: 1k events {small} kB, 200k events {large} kB")
+    assert large - small < 4 * 1024, f"peak RSS grew from {small} kB to {large} kB"
+    assert len(route.target_events()) == 201_000

@@ -105,7 +105,7 @@ def test_batch_collect_settings_merge_ticks(route):
 def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     """Peak RSS of a mover moving 1k events vs 200k events (~50 MB) in one batch."""
     probe = tmp_path / "probe.py"
-    probe.write_text(textwrap.dedent("""
+    probe.write_text(textwrap.dedent(r"""
         import re, sys
         from qmover.config import load_config
         from qmover.mover import RouteMover

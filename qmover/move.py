@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2.extensions import connection
 
 from qmover import queries
@@ -67,7 +68,10 @@ def move_batch(route: Route, src: connection, dst: connection,
                 f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
         skipped = position == cur_tick
         if not skipped:
-            events = copy_batch(route, src, dst, batch_id)
+            select = _batch_select(route, src, batch_id)
+            if select is None:
+                return None  # superseded: another mover's next_batch replaced it
+            events = copy_batch(route, src, dst, select)
             scalar(dst, queries.SET_LAST_TICK, (route.consumer, cur_tick))
         if fault:
             fault("before_target_commit")
@@ -78,14 +82,12 @@ def move_batch(route: Route, src: connection, dst: connection,
     return Moved(batch_id, events, skipped, time.monotonic() - started)
 
 
-def copy_batch(route: Route, src: connection, dst: connection, batch_id: int) -> int:
-    """Stream the batch's events into the target's current event table.
+def copy_batch(route: Route, src: connection, dst: connection, select: str) -> int:
+    """Stream the batch's events (select: its pgq.batch_event_sql) into the target queue.
 
     The source COPY writes into a pipe from a helper thread while the target
     COPY reads from it, so memory stays at the pipe's size whatever the batch.
     """
-    with errors(route, "source"):
-        select = scalar(src, queries.BATCH_EVENT_SQL, (batch_id,))
     event_table = scalar(dst, queries.CURRENT_EVENT_TABLE, (route.dst_queue,))
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
@@ -111,8 +113,23 @@ def copy_batch(route: Route, src: connection, dst: connection, batch_id: int) ->
         with errors(route, "source"):
             raise failure[0]
     if counts.get("source") != written:
-        raise RuntimeError(f"batch {batch_id}: source sent {counts.get('source')} events, target took {written}")
+        raise RuntimeError(f"source sent {counts.get('source')} events, target took {written}")
     return written
+
+
+def _batch_select(route: Route, src: connection, batch_id: int) -> str | None:
+    """The SELECT over the batch's events; None when the batch is no longer active.
+
+    Two movers calling next_batch_custom at the same moment can both be handed
+    a batch id, the later one replacing the earlier; the earlier is then gone.
+    """
+    try:
+        return scalar(src, queries.BATCH_EVENT_SQL, (batch_id,))
+    except psycopg2.errors.RaiseException:
+        if not _still_active(route, src, batch_id):
+            return None
+        with errors(route, "source"):
+            raise
 
 
 def _still_active(route: Route, src: connection, batch_id: int) -> bool:

@@ -1,0 +1,158 @@
+"""Exactly once at every crash point, under SIGKILL, and with concurrent movers."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import multiset
+from fault_mover import CRASH_EXIT
+from qmover.config import load_config
+from qmover.mover import RouteMover
+
+FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
+
+
+class Boom(Exception):
+    pass
+
+
+def crash(route, point: str) -> None:
+    result = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), point],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == CRASH_EXIT, result.stderr
+
+
+def active_batch(route):
+    return route.src.value("select current_batch from pgq.get_consumer_info(%s, %s)",
+                           (route.src_queue, route.name))
+
+
+def produce_batches(route, batches: int, per_batch: int = 10) -> None:
+    for n in range(batches):
+        route.src.produce_series(route.src_queue, per_batch, size=40, tag=f"b{n}-")
+        route.src.tick(route.src_queue)
+
+
+def test_failure_before_target_commit_applies_nothing(route):
+    produce_batches(route, 2)
+
+    def fail(point: str) -> None:
+        if point == "before_target_commit":
+            raise Boom(point)
+
+    mover = RouteMover(load_config(route.config).select()[0], fail)
+    with pytest.raises(Boom):
+        mover.move_one()
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+    assert active_batch(route) is not None  # not finished: will be redelivered
+
+    route.qmover("run", "--once", check=True)
+    assert route.target_events() == route.source_events()
+
+
+def test_crash_before_target_commit_applies_nothing(route):
+    produce_batches(route, 2)
+    crash(route, "before_target_commit")
+
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+    batch = active_batch(route)
+    assert batch is not None
+
+    result = route.qmover("run", "--once", check=True)
+    assert f"batch={batch} events=10" in result.stderr  # the same batch, redelivered
+    assert route.target_events() == route.source_events()
+
+
+def test_crash_after_target_commit_skips_redelivery(route):
+    produce_batches(route, 2)
+    crash(route, "after_target_commit")
+
+    assert len(route.target_events()) == 10  # applied and recorded ...
+    batch = active_batch(route)
+    assert batch is not None  # ... but not finished on the source
+
+    result = route.qmover("run", "--once", check=True)
+    assert f"batch={batch} skipped: already applied" in result.stderr
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 20
+
+
+def test_sigkill_during_run_loses_and_doubles_nothing(route):
+    produce_batches(route, 600, per_batch=5)
+    kills_mid_run = 0
+    rng = random.Random(20261127)
+    for _ in range(25):
+        if active_batch(route) is None and pending(route) == 0:
+            break
+        mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 1.0))
+        mover.send_signal(signal.SIGKILL)
+        mover.wait()
+        kills_mid_run += 1
+
+    route.qmover("run", "--once", check=True)
+
+    assert kills_mid_run >= 5
+    source, target = route.source_events(), route.target_events()
+    assert len(source) == 3000
+    assert multiset(target) == multiset(source)
+    assert target == source  # batches land in source order
+
+
+def pending(route) -> int:
+    """Ticks the consumer has not consumed yet."""
+    return route.src.value(
+        "select count(*) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+        " where q.queue_name = %s and t.tick_id > (select last_tick from pgq.get_consumer_info(%s, %s))",
+        (route.src_queue, route.src_queue, route.name))
+
+
+def test_four_concurrent_movers_on_one_route(route):
+    with route.config.open("a") as config:
+        config.write("loop_delay = 0.02\n")
+    stop = threading.Event()
+
+    def producer() -> None:
+        n = 0
+        while not stop.is_set():
+            route.src.produce_series(route.src_queue, 7, size=30, tag=f"p{n}-")
+            route.src.tick(route.src_queue)
+            n += 1
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    movers = [subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    time.sleep(8)
+    stop.set()
+    thread.join()
+    deadline = time.monotonic() + 60
+    while pending(route) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for mover in movers:
+        mover.send_signal(signal.SIGTERM)
+    logs = [mover.communicate(timeout=30)[1] for mover in movers]
+
+    assert all(mover.returncode == 0 for mover in movers), logs
+    source, target = route.source_events(), route.target_events()
+    assert len(source) > 100
+    assert target == source
+    batches = [set(re.findall(r"batch=(\d+) events", log)) for log in logs]
+    assert sum(1 for b in batches if b) >= 2, "more than one mover must have applied batches"
+    skipped = sum(log.count("skipped: already applied") for log in logs)
+    applied_ids = [b for s in batches for b in s]
+    assert len(applied_ids) == len(set(applied_ids)), "a batch was applied twice"
+    print(f"{len(source)} events, {len(applied_ids)} batches applied, {skipped} redundant deliveries skipped")

@@ -40,7 +40,9 @@ def install(route: Route) -> str:
             if created:
                 with dst.cursor() as cur:
                     cur.execute(resources.files("qmover").joinpath("pgq_ext.sql").read_text())
-            dst.commit()
+                dst.commit()
+        require_pgq_ext(dst, route)
+        dst.rollback()
         with errors(route, "source"):
             new = not scalar(src, queries.IS_REGISTERED, (route.src_queue, route.consumer))
         if new:

@@ -47,6 +47,10 @@ def require_pgq_ext(conn: connection, route: Route) -> None:
             raise QmoverError(
                 f"{where(route, 'target')}: schema pgq_ext is missing, so positions cannot be "
                 f"recorded; run: qmover install CONFIG --route {route.name}")
+        if not scalar(conn, queries.HAS_TICK_API):
+            raise QmoverError(
+                f"{where(route, 'target')}: pgq_ext has no get_last_tick(text)/set_last_tick(text, "
+                f"bigint); upgrade it to pgq_ext 3.x (qmover does not alter an existing pgq_ext)")
 
 
 def check_route(src: connection, dst: connection, route: Route) -> None:

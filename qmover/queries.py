@@ -17,6 +17,10 @@ SESSION_SETUP = "set datestyle to iso, ymd"
 # --- checks -------------------------------------------------------------
 HAS_SCHEMA = "select exists (select 1 from pg_catalog.pg_namespace where nspname = %s)"
 HAS_QUEUE = "select exists (select 1 from pgq.get_queue_info() where queue_name = %s)"
+HAS_TICK_API = """
+    select to_regprocedure('pgq_ext.get_last_tick(text)') is not null
+       and to_regprocedure('pgq_ext.set_last_tick(text, bigint)') is not null
+"""
 IS_REGISTERED = "select exists (select 1 from pgq.get_consumer_info(%s, %s))"
 
 # --- source side --------------------------------------------------------

@@ -1,0 +1,143 @@
+"""The pgq_ext-compatible schema: its API, and positions shared with skytools' mover."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fault_mover import CRASH_EXIT
+
+SKYTOOLS_MOVER = str(Path(__file__).with_name("skytools_mover.py"))
+FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
+
+
+def skytools_move(route) -> None:
+    """Run the SerialConsumer-based skytools mover on the same config file."""
+    workdir = route.config.parent
+    for folder in ("log", "pid"):  # the manual's pidfile/logfile paths
+        (workdir / folder).mkdir(exist_ok=True)
+    subprocess.run([sys.executable, SKYTOOLS_MOVER, str(route.config)], cwd=workdir,
+                   check=True, capture_output=True, timeout=120)
+
+
+def produce(route, batches: int, tag: str) -> None:
+    for n in range(batches):
+        route.src.produce_series(route.src_queue, 10, tag=f"{tag}{n}-")
+        route.src.tick(route.src_queue)
+
+
+def test_api_answers_like_pgq_ext(route):
+    q = route.dst.value
+    assert q("select pgq_ext.version()") == "3.1"
+    # tick tracking, with and without subconsumer
+    assert q("select pgq_ext.get_last_tick('c')") is None
+    assert q("select pgq_ext.set_last_tick('c', 5)") == 1
+    assert q("select pgq_ext.set_last_tick('c', 'sub', 7)") == 1
+    assert q("select pgq_ext.get_last_tick('c')") == 5
+    assert q("select pgq_ext.get_last_tick('c', '')") == 5
+    assert q("select pgq_ext.get_last_tick('c', 'sub')") == 7
+    assert q("select pgq_ext.set_last_tick('c', null::bigint)") == 1
+    assert q("select pgq_ext.get_last_tick('c')") is None
+    assert q("select pgq_ext.get_last_tick('c', 'sub')") == 7
+    # batch tracking
+    assert q("select pgq_ext.is_batch_done('c', 1)") is False
+    assert q("select pgq_ext.set_batch_done('c', 1)") is True
+    assert q("select pgq_ext.set_batch_done('c', 1)") is False
+    assert q("select pgq_ext.is_batch_done('c', 1)") is True
+    assert q("select pgq_ext.set_batch_done('c', 2)") is True
+    assert q("select pgq_ext.is_batch_done('c', 1)") is False
+    assert q("select pgq_ext.is_batch_done('c', 'sub', 2)") is False
+    # event tracking: marks of a batch are dropped once the next batch starts
+    assert q("select pgq_ext.set_event_done('c', 3, 101)") is True
+    assert q("select pgq_ext.set_event_done('c', 3, 101)") is False
+    assert q("select pgq_ext.is_event_done('c', 3, 101)") is True
+    assert q("select pgq_ext.is_event_done('c', 'sub', 3, 101)") is False
+    assert q("select pgq_ext.set_event_done('c', 'sub', 3, 101)") is True
+    assert q("select pgq_ext.set_event_done('c', 4, 201)") is True
+    assert q("select pgq_ext.is_event_done('c', 3, 101)") is False
+    assert route.dst.execute(
+        "select consumer_id, subconsumer_id, batch_id, event_id from pgq_ext.completed_event order by 2"
+    ) == [("c", "", 4, 201), ("c", "sub", 3, 101)]
+
+
+def test_qmover_continues_where_skytools_stopped(route):
+    produce(route, 2, "sky")
+    skytools_move(route)
+    sky_tick = route.dst.last_tick(route.name)
+    assert len(route.target_events()) == 20 and sky_tick is not None
+
+    produce(route, 2, "qm")
+    result = route.qmover("run", "--once", check=True)
+
+    assert result.stderr.count("events=10") == 2
+    assert sorted(route.target_events()) == sorted(route.source_events())
+    assert len(route.target_events()) == 40
+    assert route.dst.last_tick(route.name) > sky_tick
+
+
+def test_skytools_continues_where_qmover_stopped(route):
+    produce(route, 2, "qm")
+    route.qmover("run", "--once", check=True)
+    qm_tick = route.dst.last_tick(route.name)
+
+    produce(route, 2, "sky")
+    skytools_move(route)
+
+    assert sorted(route.target_events()) == sorted(route.source_events())
+    assert len(route.target_events()) == 40
+    assert route.dst.last_tick(route.name) > qm_tick
+
+
+def test_skytools_skips_a_batch_qmover_applied_but_did_not_finish(route):
+    produce(route, 2, "x")
+    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
+                           capture_output=True, timeout=60)
+    assert crash.returncode == CRASH_EXIT
+
+    skytools_move(route)
+
+    assert sorted(route.target_events()) == sorted(route.source_events())
+    assert len(route.target_events()) == 20
+
+
+def make_route_without_pgq_ext(make_db, tmp_path) -> tuple:
+    from conftest import MANUAL_CONFIG
+
+    src, dst = make_db(), make_db()
+    src.create_queue("eventlog")
+    dst.create_queue("copy_of_eventlog")
+    config = tmp_path / "mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
+    return src, dst, config
+
+
+def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
+    from conftest import run_qmover
+
+    src, dst, config = make_route_without_pgq_ext(make_db, tmp_path)
+    dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())
+    dst.execute("create or replace function pgq_ext.version() returns text language sql as $$ select 'theirs' $$")
+    dst.execute("create table pgq_ext.their_table (x int)")
+
+    result = run_qmover("install", str(config), check=True)
+
+    assert "pgq_ext present" in result.stdout
+    assert dst.value("select pgq_ext.version()") == "theirs"
+    assert dst.value("select count(*) from pg_tables where schemaname = 'pgq_ext'") == 5
+
+
+def test_incomplete_pgq_ext_is_reported_not_altered(make_db, tmp_path):
+    from conftest import run_qmover
+
+    src, dst, config = make_route_without_pgq_ext(make_db, tmp_path)
+    dst.execute("create schema pgq_ext")
+    dst.execute("create table pgq_ext.completed_batch (consumer_id text primary key, last_batch_id bigint)")
+
+    result = run_qmover("install", str(config))
+
+    assert result.returncode == 1
+    assert "pgq_ext has no get_last_tick" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert dst.value("select count(*) from pg_tables where schemaname = 'pgq_ext'") == 1
+    assert src.value("select count(*) from pgq.get_consumer_info()") == 0  # nothing registered

@@ -127,12 +127,13 @@ class _Section:
         return seconds
 
     def check_keys(self, allowed: frozenset[str]) -> None:
+        """Unknown keys are typos until proven otherwise; every %(...)s must resolve."""
         for key in self.parser.options(self.name):
-            if key in allowed or key in self.parser.defaults():
-                continue
-            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise self.fail(key, f"unknown key{suggestion}")
+            if key not in allowed and key not in self.parser.defaults():
+                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise self.fail(key, f"unknown key{suggestion}")
+            self.get(key)
 
 
 def parse_seconds(value: str) -> float | None:

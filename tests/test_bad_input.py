@@ -1,0 +1,97 @@
+"""Bad input: one line naming cause and fix, exit != 0, nothing moved, no batch finished."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_qmover
+
+
+def rewrite(route, old: str, new: str) -> None:
+    text = route.config.read_text()
+    assert old in text
+    route.config.write_text(text.replace(old, new))
+
+
+def drop_line(route, key: str) -> None:
+    lines = route.config.read_text().splitlines(keepends=True)
+    route.config.write_text("".join(line for line in lines if not line.startswith(key)))
+
+
+CASES = {
+    # name: (break the route, extra args, exit code, words the one line must hold)
+    "missing config file": (lambda r: r.config.unlink(), (), 2, ["config file not found"]),
+    "missing key": (lambda r: drop_line(r, "dst_db"), (), 2, ["[queue_mover3] dst_db: missing"]),
+    "unknown key": (lambda r: r.config.write_text(r.config.read_text() + "dst_queue_nmae = x\n"), (), 2,
+                    ["dst_queue_nmae: unknown key", "did you mean 'dst_queue_name'"]),
+    "unknown route": (lambda r: None, ("--route", "nope"), 2, ["unknown route 'nope'", "eventlog_to_target_mover"]),
+    "bad DSN": (lambda r: rewrite(r, "src_db = ", "src_db = dbname "), (), 2,
+                ["[queue_mover3] src_db: not a valid libpq connection string"]),
+    "database does not exist": (lambda r: rewrite(r, f"dbname={r.dst.name}", "dbname=qmt_no_such_db"), (), 1,
+                                ["target database", "cannot connect", "qmt_no_such_db", "check dst_db"]),
+    "unreachable server": (lambda r: rewrite(r, f"dst_db = host=127.0.0.1", "dst_db = host=127.0.0.1 port=1"), (), 1,
+                           ["target database", "cannot connect", "port=1", "that the server is up"]),
+    "missing source queue": (lambda r: r.src.execute("select pgq.drop_queue('eventlog', true)"), (), 1,
+                             ["source database", "queue 'eventlog' does not exist", "pgq.create_queue"]),
+    "missing target queue": (lambda r: r.dst.execute("select pgq.drop_queue('copy_of_eventlog')"), (), 1,
+                             ["target database", "queue 'copy_of_eventlog' does not exist"]),
+    "pgq not installed": (lambda r: r.dst.execute("drop extension pgq cascade"), (), 1,
+                          ["target database", "PgQ is not installed", "CREATE EXTENSION pgq"]),
+    "pgq_ext missing": (lambda r: r.dst.execute("drop schema pgq_ext cascade"), (), 1,
+                        ["schema pgq_ext is missing", "qmover install"]),
+    "consumer not registered": (
+        lambda r: r.src.execute("select pgq.unregister_consumer('eventlog', 'eventlog_to_target_mover')"), (), 1,
+        ["consumer 'eventlog_to_target_mover' is not registered", "qmover install"]),
+}
+
+
+REMOVE_CONSUMER = {"missing source queue", "consumer not registered"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(route, case):
+    route.src.produce_series(route.src_queue, 10)
+    route.src.tick(route.src_queue)
+    before = route.src.execute("select last_tick, current_batch from pgq.get_consumer_info()")
+    breaker, args, code, words = CASES[case]
+    breaker(route)
+
+    result = run_qmover("run", "--once", str(route.config), *args)
+
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "ERROR" in line or "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in result.stderr
+    # nothing moved, no batch taken or finished on the source
+    if route.dst.value("select count(*) from pg_namespace where nspname = 'pgq'"):
+        assert route.dst.value("select count(*) from pgq.event_template") == 0
+    after = route.src.execute("select last_tick, current_batch from pgq.get_consumer_info()")
+    assert after == ([] if case in REMOVE_CONSUMER else before)
+
+
+def test_pgq_missing_on_source_is_reported_by_install(make_db, tmp_path):
+    from conftest import MANUAL_CONFIG
+
+    src, dst = make_db(pgq=False), make_db()
+    dst.create_queue("copy_of_eventlog")
+    config = tmp_path / "mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
+
+    result = run_qmover("install", str(config))
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"qmover: error: route eventlog_to_target_mover: source database (host=127.0.0.1 dbname={src.name}): "
+        "PgQ is not installed; install PgQ (Debian: apt-get install postgresql-15-pgq3) "
+        "and run CREATE EXTENSION pgq in that database"]
+    assert dst.value("select count(*) from pg_namespace where nspname = 'pgq_ext'") == 0
+
+
+def test_status_reports_an_unreachable_route_and_exits_1(route):
+    rewrite(route, "dst_db = host=127.0.0.1", "dst_db = host=127.0.0.1 port=1")
+    result = run_qmover("status", str(route.config))
+    assert result.returncode == 1
+    assert "cannot connect" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,116 @@
+"""The INI format: skytools' files work unchanged; errors name file, section, key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_qmover
+from qmover.config import DEFAULT_BROKER, load_config, parse_seconds
+from qmover.errors import ConfigError
+
+MANUAL_EXAMPLE = """\
+[queue_mover3]
+job_name = eventlog_to_target_mover
+src_db = dbname=sourcedb
+dst_db = dbname=targetdb
+pgq_queue_name = eventlog
+dst_queue_name = copy_of_eventlog
+pidfile = log/%(job_name)s.pid
+logfile = pid/%(job_name)s.log
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "mover.ini"
+    path.write_text(text)
+    return path
+
+
+def test_manual_example_verbatim(tmp_path):
+    config = load_config(write(tmp_path, MANUAL_EXAMPLE))
+    [route] = config.select()
+    assert route.name == "eventlog_to_target_mover"
+    assert route.consumer == "eventlog_to_target_mover"
+    assert (route.src_dsn, route.dst_dsn) == ("dbname=sourcedb", "dbname=targetdb")
+    assert (route.src_queue, route.dst_queue) == ("eventlog", "copy_of_eventlog")
+    assert (route.min_count, route.min_interval, route.keep_lag, route.loop_delay) == (None, None, None, 1.0)
+    assert config.broker_url == config.result_backend == DEFAULT_BROKER
+
+
+def test_several_routes_defaults_and_aliases(tmp_path, monkeypatch):
+    monkeypatch.delenv("QMOVER_BROKER_URL", raising=False)
+    monkeypatch.setenv("QMOVER_RESULT_BACKEND", "redis://127.0.0.1:6379/9")
+    config = load_config(write(tmp_path, MANUAL_EXAMPLE + """
+[partition_2]
+src_db = dbname=part2 password=%(job_name)s-secret
+dst_db = dbname=central
+queue_name = eventlog
+consumer_name = mover_p2
+pgq_batch_collect_events = 500
+pgq_batch_collect_interval = 5 seconds
+pgq_keep_lag = 00:01:30
+loop_delay = 0.25
+
+[qmover]
+broker_url = redis://127.0.0.1:6379/3
+
+[some_other_section]
+anything = goes
+"""))
+    assert list(config.routes) == ["eventlog_to_target_mover", "partition_2"]
+    route = config.routes["partition_2"]
+    assert route.consumer == "mover_p2"
+    assert route.src_dsn == "dbname=part2 password=partition_2-secret"
+    assert route.dst_queue == route.src_queue == "eventlog"
+    assert (route.min_count, route.min_interval, route.keep_lag, route.loop_delay) == (500, 5.0, 90.0, 0.25)
+    assert config.broker_url == "redis://127.0.0.1:6379/3"
+    assert config.result_backend == "redis://127.0.0.1:6379/9"
+    assert [r.name for r in config.select(["partition_2"])] == ["partition_2"]
+    assert route.src_display == "dbname=part2"  # never the password
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30", 30.0), ("1.5", 1.5), ("2 s", 2.0), ("5 minutes", 300.0), ("1 hour", 3600.0),
+    ("2 days", 172800.0), ("00:05:00", 300.0), ("1:00:00.5", 3600.5), ("soon", None), ("5 parsecs", None),
+])
+def test_durations(text, seconds):
+    assert parse_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[r]\nsrc_db = dbname=a\nqueue_name = q\n", "[r] dst_db: missing"),
+    ("[r]\nsrc_db = dbname=a\ndst_db = dbname=b\n", "[r] pgq_queue_name: missing"),
+    ("[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\nlogfile = %(nope)s.log\n",
+     "[r] logfile: bad %(...)s reference"),
+    ("[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\npgq_batch_collect_events = lots\n",
+     "[r] pgq_batch_collect_events: 'lots' is not a whole number"),
+    ("[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\npgq_keep_lag = a while\n",
+     "[r] pgq_keep_lag: 'a while' is not a duration"),
+    ("[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\nloop_delay = -1\n",
+     "[r] loop_delay: must be at least 0"),
+    ("[r]\nsrc_db = dbname=a password=hunter2 oops\ndst_db = dbname=b\nqueue_name = q\n",
+     "[r] src_db: not a valid libpq connection string"),
+    ("[a]\njob_name = same\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n"
+     "[b]\njob_name = same\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n",
+     "[b] job_name: route name 'same' is also used by [a]"),
+    ("[qmover]\nbroker = redis://x\n", "[qmover] broker: unknown key; did you mean 'broker_url'?"),
+    ("src_db = dbname=a\n", "not a valid INI file"),
+    ("[r]\nsrc_db = dbname=a\n[r]\n", "not a valid INI file"),
+])
+def test_errors_name_file_section_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_config_error_exits_2_before_touching_any_database(tmp_path):
+    # The source is unreachable: a connection attempt would say so instead.
+    path = write(tmp_path, "[r]\nsrc_db = host=127.0.0.1 port=1 dbname=x\nqueue_name = q\n")
+    for command in ("install", "run", "status", "rewind", "reset", "unregister"):
+        result = run_qmover(command, str(path))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"qmover: error: {path}: [r] dst_db: missing; every route needs it"]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Make this machine ready for qmover: PgQ installed, PostgreSQL and Redis
+# running, .venv holding qmover with its test tools.  Safe to run again;
+# each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_VERSION="${PG_VERSION:-15}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+[ -x "/usr/lib/postgresql/$PG_VERSION/bin/postgres" ] || missing+=("postgresql-$PG_VERSION")
+[ -f "/usr/share/postgresql/$PG_VERSION/extension/pgq.control" ] || missing+=("postgresql-$PG_VERSION-pgq3")
+command -v redis-server >/dev/null || missing+=("redis-server")
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    echo "setup: starting PostgreSQL $PG_VERSION"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start
+    for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "setup: starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=".venv/.qmover-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing qmover into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi

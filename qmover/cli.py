@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -95,9 +94,12 @@ def install(config: str, route_names: tuple[str, ...]) -> None:
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
     _, routes = selected_routes(config, route_names)
-    stop = threading.Event()
-    with runner.stop_on_signals(stop):
-        code = runner.run(routes, once=once, stop=stop)
+    stop = runner.Stop()
+    try:
+        with runner.stop_on_signals(stop):
+            code = runner.run(routes, once=once, stop=stop)
+    except KeyboardInterrupt:
+        fail("interrupted twice: the batch in hand was rolled back and stays on the source", 130)
     sys.exit(code)
 
 

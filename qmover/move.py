@@ -94,12 +94,12 @@ def copy_batch(route: Route, src: connection, dst: connection, select: str) -> i
     counts = {}
 
     def produce() -> None:
-        with os.fdopen(write_fd, "wb") as sink, src.cursor() as cur:
-            try:
+        try:
+            with os.fdopen(write_fd, "wb") as sink, src.cursor() as cur:
                 cur.copy_expert(queries.copy_batch_out(select), sink)
                 counts["source"] = cur.rowcount
-            except BaseException as exc:  # re-raised below in the caller's thread
-                failure.append(exc)
+        except BaseException as exc:  # re-raised below in the caller's thread
+            failure.append(exc)
 
     producer = threading.Thread(target=produce, name=f"qmover-copy-{route.name}", daemon=True)
     producer.start()

@@ -28,15 +28,24 @@ def log_batch(route: Route, moved: Moved) -> None:
     log.info("route=%s batch=%d %s ms=%.1f", route.name, moved.batch_id, outcome, moved.seconds * 1000)
 
 
+class Stop:
+    """Set by signals: `requested` stops after the batch in hand, `abort` at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.abort = threading.Event()
+
+
 @contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+def stop_on_signals(stop: Stop) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the batch in hand, then stop. Second: abort it."""
 
     def handle(signum: int, _frame: object) -> None:
-        if stop.is_set():
+        if stop.requested.is_set():
+            stop.abort.set()
             raise KeyboardInterrupt  # the target transaction rolls back
         log.info("got %s: stopping after the batch in hand", signal.Signals(signum).name)
-        stop.set()
+        stop.requested.set()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -46,41 +55,41 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(routes: list[Route], *, once: bool, stop: threading.Event | None = None,
+def run(routes: list[Route], *, once: bool, stop: Stop | None = None,
         fault: FaultHook | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
 
-    Returns the exit code: 0, or 1 when a route failed.
+    Returns the exit code: 0, or 1 when a route failed.  Raises
+    KeyboardInterrupt when a second signal aborted the batch in hand.
     """
-    stop = stop or threading.Event()
+    stop = stop or Stop()
     movers = [RouteMover(route, fault) for route in routes]
     failed: set[str] = set()
     retry_at: dict[str, float] = {}
     retries: dict[str, int] = {}
     try:
-        while not stop.is_set():
+        while not stop.requested.is_set():
             active = [m for m in movers if m.route.name not in failed]
             if not active:
                 break
             busy = False
             for mover in active:
                 name = mover.route.name
-                if stop.is_set() or time.monotonic() < retry_at.get(name, 0.0):
+                if stop.requested.is_set() or time.monotonic() < retry_at.get(name, 0.0):
                     continue
                 try:
                     moved = mover.move_one()
-                except TransientError as exc:
-                    log.error("%s", exc)
-                    if once:
+                except QmoverError as exc:
+                    if stop.abort.is_set():  # the driver turned our interrupt into an error
+                        raise KeyboardInterrupt from None
+                    if once or not isinstance(exc, TransientError):
+                        log.error("%s; route stopped", exc)
                         failed.add(name)
                         continue
                     retries[name] = retries.get(name, 0) + 1
                     delay = min(MAX_RETRY_DELAY, mover.route.loop_delay * 2 ** retries[name])
                     retry_at[name] = time.monotonic() + delay
-                    continue
-                except QmoverError as exc:
-                    log.error("%s; route stopped", exc)
-                    failed.add(name)
+                    log.error("%s; retrying in %.1fs", exc, delay)
                     continue
                 retries.pop(name, None)
                 if moved is not None:
@@ -89,7 +98,7 @@ def run(routes: list[Route], *, once: bool, stop: threading.Event | None = None,
             if not busy:
                 if once:
                     break
-                stop.wait(min(m.route.loop_delay for m in active))
+                stop.requested.wait(min(m.route.loop_delay for m in active))
     finally:
         for mover in movers:
             mover.close()

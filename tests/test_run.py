@@ -1,0 +1,132 @@
+"""`qmover run`: several routes, --route, and stopping on signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import PgqDatabase, run_qmover
+
+TWO_PARTITIONS = """\
+[partition_1]
+src_db = {p1}
+dst_db = {central}
+pgq_queue_name = events
+dst_queue_name = central_events
+
+[partition_2]
+src_db = {p2}
+dst_db = {central}
+pgq_queue_name = events
+dst_queue_name = central_events
+"""
+
+
+def test_two_partitions_into_one_central_queue(make_db, tmp_path):
+    p1, p2, central = make_db(), make_db(), make_db()
+    for part in (p1, p2):
+        part.create_queue("events")
+    central.create_queue("central_events")
+    config = tmp_path / "partitions.ini"
+    config.write_text(TWO_PARTITIONS.format(p1=p1.dsn, p2=p2.dsn, central=central.dsn))
+    run_qmover("install", str(config), check=True)
+    for n, part in enumerate((p1, p2)):
+        part.produce_series("events", 40, tag=f"p{n}-")
+        part.tick("events")
+
+    only_first = run_qmover("run", "--once", "--route", "partition_1", str(config), check=True)
+    assert "route=partition_1" in only_first.stderr and "partition_2" not in only_first.stderr
+    assert len(central.events("central_events")) == 40
+    run_qmover("run", "--once", str(config), check=True)
+
+    assert sorted(central.events("central_events")) == sorted(p1.events("events") + p2.events("events"))
+    assert central.value("select count(*) from pgq_ext.completed_tick") == 2
+
+
+def copy_running(database: PgqDatabase) -> bool:
+    return bool(database.value(
+        "select count(*) from pg_stat_activity where datname = %s"
+        " and application_name like 'qmover %%' and query ilike 'copy %%'", (database.name,)))
+
+
+def start_big_batch_move(route) -> subprocess.Popen:
+    """A batch big enough to take seconds, then a small one behind it."""
+    route.src.produce_series(route.src_queue, 300_000, size=100, tag="big")
+    route.src.tick(route.src_queue)
+    route.src.produce_series(route.src_queue, 10, tag="small")
+    route.src.tick(route.src_queue)
+    mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not copy_running(route.dst) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert copy_running(route.dst), "the mover never started copying"
+    return mover
+
+
+def test_sigterm_finishes_the_batch_in_hand_then_stops(route):
+    mover = start_big_batch_move(route)
+    mover.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, log = mover.communicate(timeout=60)
+
+    assert mover.returncode == 0, log
+    assert "got SIGTERM: stopping after the batch in hand" in log
+    assert re.findall(r"events=(\d+)", log) == ["300000"]  # finished it, did not start the next
+    assert len(route.target_events()) == 300_000
+    assert route.src.value("select current_batch from pgq.get_consumer_info()") is None
+    print(f"stopped {time.monotonic() - started:.1f}s after SIGTERM")
+
+
+def test_second_signal_rolls_the_batch_back(route):
+    mover = start_big_batch_move(route)
+    mover.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    mover.send_signal(signal.SIGINT)
+    _, log = mover.communicate(timeout=60)
+
+    assert mover.returncode == 130, log
+    assert "interrupted twice: the batch in hand was rolled back" in log
+    assert "Traceback" not in log
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+    assert route.src.value("select current_batch from pgq.get_consumer_info()") is not None
+
+    run_qmover("run", "--once", str(route.config), check=True)
+    assert len(route.target_events()) == 300_010
+
+
+def test_loop_retries_a_target_that_comes_up_later(make_db, tmp_path):
+    from conftest import MANUAL_CONFIG
+
+    src = make_db()
+    src.create_queue("eventlog")
+    late = make_db()  # made now so the fixture drops it; taken away until "the server comes up"
+    late_name = late.name
+    config = tmp_path / "mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=late.dsn) + "loop_delay = 0.1\n")
+    late.create_queue("copy_of_eventlog")
+    run_qmover("install", str(config), check=True)
+    rename = PgqDatabase("postgres").execute
+    rename(f'alter database "{late_name}" rename to "{late_name}_away"')
+    src.produce_series("eventlog", 20)
+    src.tick("eventlog")
+
+    try:
+        mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(config)],
+                                 stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+    finally:
+        rename(f'alter database "{late_name}_away" rename to "{late_name}"')
+    deadline = time.monotonic() + 30
+    while len(late.events("copy_of_eventlog")) < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mover.send_signal(signal.SIGTERM)
+    _, log = mover.communicate(timeout=30)
+
+    assert mover.returncode == 0
+    assert "cannot connect" in log and "retrying in" in log
+    assert sorted(late.events("copy_of_eventlog")) == sorted(src.events("eventlog"))

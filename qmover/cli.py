@@ -80,15 +80,6 @@ def main(verbose: bool) -> None:
 @main.command()
 @config_argument
 @route_option
-@expected_errors
-def install(config: str, route_names: tuple[str, ...]) -> None:
-    """Check pgq on both sides, create pgq_ext where absent, register the consumer."""
-    for_each_route(config, route_names, admin.install)
-
-
-@main.command()
-@config_argument
-@route_option
 @click.option("--once", is_flag=True, help="Move until no batch is ready, then exit.")
 @expected_errors
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
@@ -135,28 +126,17 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@main.command()
-@config_argument
-@route_option
-@expected_errors
-def rewind(config: str, route_names: tuple[str, ...]) -> None:
-    """Move the source consumer back to the tick the target recorded."""
-    for_each_route(config, route_names, admin.rewind)
+def route_command(action: Callable[[Route], str]) -> None:
+    """Register an admin action as `qmover NAME CONFIG [--route NAME]...`; its docstring is the help."""
+
+    @main.command(name=action.__name__, help=action.__doc__)
+    @config_argument
+    @route_option
+    @expected_errors
+    def command(config: str, route_names: tuple[str, ...]) -> None:
+        for_each_route(config, route_names, action)
 
 
-@main.command()
-@config_argument
-@route_option
-@expected_errors
-def reset(config: str, route_names: tuple[str, ...]) -> None:
-    """Forget the target's position; the next batch is applied as it comes."""
-    for_each_route(config, route_names, admin.reset)
+for _action in (admin.install, admin.rewind, admin.reset, admin.unregister):
+    route_command(_action)
 
-
-@main.command()
-@config_argument
-@route_option
-@expected_errors
-def unregister(config: str, route_names: tuple[str, ...]) -> None:
-    """Unregister the source consumer and clear its target position."""
-    for_each_route(config, route_names, admin.unregister)

@@ -162,14 +162,20 @@ def run_qmover(*args: str, timeout: float = 120, check: bool = False,
     return result
 
 
-@pytest.fixture
-def route(make_db, tmp_path) -> RouteSetup:
-    """The manual's example route, installed, with the first tick taken."""
+def manual_route(make_db, tmp_path: Path, install: bool = True) -> RouteSetup:
+    """Two new databases wired up as the manual's example route."""
     src, dst = make_db(), make_db()
     src.create_queue("eventlog")
     dst.create_queue("copy_of_eventlog")
     config = tmp_path / "queue_mover.ini"
     config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
     setup = RouteSetup(src, dst, config)
-    setup.qmover("install", check=True)
+    if install:
+        setup.qmover("install", check=True)
     return setup
+
+
+@pytest.fixture
+def route(make_db, tmp_path) -> RouteSetup:
+    """The manual's example route, installed."""
+    return manual_route(make_db, tmp_path)

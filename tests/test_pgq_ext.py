@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import manual_route
 from fault_mover import CRASH_EXIT
 
 SKYTOOLS_MOVER = str(Path(__file__).with_name("skytools_mover.py"))
@@ -101,26 +102,14 @@ def test_skytools_skips_a_batch_qmover_applied_but_did_not_finish(route):
     assert len(route.target_events()) == 20
 
 
-def make_route_without_pgq_ext(make_db, tmp_path) -> tuple:
-    from conftest import MANUAL_CONFIG
-
-    src, dst = make_db(), make_db()
-    src.create_queue("eventlog")
-    dst.create_queue("copy_of_eventlog")
-    config = tmp_path / "mover.ini"
-    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
-    return src, dst, config
-
-
 def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
-    from conftest import run_qmover
-
-    src, dst, config = make_route_without_pgq_ext(make_db, tmp_path)
+    new = manual_route(make_db, tmp_path, install=False)
+    dst = new.dst
     dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())
     dst.execute("create or replace function pgq_ext.version() returns text language sql as $$ select 'theirs' $$")
     dst.execute("create table pgq_ext.their_table (x int)")
 
-    result = run_qmover("install", str(config), check=True)
+    result = new.qmover("install", check=True)
 
     assert "pgq_ext present" in result.stdout
     assert dst.value("select pgq_ext.version()") == "theirs"
@@ -128,13 +117,12 @@ def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
 
 
 def test_incomplete_pgq_ext_is_reported_not_altered(make_db, tmp_path):
-    from conftest import run_qmover
-
-    src, dst, config = make_route_without_pgq_ext(make_db, tmp_path)
+    new = manual_route(make_db, tmp_path, install=False)
+    src, dst = new.src, new.dst
     dst.execute("create schema pgq_ext")
     dst.execute("create table pgq_ext.completed_batch (consumer_id text primary key, last_batch_id bigint)")
 
-    result = run_qmover("install", str(config))
+    result = new.qmover("install")
 
     assert result.returncode == 1
     assert "pgq_ext has no get_last_tick" in result.stderr

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -140,3 +142,23 @@ def route_command(action: Callable[[Route], str]) -> None:
 for _action in (admin.install, admin.rewind, admin.reset, admin.unregister):
     route_command(_action)
 
+
+
+def celery_command(name: str, help_text: str) -> None:
+    """Register `qmover NAME CONFIG [CELERY ARGS]...` as `celery -A qmover.tasks NAME ...`."""
+
+    @main.command(name=name, help=help_text,
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @config_argument
+    @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+    @expected_errors
+    def command(config: str, celery_args: tuple[str, ...]) -> None:
+        load_config(config)  # a bad file fails here with its one line, before Celery starts
+        os.environ["QMOVER_CONFIG"] = str(Path(config).resolve())
+        argv = [sys.executable, "-m", "celery", "-A", "qmover.tasks", name, *celery_args]
+        os.execv(sys.executable, argv)
+
+
+celery_command("worker", "Start a Celery worker for the routes of CONFIG (extra args go to celery).")
+celery_command("beat", "Start Celery beat with one move entry per route of CONFIG.")
+celery_command("flower", "Start Flower for qmover's Celery app.")

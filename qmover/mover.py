@@ -6,12 +6,16 @@ restarted server or a half-finished COPY never leaks into the next batch.
 
 from __future__ import annotations
 
+import logging
+
 from psycopg2.extensions import connection
 
-from qmover import db
+from qmover import db, queries
 from qmover.checks import check_route
 from qmover.move import FaultHook, Moved, move_batch
 from qmover.route import Route
+
+log = logging.getLogger("qmover")
 
 
 class RouteMover:
@@ -43,13 +47,36 @@ class RouteMover:
             raise
 
     def move_one(self) -> Moved | None:
-        """Move the next batch; None when none is ready."""
+        """Move the next batch and log it; None when none is ready."""
         self.open()
         try:
-            return move_batch(self.route, self._src, self._dst, self.fault)
+            moved = move_batch(self.route, self._src, self._dst, self.fault)
         except BaseException:
             self.close()
             raise
+        if moved is not None:
+            outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
+            log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome,
+                     moved.seconds * 1000)
+        return moved
+
+    def claim(self) -> bool:
+        """Take the route for this mover; False when another mover holds it.
+
+        The claim lives on the target connection and ends with it (close, or
+        the process dying), so it cannot outlive a killed worker.
+        """
+        self.open()
+        with db.errors(self.route, "target"):
+            claimed = bool(db.scalar(self._dst, queries.CLAIM_ROUTE, (self.route.consumer,)))
+            self._dst.rollback()
+        return claimed
+
+    def source_lag(self) -> float | None:
+        """Seconds since the tick the consumer last finished, as PgQ reports it."""
+        self.open()
+        with db.errors(self.route, "source"):
+            return db.scalar(self._src, queries.CONSUMER_LAG, (self.route.src_queue, self.route.consumer))
 
     def close(self) -> None:
         db.close(self._src)

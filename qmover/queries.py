@@ -37,6 +37,7 @@ FINISH_BATCH = "select pgq.finish_batch(%s)"
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
+CONSUMER_LAG = "select extract(epoch from lag)::float8 from pgq.get_consumer_info(%s, %s)"
 CONSUMER_INFO = """
     select extract(epoch from lag)::float8 as lag_seconds,
            extract(epoch from last_seen)::float8 as last_seen_seconds,
@@ -44,10 +45,32 @@ CONSUMER_INFO = """
       from pgq.get_consumer_info(%s, %s)
 """
 
+# --- ticker (for databases without pgqd) --------------------------------
+TICK_ALL_QUEUES = "select pgq.ticker()"
+MAINT_OPERATIONS = "select func_name, func_arg from pgq.maint_operations()"
+
+
+def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
+    """One step that pgq.maint_operations() asked for, the way pgqd runs it.
+
+    Names come from PgQ itself ('pgq.maint_rotate_tables_step1', 'vacuum', ...);
+    they are still quoted as identifiers, and the argument is a parameter.
+    """
+    if func_name.lower() == "vacuum":
+        return sql.SQL("vacuum {}").format(sql.Identifier(*func_arg.split(".")))
+    function = sql.Identifier(*func_name.split("."))
+    if func_arg is None:
+        return sql.SQL("select {}()").format(function)
+    return sql.SQL("select {}(%s)").format(function)
+
+
 # --- target side --------------------------------------------------------
 # Serializes movers of one consumer inside the target transaction, so the
 # position read below is the one the previous mover committed.
 LOCK_CONSUMER = "select pg_advisory_xact_lock(hashtextextended('qmover:' || %s, 0))"
+# Session-level: one worker per route at a time; released when the
+# connection ends, so a killed worker does not keep the route.
+CLAIM_ROUTE = "select pg_try_advisory_lock(hashtextextended('qmover-route:' || %s, 0))"
 GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
 SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
 CURRENT_EVENT_TABLE = "select pgq.current_event_table(%s)"

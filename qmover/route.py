@@ -35,6 +35,10 @@ class Route:
     min_interval: float | None = None
     keep_lag: float | None = None
     loop_delay: float = 1.0
+    move_interval: float = 1.0  # Celery beat: seconds between move_next_batch tasks
+    move_budget: float = 10.0  # Celery: seconds one task keeps moving ready batches
+    ticker: tuple[str, ...] = ()  # sides ("source", "target") ticked by Celery beat
+    ticker_interval: float = 1.0
 
     @property
     def src_display(self) -> str:

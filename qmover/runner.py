@@ -15,17 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from qmover.errors import QmoverError, TransientError
-from qmover.move import FaultHook, Moved
+from qmover.move import FaultHook
 from qmover.mover import RouteMover
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
 MAX_RETRY_DELAY = 60.0
-
-
-def log_batch(route: Route, moved: Moved) -> None:
-    outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
-    log.info("route=%s batch=%d %s ms=%.1f", route.name, moved.batch_id, outcome, moved.seconds * 1000)
 
 
 class Stop:
@@ -92,9 +87,7 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None,
                     log.error("%s; retrying in %.1fs", exc, delay)
                     continue
                 retries.pop(name, None)
-                if moved is not None:
-                    busy = True
-                    log_batch(mover.route, moved)
+                busy = busy or moved is not None
             if not busy:
                 if once:
                     break

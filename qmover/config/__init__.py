@@ -26,8 +26,9 @@ ROUTE_KEYS = frozenset({
     "job_name", "consumer_name", "src_db", "dst_db",
     "pgq_queue_name", "queue_name", "dst_queue_name",
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
-    "loop_delay",
+    "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
 })
+TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
 SKYTOOLS_IGNORED_KEYS = frozenset({
     "pidfile", "logfile", "log_size", "log_count", "log_level",
@@ -117,13 +118,15 @@ class _Section:
             raise self.fail(key, f"must be at least {minimum}")
         return number
 
-    def seconds(self, key: str) -> float | None:
+    def seconds(self, key: str, positive: bool = False) -> float | None:
         value = self.get(key)
         if value is None or value == "":
             return None
         seconds = parse_seconds(value)
         if seconds is None:
             raise self.fail(key, f"{value!r} is not a duration; write e.g. '30', '5 minutes' or '00:05:00'")
+        if positive and seconds <= 0:
+            raise self.fail(key, "must be more than 0 seconds")
         return seconds
 
     def check_keys(self, allowed: frozenset[str]) -> None:
@@ -212,4 +215,15 @@ def _read_route(section: _Section) -> Route:
         min_interval=section.seconds("pgq_batch_collect_interval"),
         keep_lag=section.seconds("pgq_keep_lag"),
         loop_delay=_or_default(section.number("loop_delay", float, 0), 1.0),
+        move_interval=_or_default(section.seconds("move_interval", positive=True), 1.0),
+        move_budget=_or_default(section.seconds("move_budget", positive=True), 10.0),
+        ticker=_ticker_sides(section),
+        ticker_interval=_or_default(section.seconds("ticker_interval", positive=True), 1.0),
     )
+
+
+def _ticker_sides(section: _Section) -> tuple[str, ...]:
+    value = (section.get("ticker") or "off").lower()
+    if value not in TICKER_SIDES:
+        raise section.fail("ticker", f"{value!r} is not one of {', '.join(TICKER_SIDES)}")
+    return TICKER_SIDES[value]

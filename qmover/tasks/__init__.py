@@ -1,0 +1,12 @@
+"""The Celery layer: tasks and a beat schedule over the move protocol; no SQL.
+
+`celery -A qmover.tasks worker|beat` runs qmover's own app (settings from
+celeryconfig.py, routes from the file QMOVER_CONFIG names).  An existing
+Celery app takes the same tasks and beat entries with attach().
+"""
+
+from qmover.tasks.app import app
+from qmover.tasks.jobs import move_next_batch, tick_database
+from qmover.tasks.schedule import attach, beat_schedule
+
+__all__ = ["app", "attach", "beat_schedule", "move_next_batch", "tick_database"]

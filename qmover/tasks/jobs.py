@@ -1,0 +1,92 @@
+"""The tasks: move a route's ready batches; tick a database that has no pgqd.
+
+Arguments are route names only, never a DSN.  Connection errors retry with
+backoff; config and position errors fail at once, as one logged line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from celery import Task, shared_task
+
+from qmover import ticker
+from qmover.config import Config, load_config
+from qmover.errors import QmoverError, TransientError
+from qmover.mover import RouteMover
+from qmover.route import Route
+from qmover.tasks.schedule import MOVE_TASK, TICK_TASK, config_path_from_env
+
+log = logging.getLogger("qmover")
+MAX_RETRIES = 5
+
+
+@lru_cache(maxsize=4)
+def _load(path: Path, _mtime: float) -> Config:
+    return load_config(path)
+
+
+def route_for(task: Task, name: str) -> Route:
+    """The named route from the app's config file (re-read when the file changes)."""
+    configured = task.app.conf.get("qmover_config")
+    path = Path(configured) if configured else config_path_from_env()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0  # load_config reports the missing file
+    return _load(path, mtime).select([name])[0]
+
+
+def _retry_or_fail(task: Task, exc: QmoverError) -> None:
+    if isinstance(exc, TransientError) and task.request.retries < MAX_RETRIES:
+        log.warning("%s; retry %d of %d", exc, task.request.retries + 1, MAX_RETRIES)
+        raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries))
+    log.error("%s", exc)
+    raise exc
+
+
+@shared_task(bind=True, name=MOVE_TASK, acks_late=True, reject_on_worker_lost=True,
+             throws=(QmoverError,))
+def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
+    """Move the route's ready batches for up to move_budget seconds.
+
+    Safe to run anywhere, any number of times: a mover that finds the route
+    claimed by another returns at once, and the move protocol applies each
+    batch exactly once whatever happens.
+    """
+    started = time.monotonic()
+    result: dict[str, Any] = {"route": route_name, "batches": 0, "events": 0, "skipped": 0,
+                              "busy": False, "source_lag": None}
+    try:
+        route = route_for(self, route_name)
+        with RouteMover(route) as mover:
+            if not mover.claim():
+                result["busy"] = True
+            while not result["busy"] and time.monotonic() - started < route.move_budget:
+                moved = mover.move_one()
+                if moved is None:
+                    break
+                result["batches"] += 1
+                result["events"] += moved.events
+                result["skipped"] += moved.skipped
+            if not result["busy"]:
+                result["source_lag"] = mover.source_lag()
+    except QmoverError as exc:
+        _retry_or_fail(self, exc)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
+@shared_task(bind=True, name=TICK_TASK, throws=(QmoverError,))
+def tick_database(self: Task, route_name: str, side: str) -> dict[str, Any]:
+    """pgq.ticker() and due maintenance on one side of a route (instead of pgqd)."""
+    try:
+        ticked = ticker.tick(route_for(self, route_name), side)  # type: ignore[arg-type]
+    except QmoverError as exc:
+        _retry_or_fail(self, exc)
+    return {"route": route_name, "side": side, "queues_ticked": ticked.queues,
+            "maintenance_steps": ticked.maintenance_steps}

@@ -1,0 +1,124 @@
+"""Real Celery workers, beat and Flower as child processes of a test."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Redis:
+    """A Redis database of the machine's server, emptied before and after a test."""
+
+    def __init__(self, port: int = 6379):
+        self.port = port
+        self.db = random.randint(1, 15)
+        self.client = redis.Redis(host="127.0.0.1", port=port, db=self.db)
+        self.client.flushdb()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    def everything(self) -> bytes:
+        """Every key and value, for secret scans."""
+        dump = b""
+        for key in self.client.scan_iter():
+            kind = self.client.type(key)
+            if kind == b"string":
+                value = self.client.get(key) or b""
+            elif kind == b"list":
+                value = b"".join(self.client.lrange(key, 0, -1))
+            elif kind == b"hash":
+                value = b"".join(k + v for k, v in self.client.hgetall(key).items())
+            elif kind == b"zset":
+                value = b"".join(self.client.zrange(key, 0, -1))
+            elif kind == b"set":
+                value = b"".join(self.client.smembers(key))
+            else:
+                value = b""
+            dump += key + b"=" + value + b"\n"
+        return dump
+
+    def close(self) -> None:
+        self.client.flushdb()
+        self.client.close()
+
+
+class Processes:
+    """Celery processes for one config; each logs to its own file."""
+
+    def __init__(self, config: Path, logdir: Path, cwd: Path | None = None, app: str = "qmover.tasks",
+                 env: dict[str, str] | None = None):
+        self.logdir = logdir
+        self.cwd = cwd
+        self.app = app
+        self.env = {**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.logdir / f"{name}.log").open("a")
+        process = subprocess.Popen([sys.executable, "-m", "celery", "-A", self.app, *args],
+                                   stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                   start_new_session=True)
+        self.running[name] = process
+        return process
+
+    def worker(self, name: str = "worker", concurrency: int = 1, *extra: str) -> subprocess.Popen:
+        return self.start(name, "worker", "-l", "info", "-c", str(concurrency), "-n", f"{name}@%h",
+                          "--without-mingle", "--without-gossip", *extra)
+
+    def beat(self) -> subprocess.Popen:
+        return self.start("beat", "beat", "-l", "info", "-s", str(self.logdir / "beat-schedule"))
+
+    def flower(self, port: int) -> subprocess.Popen:
+        self.env["FLOWER_UNAUTHENTICATED_API"] = "true"
+        return self.start("flower", "flower", f"--port={port}", "--address=127.0.0.1")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its children (the worker's pool)."""
+        process = self.running.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.running.values():
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.running.clear()
+
+    def log(self, name: str) -> str:
+        path = self.logdir / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def logs(self) -> str:
+        return "".join(path.read_text() for path in sorted(self.logdir.glob("*.log")))

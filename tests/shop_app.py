@@ -1,0 +1,16 @@
+"""A Celery project of its own that adds qmover's tasks and beat entries."""
+
+import os
+
+from celery import Celery
+
+import qmover.tasks
+
+app = Celery("shop", broker=os.environ["SHOP_BROKER_URL"], backend=os.environ["SHOP_BROKER_URL"])
+app.conf.beat_schedule = {}
+qmover.tasks.attach(app, os.environ["SHOP_QMOVER_CONFIG"])
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y

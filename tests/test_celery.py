@@ -1,0 +1,274 @@
+"""The Celery pipeline with real workers, beat, Flower and Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from celery_helpers import Processes, Redis, free_port, wait_until
+from conftest import PgqDatabase, run_qmover
+
+ROUTE = """
+[partition_{n}]
+src_db = {src}
+dst_db = {dst}
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = {interval}
+{extra}
+"""
+
+
+@dataclass
+class Pipeline:
+    parts: list[PgqDatabase]
+    central: PgqDatabase
+    config: Path
+    procs: Processes
+
+    def produce(self, rounds: int, per_tick: int = 10, tick: bool = True, skip_tick: tuple = ()) -> int:
+        """rounds x per_tick events into every partition, one tick each round."""
+        for r in range(rounds):
+            for n, part in enumerate(self.parts):
+                part.produce_series("events", per_tick, size=60, tag=f"p{n}r{r}-")
+                if tick and n not in skip_tick:
+                    part.tick("events")
+        return rounds * per_tick * len(self.parts)
+
+    def central_events(self) -> list[tuple]:
+        return self.central.events("central_events")
+
+    def source_events(self) -> list[tuple]:
+        return [event for part in self.parts for event in part.events("events")]
+
+    def wait_for(self, count: int, timeout: float = 90) -> None:
+        wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
+        time.sleep(1.5)  # a straggler doubling an event would show now
+        assert Counter(self.central_events()) == Counter(self.source_events())
+
+
+@pytest.fixture
+def redis_db():
+    db = Redis()
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def pipeline(make_db, tmp_path, redis_db):
+    """factory(routes, interval=..., first_extra=..., password=...) -> Pipeline, stopped after."""
+    made: list[Pipeline] = []
+
+    def build(routes: int, interval: float = 0.5, first_extra: str = "", password: str | None = None) -> Pipeline:
+        parts = [make_db() for _ in range(routes)]
+        central = make_db()
+        for part in parts:
+            part.create_queue("events")
+        central.create_queue("central_events")
+        secret = f" password={password}" if password else ""
+        text = "".join(ROUTE.format(n=n, src=part.dsn + secret, dst=central.dsn + secret, interval=interval,
+                                    extra=first_extra if n == 0 else "")
+                       for n, part in enumerate(parts))
+        config = tmp_path / "pipeline.ini"
+        config.write_text(text + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
+        run_qmover("install", str(config), check=True)
+        logdir = tmp_path / "logs"
+        logdir.mkdir(exist_ok=True)
+        made.append(Pipeline(parts, central, config, Processes(config, logdir)))
+        return made[-1]
+
+    yield build
+    for built in made:
+        built.procs.stop()
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]
+
+
+def test_worker_and_beat_move_two_routes_exactly_once(pipeline):
+    pipe = pipeline(2, first_extra="ticker = source")  # partition_0 is ticked by beat, not by the test
+    pipe.parts[0].execute("select pgq.set_queue_config('events', 'ticker_max_lag', '0.2 seconds')")
+    pipe.procs.worker(concurrency=2)
+    pipe.procs.beat()
+    produced = 0
+    for _ in range(6):
+        produced += pipe.produce(3, skip_tick=(0,))
+        time.sleep(0.5)
+
+    pipe.wait_for(produced)
+
+    logs = pipe.procs.logs()
+    assert error_lines(logs) == []
+    assert "qmover.tick_database" in logs
+    for route in ("partition_0", "partition_1"):
+        assert re.search(rf"route={route} batch=\d+ events=\d+", logs)
+
+
+def test_three_workers_share_four_routes(pipeline):
+    pipe = pipeline(4)
+    for n in range(3):
+        pipe.procs.worker(f"worker{n}", concurrency=1)
+    pipe.procs.beat()
+    produced = 0
+    for _ in range(5):
+        produced += pipe.produce(4)
+        time.sleep(0.5)
+
+    pipe.wait_for(produced)
+
+    moved_by = {n: set(re.findall(r"route=(partition_\d) batch=\d+ events=[1-9]", pipe.procs.log(f"worker{n}")))
+                for n in range(3)}
+    assert sum(1 for routes in moved_by.values() if routes) >= 2, moved_by
+    assert set().union(*moved_by.values()) == {f"partition_{n}" for n in range(4)}
+    assert error_lines(pipe.procs.logs()) == []
+
+
+def test_beat_firing_while_a_route_is_busy(pipeline):
+    pipe = pipeline(1, interval=0.2)
+    pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
+    pipe.parts[0].tick("events")
+    produced = 300_000 + pipe.produce(3)
+    pipe.procs.worker(concurrency=3)
+    pipe.procs.beat()
+
+    pipe.wait_for(produced, timeout=120)
+
+    log = pipe.procs.log("worker")
+    assert "'busy': True" in log  # beat kept firing while one task held the route
+    applied = re.findall(r"batch=(\d+) events=", log)
+    assert len(applied) == len(set(applied)) == 4
+    assert error_lines(pipe.procs.logs()) == []
+
+
+def copy_running(database: PgqDatabase) -> bool:
+    return bool(database.value(
+        "select count(*) from pg_stat_activity where datname = %s and query ilike 'copy %%'",
+        (database.name,)))
+
+
+def test_worker_sigkilled_mid_task_is_resumed(pipeline):
+    pipe = pipeline(1)
+    pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
+    pipe.parts[0].tick("events")
+    produced = 300_000 + pipe.produce(3)
+    pipe.procs.worker("first", concurrency=1)
+    pipe.procs.beat()
+    wait_until(lambda: copy_running(pipe.central), 60, "the first worker to start copying", every=0.02)
+
+    pipe.procs.kill("first")
+    assert len(pipe.central_events()) == 0  # the batch in hand was not committed
+    pipe.procs.worker("second", concurrency=1)
+
+    pipe.wait_for(produced, timeout=120)
+    assert "events=300000" in pipe.procs.log("second")
+
+
+def test_broker_down_at_start_then_restarted(pipeline, tmp_path):
+    port = free_port()
+    pipe = pipeline(2)
+    text = pipe.config.read_text()
+    pipe.config.write_text(re.sub(r"broker_url = .*", f"broker_url = redis://127.0.0.1:{port}/0", text))
+    pipe.procs.worker(concurrency=1)
+    pipe.procs.beat()
+    produced = pipe.produce(2)
+    time.sleep(3)
+    assert len(pipe.central_events()) == 0
+
+    def start_redis() -> subprocess.Popen:
+        return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
+
+    server = start_redis()
+    try:
+        pipe.wait_for(produced)
+        server.terminate()
+        server.wait()
+        produced += pipe.produce(2)
+        time.sleep(2)
+        server = start_redis()
+        pipe.wait_for(produced)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_flower_shows_each_route_succeeding(pipeline):
+    pipe = pipeline(2)
+    port = free_port()
+    pipe.procs.worker(concurrency=2)
+    pipe.procs.beat()
+    pipe.procs.flower(port)
+    produced = pipe.produce(3)
+    pipe.wait_for(produced)
+
+    def moved_per_route() -> dict[str, int]:
+        url = f"http://127.0.0.1:{port}/api/tasks?taskname=qmover.move_next_batch&state=SUCCESS"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            tasks = json.load(response)
+        totals: dict[str, int] = {}
+        for task in tasks.values():
+            result = task["result"]
+            route = re.search(r"'route': '([^']+)'", result).group(1)
+            totals[route] = totals.get(route, 0) + int(re.search(r"'events': (\d+)", result).group(1))
+        return totals
+
+    wait_until(lambda: moved_per_route() == {"partition_0": produced // 2, "partition_1": produced // 2},
+               30, "Flower to list the successful moves of both routes", every=1)
+
+
+def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
+    pipe = pipeline(2)
+    shop = Processes(pipe.config, pipe.procs.logdir, cwd=Path(__file__).parent, app="shop_app",
+                     env={"SHOP_BROKER_URL": redis_db.url, "SHOP_QMOVER_CONFIG": str(pipe.config)})
+    try:
+        shop.worker("shop", 2, "-B", "-s", str(pipe.procs.logdir / "shop-beat"))
+        produced = pipe.produce(3)
+        pipe.wait_for(produced)
+        result = subprocess.run(
+            [sys.executable, "-c", "import shop_app; print(shop_app.add.delay(2, 3).get(timeout=30))"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60,
+            env={**shop.env, "QMOVER_CONFIG": ""})
+        assert result.stdout.strip() == "5", result.stderr
+    finally:
+        shop.stop()
+
+
+MARKER = "Pw-marker-7f3a9c"
+
+
+def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db):
+    pipe = pipeline(2, password=MARKER)  # trust auth on 127.0.0.1 ignores it; qmover must hide it
+    broken = pipe.config.read_text().replace(f"{pipe.parts[1].dsn} password", f"{pipe.parts[1].dsn} port=1 password", 1)
+    port = free_port()
+    pipe.procs.worker(concurrency=2)
+    pipe.procs.beat()
+    pipe.procs.flower(port)
+    produced = pipe.produce(2)
+    pipe.wait_for(produced)
+    outputs = [pipe.procs.logs(), redis_db.everything().decode("utf-8", "replace")]
+    for path in ("/api/tasks", "/tasks", "/api/workers"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            outputs.append(response.read().decode())
+    for command in (("status",), ("status", "--json"), ("run", "--once"), ("install",)):
+        result = run_qmover(*command, str(pipe.config), check=True)
+        outputs += [result.stdout, result.stderr]
+    pipe.config.write_text(broken)  # errors name the database, never the password
+    for command in (("status",), ("run", "--once"), ("rewind",)):
+        result = run_qmover(*command, str(pipe.config))
+        assert result.returncode == 1
+        outputs += [result.stdout, result.stderr]
+
+    assert any("port=1" in text for text in outputs)
+    assert all(text for text in outputs[:2])
+    leaks = [text[max(0, text.find(MARKER) - 200):text.find(MARKER) + 50] for text in outputs if MARKER in text]
+    assert leaks == []

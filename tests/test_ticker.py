@@ -1,0 +1,34 @@
+"""The built-in ticker for databases without pgqd: ticks and maintenance."""
+
+from __future__ import annotations
+
+import time
+
+from qmover import ticker
+from qmover.config import load_config
+
+
+def test_tick_closes_batches_and_runs_maintenance(route):
+    src = route.src
+    src.execute("select pgq.set_queue_config('eventlog', 'ticker_max_count', '1')")
+    src.execute("select pgq.set_queue_config('eventlog', 'rotation_period', '1 second')")
+    src.produce_series("eventlog", 25)
+    configured = load_config(route.config).select()[0]
+    table_before = src.value("select queue_cur_table from pgq.queue where queue_name = 'eventlog'")
+
+    first = ticker.tick(configured, "source")
+    assert first.queues >= 1
+    route.qmover("run", "--once", check=True)
+    assert len(route.target_events()) == 25
+
+    time.sleep(1.2)  # past the rotation period, with the consumer caught up
+    src.produce_series("eventlog", 5)
+    steps = ticker.tick(configured, "source").maintenance_steps
+
+    assert steps >= 2  # rotate step 1 and step 2 at least
+    assert src.value("select queue_cur_table from pgq.queue where queue_name = 'eventlog'") != table_before
+    route.qmover("run", "--once", check=True)
+    ticker.tick(configured, "source")
+    route.qmover("run", "--once", check=True)
+    assert sorted(route.target_events()) == sorted(route.source_events())
+    assert len(route.target_events()) == 30

@@ -1,41 +1,50 @@
-"""The demo: two local databases, events produced into one, moved into the other.
+"""The demo: two partition databases into one central queue, through Celery.
 
-Creates (or recreates) databases qmover_demo_src and qmover_demo_dst with
-PgQ, writes a skytools-style config, produces events in several ticks, runs
-`qmover install` and `qmover run --once`, and prints what moved.
-Run it with `bash scripts/demo.sh`; it is safe to run again.
+Creates (or recreates) qmover_demo_part1, qmover_demo_part2 and
+qmover_demo_central with PgQ, writes a two-route config, starts a Celery
+worker, beat (which also ticks the partitions: no pgqd needed) and Flower,
+produces events into both partitions for a while, waits until the central
+queue holds exactly what was produced, prints a per-route table and stops
+what it started.  Run it with `bash scripts/demo.sh`; it is safe to run again.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import psycopg2
+import redis
 from psycopg2 import sql
 
-from qmover import admin, runner
+from qmover import admin
 from qmover.config import load_config
 
-SERVER_DSN = "host=127.0.0.1"
-DATABASES = ("qmover_demo_src", "qmover_demo_dst")
-CONFIG = """\
-[demo_mover]
-job_name = demo_mover
-src_db = {server} dbname=qmover_demo_src
-dst_db = {server} dbname=qmover_demo_dst
-pgq_queue_name = eventlog
-dst_queue_name = copy_of_eventlog
-logfile = log/%(job_name)s.log
+SERVER = "host=127.0.0.1"
+ROUTE = """
+[{db}]
+src_db = {server} dbname={db}
+dst_db = {server} dbname={central}
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = 0.5
+ticker = source
+ticker_interval = 0.5
+pidfile = pid/%(job_name)s.pid
 """
-CONTENT = "select md5(string_agg(concat_ws('|', ev_type, ev_data, ev_extra1, ev_time), ',' order by ev_id)), count(*) from {}"
+EVENTS = "select ev_type, ev_data, ev_extra1, ev_time from pgq.event_1"
 
 
-def execute(dsn: str, *statements: object) -> list[tuple]:
-    conn = psycopg2.connect(dsn)
+def execute(database: str, *statements: object, server: str = SERVER) -> list[tuple]:
+    conn = psycopg2.connect(f"{server} dbname={database}")
     conn.autocommit = True
     rows: list[tuple] = []
     with conn.cursor() as cur:
@@ -46,72 +55,176 @@ def execute(dsn: str, *statements: object) -> list[tuple]:
     return rows
 
 
-def prepare(server: str) -> None:
-    for name in DATABASES:
-        execute(f"{server} dbname=postgres",
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)),
-                sql.SQL("create database {}").format(sql.Identifier(name)))
-    execute(f"{server} dbname=qmover_demo_src", "create extension pgq", "select pgq.create_queue('eventlog')")
-    execute(f"{server} dbname=qmover_demo_dst", "create extension pgq", "select pgq.create_queue('copy_of_eventlog')")
+def create_databases(server: str, parts: tuple[str, ...], central: str) -> None:
+    for name in (*parts, central):
+        execute("postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)),
+                sql.SQL("create database {}").format(sql.Identifier(name)), server=server)
+    for name in parts:
+        execute(name, "create extension pgq", "select pgq.create_queue('events')",
+                "select pgq.set_queue_config('events', 'ticker_max_lag', '0.5 seconds')", server=server)
+    execute(central, "create extension pgq", "select pgq.create_queue('central_events')", server=server)
 
 
-def produce(server: str, ticks: int, per_tick: int) -> None:
-    """Orders and payments, one transaction and one tick at a time, like a busy app."""
-    for tick in range(ticks):
-        execute(f"{server} dbname=qmover_demo_src",
-                sql.SQL("select count(pgq.insert_event('eventlog', t.kind, "
-                        "json_build_object('id', i, 'tick', {}, 'amount', i * 3.5)::text, "
-                        "'public.' || t.kind || 's', null, null, null)) "
-                        "from generate_series(1, {}) i, "
-                        "lateral (select case when i % 4 = 0 then 'payment' else 'order' end as kind) t"
-                        ).format(sql.Literal(tick), sql.Literal(per_tick)),
-                "select pgq.force_tick('eventlog')")
-        execute(f"{server} dbname=qmover_demo_src", "select pgq.ticker('eventlog')")
+def produce(server: str, part: str, count: int, round_no: int) -> None:
+    """An order-and-payment burst, as one application transaction."""
+    execute(part, sql.SQL(
+        "select count(pgq.insert_event('events', kind, "
+        "json_build_object('part', {part}, 'round', {round}, 'id', i, 'amount', i * 3.5)::text, "
+        "'public.' || kind || 's', null, null, null)) "
+        "from generate_series(1, {count}) i, "
+        "lateral (select case when i % 4 = 0 then 'payment' else 'order' end) as k(kind)").format(
+            part=sql.Literal(part), round=sql.Literal(round_no), count=sql.Literal(count)), server=server)
 
 
-def content(server: str, database: str, table: str) -> tuple[str, int]:
-    schema, name = table.split(".")
-    digest, count = execute(f"{server} dbname={database}",
-                            sql.SQL(CONTENT).format(sql.Identifier(schema, name)))[0]
-    return digest or hashlib.md5(b"").hexdigest(), count
+def ensure_redis() -> subprocess.Popen | None:
+    """Use the Redis on 127.0.0.1:6379, starting one if none answers."""
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+        return None
+    except redis.ConnectionError:
+        print("starting redis-server on 127.0.0.1:6379")
+        server = subprocess.Popen(["redis-server", "--port", "6379", "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return server
+
+
+def start(workdir: Path, name: str, *args: str) -> subprocess.Popen:
+    log = (workdir / f"{name}.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "qmover.tasks", *args],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "QMOVER_CONFIG": str((workdir / "demo.ini").resolve()),
+                                 "PYTHONUNBUFFERED": "1"})
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def screenshot(url: str, path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        print("no chromium found: screenshot skipped (apt-get install chromium)")
+        return
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--hide-scrollbars", "--window-size=1400,800", "--virtual-time-budget=8000", f"--screenshot={path.resolve()}", url],
+                   check=False, capture_output=True, timeout=60)
+    print(f"screenshot of {url} saved to {path}")
+
+
+def per_route(workdir: Path) -> dict[str, tuple[int, int]]:
+    """route -> (events, batches) from the worker's one line per batch."""
+    totals: dict[str, tuple[int, int]] = {}
+    for route, events in re.findall(r"route=(\S+) batch=\d+ events=(\d+)", (workdir / "worker.log").read_text()):
+        moved, batches = totals.get(route, (0, 0))
+        totals[route] = (moved + int(events), batches + 1)
+    return totals
+
+
+def count_events(server: str, database: str) -> int:
+    return execute(database, "select count(*) from pgq.event_1", server=server)[0][0]
+
+
+def produce_for(args: argparse.Namespace, parts: tuple[str, ...], central: str) -> int:
+    """Produce into every partition for args.seconds, showing progress; return the count."""
+    produced, round_no = 0, 0
+    per_round = max(1, args.events_per_second // 5)
+    started = time.monotonic()
+    while time.monotonic() - started < args.seconds:
+        for part in parts:
+            produce(args.server, part, per_round, round_no)
+            produced += per_round
+        round_no += 1
+        if round_no % 5 == 0:
+            print(f"  producing: {produced} events so far, central queue holds {count_events(args.server, central)}")
+        time.sleep(0.2)
+    print(f"produced {produced} events; waiting for the central queue ...")
+    return produced
+
+
+def wait_for(server: str, central: str, produced: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        arrived = count_events(server, central)
+        print(f"  central queue: {arrived} / {produced}")
+        if arrived >= produced:
+            break
+        time.sleep(1)
+    time.sleep(1)  # a duplicate arriving late would show in the report
+
+
+def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, routes: list, produced: int) -> bool:
+    """Print the per-route table; True when the central queue equals what was produced."""
+    source = Counter(row for part in parts for row in execute(part, EVENTS, server=args.server))
+    target = Counter(execute(central, EVENTS, server=args.server))
+    exact = source == target and sum(target.values()) == produced
+    moved = per_route(args.workdir)
+    print()
+    print(f"{'route':24} {'events':>8} {'batches':>8} {'lag_s':>6}")
+    for route in routes:
+        events, batches = moved.get(route.name, (0, 0))
+        lag = admin.status(route)["lag_seconds"]
+        print(f"{route.name:24} {events:>8} {batches:>8} {lag:>6.1f}")
+    print()
+    print(f"central queue: {sum(target.values())} events, produced: {produced}, "
+          + ("every event exactly once" if exact else "MISMATCH"))
+    return exact
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default=SERVER_DSN, help="libpq settings of the PostgreSQL server to use")
-    parser.add_argument("--ticks", type=int, default=10)
-    parser.add_argument("--events-per-tick", type=int, default=500)
+    parser.add_argument("--server", default=SERVER, help="libpq settings of the PostgreSQL server to use")
+    parser.add_argument("--seconds", type=float, default=10, help="how long to produce events")
+    parser.add_argument("--events-per-second", type=int, default=400, help="per partition")
+    parser.add_argument("--flower-port", type=int, default=5555)
     parser.add_argument("--workdir", default="demo-output", type=Path)
+    parser.add_argument("--prefix", default="qmover_demo", help="names of the databases it (re)creates")
+    parser.add_argument("--keep-running", action="store_true", help="leave worker, beat and Flower running")
+    parser.add_argument("--screenshot", type=Path, help="save a PNG of Flower's task page here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    print(f"creating {' and '.join(DATABASES)} with PgQ ...")
-    prepare(args.server)
     args.workdir.mkdir(exist_ok=True)
+    parts = (f"{args.prefix}_part1", f"{args.prefix}_part2")
+    central = f"{args.prefix}_central"
+
+    print(f"creating {', '.join(parts)} and {central} with PgQ ...")
+    create_databases(args.server, parts, central)
     config_path = args.workdir / "demo.ini"
-    config_path.write_text(CONFIG.format(server=args.server))
+    config_path.write_text("".join(ROUTE.format(db=part, central=central, server=args.server) for part in parts))
     routes = load_config(config_path).select()
     for route in routes:
         print(admin.install(route))
-    print(f"producing {args.ticks} batches of {args.events_per_tick} events into eventlog ...")
-    produce(args.server, args.ticks, args.events_per_tick)
-    print(f"moving: qmover run --once {config_path}")
-    code = runner.run(routes, once=True)
 
-    src_digest, src_count = content(args.server, "qmover_demo_src", "pgq.event_1")
-    dst_digest, dst_count = content(args.server, "qmover_demo_dst", "pgq.event_1")
-    same = src_digest == dst_digest and src_count == dst_count
-    print()
-    print(f"{'':10} {'database':18} {'queue':18} {'events':>7}  content md5")
-    print(f"{'source':10} {'qmover_demo_src':18} {'eventlog':18} {src_count:>7}  {src_digest}")
-    print(f"{'target':10} {'qmover_demo_dst':18} {'copy_of_eventlog':18} {dst_count:>7}  {dst_digest}")
-    print()
-    print("every event moved exactly once" if same else "MISMATCH between source and target")
-    for row in map(admin.status, routes):
-        print(f"route {row['route']}: source tick {row['source_last_tick']}, "
-              f"target tick {row['target_last_tick']}, pending {row['pending_events']}")
-    print(f"try: .venv/bin/qmover status {config_path}")
-    return 0 if same and code == 0 else 1
+    redis_server = ensure_redis()
+    flower_url = f"http://127.0.0.1:{args.flower_port}"
+    processes = [start(args.workdir, "worker", "worker", "-l", "info", "-c", "2", "--without-mingle"),
+                 start(args.workdir, "beat", "beat", "-l", "info", "-s", str(args.workdir / "beat-schedule")),
+                 start(args.workdir, "flower", "flower", f"--port={args.flower_port}", "--address=127.0.0.1")]
+    print(f"started Celery worker, beat and Flower ({flower_url}); logs in {args.workdir}/")
+    try:
+        produced = produce_for(args, parts, central)
+        wait_for(args.server, central, produced)
+        if args.screenshot:
+            screenshot(f"{flower_url}/tasks", args.screenshot)
+
+        exact = report(args, parts, central, routes, produced)
+        print(f"Flower: {flower_url}/tasks")
+    finally:
+        if args.keep_running:
+            print("--keep-running: worker, beat and Flower keep running (Ctrl-C or kill to stop)")
+        else:
+            stop(processes)
+            if redis_server:
+                redis_server.terminate()
+            print("stopped worker, beat and Flower")
+    return 0 if exact else 1
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ class Pipeline:
                     part.tick("events")
         return rounds * per_tick * len(self.parts)
 
+    def run_with_flower(self, rounds: int) -> tuple[int, int]:
+        """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced)."""
+        port = free_port()
+        self.procs.worker(concurrency=2)
+        self.procs.beat()
+        self.procs.flower(port)
+        produced = self.produce(rounds)
+        self.wait_for(produced)
+        return port, produced
+
     def central_events(self) -> list[tuple]:
         return self.central.events("central_events")
 
@@ -204,12 +214,7 @@ def test_broker_down_at_start_then_restarted(pipeline, tmp_path):
 
 def test_flower_shows_each_route_succeeding(pipeline):
     pipe = pipeline(2)
-    port = free_port()
-    pipe.procs.worker(concurrency=2)
-    pipe.procs.beat()
-    pipe.procs.flower(port)
-    produced = pipe.produce(3)
-    pipe.wait_for(produced)
+    port, produced = pipe.run_with_flower(rounds=3)
 
     def moved_per_route() -> dict[str, int]:
         url = f"http://127.0.0.1:{port}/api/tasks?taskname=qmover.move_next_batch&state=SUCCESS"
@@ -249,12 +254,7 @@ MARKER = "Pw-marker-7f3a9c"
 def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db):
     pipe = pipeline(2, password=MARKER)  # trust auth on 127.0.0.1 ignores it; qmover must hide it
     broken = pipe.config.read_text().replace(f"{pipe.parts[1].dsn} password", f"{pipe.parts[1].dsn} port=1 password", 1)
-    port = free_port()
-    pipe.procs.worker(concurrency=2)
-    pipe.procs.beat()
-    pipe.procs.flower(port)
-    produced = pipe.produce(2)
-    pipe.wait_for(produced)
+    port, _ = pipe.run_with_flower(rounds=2)
     outputs = [pipe.procs.logs(), redis_db.everything().decode("utf-8", "replace")]
     for path in ("/api/tasks", "/tasks", "/api/workers"):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:

@@ -162,3 +162,13 @@ def celery_command(name: str, help_text: str) -> None:
 celery_command("worker", "Start a Celery worker for the routes of CONFIG (extra args go to celery).")
 celery_command("beat", "Start Celery beat with one move entry per route of CONFIG.")
 celery_command("flower", "Start Flower for qmover's Celery app.")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Benchmark: floor vs qmover vs Celery on fresh databases (--help for options)."""
+    from qmover import bench as benchmark
+
+    sys.exit(benchmark.main(list(bench_args)))

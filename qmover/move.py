@@ -1,19 +1,22 @@
 """The move protocol: one source batch into the target queue, exactly once.
 
-1. source (autocommit): next_batch_custom; none -> nothing to do.  The batch
-   assignment is committed, so after a crash the same batch comes back.
-2. target transaction: lock the consumer, read its pgq_ext tick position;
-   skip a batch already applied, refuse a lost position.
+1. source: next_batch_custom (committed, so after a crash the same batch
+   comes back) and the SELECT over its events; none -> nothing to do.
+2. target transaction: lock the consumer, then read its pgq_ext tick
+   position; skip a batch already applied, refuse a lost position.
 3. stream the events source -> target with COPY (nothing held in memory).
 4. record the batch's end tick in pgq_ext and commit the target.
 5. source: finish_batch.
 A crash before 4 commits leaves nothing applied; after it, step 2 of the
 redelivered batch sees the end tick and skips.  Knows nothing of Celery.
+Both connections are in autocommit mode; the target transaction is spelled
+out in SQL so that each step is one round trip.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +29,11 @@ from qmover import queries
 from qmover.db import errors, scalar
 from qmover.errors import LostPosition
 from qmover.route import Route
+
+# Batches PgQ estimates at up to SMALL_BATCH events are copied through a
+# buffer (SPOOL_BYTES in memory at most); bigger ones stream through a pipe.
+SMALL_BATCH = 20_000
+SPOOL_BYTES = 16 * 1024 * 1024
 
 # Test hook: called with "before_target_commit" / "after_target_commit".
 FaultHook = Callable[[str], None]
@@ -46,49 +54,59 @@ def move_batch(route: Route, src: connection, dst: connection,
     """Move the route's next batch; None when no batch is ready."""
     started = time.monotonic()
     with errors(route, "source"):
-        row = _one_row(src, queries.NEXT_BATCH, {
-            "queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
-            "min_count": route.min_count, "min_interval": route.min_interval})
-    batch_id, prev_tick, cur_tick = row
+        batch_id, prev_tick, cur_tick, select, estimate = _next_batch(route, src)
     if batch_id is None:
         return None
     events = 0
-    with errors(route, "target"), dst:  # commits on success, rolls back on any error
-        with dst.cursor() as cur:
-            cur.execute(queries.LOCK_CONSUMER, (route.consumer,))
-            cur.execute(queries.GET_LAST_TICK, (route.consumer,))
-            position = cur.fetchone()[0]
-        if position not in (None, prev_tick, cur_tick):
-            if not _still_active(route, src, batch_id):
-                return None  # another mover applied and finished it meanwhile
-            raise LostPosition(
-                f"route {route.name}: lost position: target holds tick {position} but the source "
-                f"batch {batch_id} runs from tick {prev_tick} to {cur_tick}; nothing was moved. "
-                f"Run 'qmover rewind CONFIG --route {route.name}' to move the source back to the "
-                f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
-        skipped = position == cur_tick
-        if not skipped:
-            select = _batch_select(route, src, batch_id)
-            if select is None:
-                return None  # superseded: another mover's next_batch replaced it
-            events = copy_batch(route, src, dst, select)
-            scalar(dst, queries.SET_LAST_TICK, (route.consumer, cur_tick))
-        if fault:
-            fault("before_target_commit")
+    try:
+        with errors(route, "target"):
+            position, event_table = _row(dst, queries.BEGIN_AND_READ_POSITION,
+                                         {"consumer": route.consumer, "queue": route.dst_queue})
+            if position not in (None, prev_tick, cur_tick):
+                if not _still_active(route, src, batch_id):
+                    _rollback(dst)
+                    return None  # another mover applied and finished it meanwhile
+                raise LostPosition(
+                    f"route {route.name}: lost position: target holds tick {position} but the source "
+                    f"batch {batch_id} runs from tick {prev_tick} to {cur_tick}; nothing was moved. "
+                    f"Run 'qmover rewind CONFIG --route {route.name}' to move the source back to the "
+                    f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
+            if position != cur_tick:
+                copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
+                events = copy(route, src, dst, select, event_table)
+            if fault:
+                fault("before_target_commit")
+            _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))
+    except BaseException:
+        _rollback(dst)
+        raise
     if fault:
         fault("after_target_commit")
     with errors(route, "source"):
-        scalar(src, queries.FINISH_BATCH, (batch_id,))
-    return Moved(batch_id, events, skipped, time.monotonic() - started)
+        _run(src, queries.FINISH_BATCH, (batch_id,))
+    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started)
 
 
-def copy_batch(route: Route, src: connection, dst: connection, select: str) -> int:
-    """Stream the batch's events (select: its pgq.batch_event_sql) into the target queue.
+def copy_spooled(route: Route, src: connection, dst: connection, select: str, event_table: str) -> int:
+    """Copy a small batch out, then in: no thread hand-off, which costs more than
+    it saves on a few hundred events.  Beyond SPOOL_BYTES the buffer spills to a
+    temporary file, so memory stays bounded even when PgQ's estimate is wrong."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buffer:
+        with errors(route, "source"), src.cursor() as cur:
+            cur.copy_expert(queries.copy_batch_out(select), buffer)
+            sent = cur.rowcount
+        buffer.seek(0)
+        with dst.cursor() as cur:
+            cur.copy_expert(queries.copy_events_in(event_table), buffer, size=65536)
+            return _same_count(sent, cur.rowcount)
+
+
+def copy_streamed(route: Route, src: connection, dst: connection, select: str, event_table: str) -> int:
+    """Stream the batch's events (select: its pgq.batch_event_sql) into event_table.
 
     The source COPY writes into a pipe from a helper thread while the target
     COPY reads from it, so memory stays at the pipe's size whatever the batch.
     """
-    event_table = scalar(dst, queries.CURRENT_EVENT_TABLE, (route.dst_queue,))
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
     counts = {}
@@ -112,24 +130,29 @@ def copy_batch(route: Route, src: connection, dst: connection, select: str) -> i
     if failure:
         with errors(route, "source"):
             raise failure[0]
-    if counts.get("source") != written:
-        raise RuntimeError(f"source sent {counts.get('source')} events, target took {written}")
+    return _same_count(counts.get("source"), written)
+
+
+def _same_count(sent: int | None, written: int) -> int:
+    if sent != written:
+        raise RuntimeError(f"source sent {sent} events, target took {written}")
     return written
 
 
-def _batch_select(route: Route, src: connection, batch_id: int) -> str | None:
-    """The SELECT over the batch's events; None when the batch is no longer active.
+def _next_batch(route: Route, src: connection, attempts: int = 3) -> tuple:
+    """The next batch and its events' SELECT.
 
-    Two movers calling next_batch_custom at the same moment can both be handed
-    a batch id, the later one replacing the earlier; the earlier is then gone.
+    When another mover of the route finishes the batch while this call is
+    reading it, PgQ raises "batch not found"; asking again gets the next one.
     """
-    try:
-        return scalar(src, queries.BATCH_EVENT_SQL, (batch_id,))
-    except psycopg2.errors.RaiseException:
-        if not _still_active(route, src, batch_id):
-            return None
-        with errors(route, "source"):
-            raise
+    params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
+              "min_count": route.min_count, "min_interval": route.min_interval}
+    for _ in range(attempts - 1):
+        try:
+            return _row(src, queries.NEXT_BATCH, params)
+        except psycopg2.errors.RaiseException:
+            pass
+    return _row(src, queries.NEXT_BATCH, params)
 
 
 def _still_active(route: Route, src: connection, batch_id: int) -> bool:
@@ -137,7 +160,22 @@ def _still_active(route: Route, src: connection, batch_id: int) -> bool:
         return scalar(src, queries.ACTIVE_BATCH, (route.src_queue, route.consumer)) == batch_id
 
 
-def _one_row(conn: connection, query: str, params: dict) -> tuple:
+def _row(conn: connection, query: str, params: dict) -> tuple:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchone()
+
+
+def _run(conn: connection, query: str, params: tuple) -> None:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+
+
+def _rollback(conn: connection) -> None:
+    """End the target transaction if the connection still can; harmless otherwise."""
+    if conn.closed:
+        return
+    try:
+        _run(conn, queries.ROLLBACK, ())
+    except Exception:  # the connection is being dropped anyway
+        pass

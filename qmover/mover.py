@@ -39,9 +39,8 @@ class RouteMover:
             return
         try:
             self._src = db.connect(self.route, "source", autocommit=True)
-            self._dst = db.connect(self.route, "target", autocommit=False)
+            self._dst = db.connect(self.route, "target", autocommit=True)
             check_route(self._src, self._dst, self.route)
-            self._dst.rollback()  # the checks' snapshot must not outlive them
         except BaseException:
             self.close()
             raise
@@ -68,9 +67,7 @@ class RouteMover:
         """
         self.open()
         with db.errors(self.route, "target"):
-            claimed = bool(db.scalar(self._dst, queries.CLAIM_ROUTE, (self.route.consumer,)))
-            self._dst.rollback()
-        return claimed
+            return bool(db.scalar(self._dst, queries.CLAIM_ROUTE, (self.route.consumer,)))
 
     def source_lag(self) -> float | None:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""

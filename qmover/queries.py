@@ -24,16 +24,27 @@ HAS_TICK_API = """
 IS_REGISTERED = "select exists (select 1 from pgq.get_consumer_info(%s, %s))"
 
 # --- source side --------------------------------------------------------
+# One round trip: take the next batch and the SELECT over its events.  The
+# assignment is committed (autocommit), so a crash later gets the same batch.
+# Callers for one consumer queue up on an advisory lock, taken while the
+# queue-name argument is computed, before next_batch_custom runs: otherwise
+# two callers can both see "no batch", and the later one replaces the batch
+# the earlier one was handed.
 NEXT_BATCH = """
-    select batch_id, prev_tick_id, cur_tick_id
-      from pgq.next_batch_custom(%(queue)s, %(consumer)s,
+    with serialize as materialized (
+        select pg_advisory_xact_lock(hashtextextended('qmover-next:' || %(consumer)s, 0)))
+    select batch_id, prev_tick_id, cur_tick_id,
+           case when batch_id is not null then pgq.batch_event_sql(batch_id) end,
+           cur_tick_event_seq - prev_tick_event_seq
+      from pgq.next_batch_custom((select %(queue)s::text from serialize), %(consumer)s,
                                  %(keep_lag)s * interval '1 second',
                                  %(min_count)s,
                                  %(min_interval)s * interval '1 second')
 """
 ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
-BATCH_EVENT_SQL = "select pgq.batch_event_sql(%s)"
-FINISH_BATCH = "select pgq.finish_batch(%s)"
+# Without waiting for the flush: if a source crash loses this commit, the
+# batch comes back and is skipped, since the target recorded its end tick.
+FINISH_BATCH = "begin; set local synchronous_commit to off; select pgq.finish_batch(%s); commit"
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
@@ -64,16 +75,23 @@ def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
     return sql.SQL("select {}(%s)").format(function)
 
 
-# --- target side --------------------------------------------------------
-# Serializes movers of one consumer inside the target transaction, so the
-# position read below is the one the previous mover committed.
-LOCK_CONSUMER = "select pg_advisory_xact_lock(hashtextextended('qmover:' || %s, 0))"
+# --- target side: one transaction, three round trips ----------------------
+# The advisory lock serializes movers of one consumer; the position is read
+# by the next statement, whose snapshot is taken after the lock is held.
+BEGIN_AND_READ_POSITION = """
+    begin;
+    select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0));
+    select pgq_ext.get_last_tick(%(consumer)s), pgq.current_event_table(%(queue)s)
+"""
+RECORD_POSITION_AND_COMMIT = "select pgq_ext.set_last_tick(%s, %s); commit"
+ROLLBACK = "rollback"
+
+# --- target side, other commands --------------------------------------------------------
 # Session-level: one worker per route at a time; released when the
 # connection ends, so a killed worker does not keep the route.
 CLAIM_ROUTE = "select pg_try_advisory_lock(hashtextextended('qmover-route:' || %s, 0))"
 GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
 SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
-CURRENT_EVENT_TABLE = "select pgq.current_event_table(%s)"
 
 
 def copy_batch_out(batch_event_sql: str) -> sql.Composed:

@@ -94,6 +94,15 @@ def multiset(events: list[tuple]) -> Counter:
     return Counter(events)
 
 
+@pytest.fixture(params=["streamed", "spooled"])
+def copy_path(request, monkeypatch) -> str:
+    """Run an in-process test through one of the two copy paths, whatever the batch size."""
+    from qmover import move
+
+    monkeypatch.setattr(move, "SMALL_BATCH", -1 if request.param == "streamed" else 10**12)
+    return request.param
+
+
 @pytest.fixture
 def make_db() -> Iterator:
     """Factory: make_db(pgq=True) -> PgqDatabase, dropped after the test."""

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import multiset
 from fault_mover import CRASH_EXIT
+from qmover import move
+from qmover.errors import QmoverError, TransientError
 from qmover.config import load_config
 from qmover.mover import RouteMover
 
@@ -42,7 +44,7 @@ def produce_batches(route, batches: int, per_batch: int = 10) -> None:
         route.src.tick(route.src_queue)
 
 
-def test_failure_before_target_commit_applies_nothing(route):
+def test_failure_before_target_commit_applies_nothing(route, copy_path):
     produce_batches(route, 2)
 
     def fail(point: str) -> None:
@@ -156,3 +158,52 @@ def test_four_concurrent_movers_on_one_route(route):
     applied_ids = [b for s in batches for b in s]
     assert len(applied_ids) == len(set(applied_ids)), "a batch was applied twice"
     print(f"{len(source)} events, {len(applied_ids)} batches applied, {skipped} redundant deliveries skipped")
+
+
+def test_target_failing_mid_copy_applies_nothing(route, copy_path):
+    """A row the target refuses half-way through the COPY: the whole batch stays out."""
+    route.src.produce(route.src_queue, [("ok", str(n), None, None, None, None) for n in range(500)]
+                      + [("poison", "x", None, None, None, None)]
+                      + [("ok", str(n), None, None, None, None) for n in range(500, 1000)])
+    route.src.tick(route.src_queue)
+    route.dst.execute("alter table pgq.event_1 add constraint no_poison check (ev_type <> 'poison')")
+    mover = RouteMover(load_config(route.config).select()[0])
+
+    with pytest.raises(QmoverError, match="no_poison"):
+        mover.move_one()
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+    assert active_batch(route) is not None
+
+    route.dst.execute("alter table pgq.event_1 drop constraint no_poison")
+    assert mover.move_one().events == 1001
+    assert route.target_events() == route.source_events()
+
+
+def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
+    """The source backend dies while streaming a big batch: the target rolls back."""
+    monkeypatch.setattr(move, "SMALL_BATCH", -1)
+    route.src.produce_series(route.src_queue, 200_000, size=200)
+    route.src.tick(route.src_queue)
+    mover = RouteMover(load_config(route.config).select()[0])
+
+    def kill_source_while_copying() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            killed = route.src.value(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+                " where datname = %s and query ilike 'copy %%' and pid <> pg_backend_pid()", (route.src.name,))
+            if killed:
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_source_while_copying)
+    killer.start()
+    with pytest.raises(TransientError, match="source database"):
+        mover.move_one()
+    killer.join()
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+
+    assert mover.move_one().events == 200_000  # reconnects, same batch
+    assert multiset(route.target_events()) == multiset(route.source_events())

@@ -1,0 +1,434 @@
+"""`qmover bench`: how fast qmover moves events, next to the database's own floor.
+
+For each workload it makes fresh databases, loads the same events in the
+same ticks once, and lets three consumers of that one source queue move them:
+
+- floor:   a server-side loop in the source database (next_batch,
+           insert ... select from get_batch_events, finish_batch, commit) into
+           a second queue there: the database's own cost, no client involved;
+- qmover:  the move protocol, as `qmover run --once` runs it, in its own process;
+- celery:  a real Celery worker and beat moving the same route.
+
+After each mode the target's content must equal the source's, or the run
+fails.  A latency run measures insert-to-target delay under a steady load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+
+from qmover import admin
+from qmover.config import load_config
+from qmover.mover import RouteMover
+
+SERVER = "host=127.0.0.1"
+SOURCE, TARGET_QMOVER, TARGET_CELERY = "qmover_bench_src", "qmover_bench_qmover", "qmover_bench_celery"
+QUEUE, COPY_QUEUE = "events", "events_copy"
+CONFIG = """
+[qmover]
+broker_url = {broker}
+
+[bench_qmover]
+src_db = {server} dbname={src}
+dst_db = {server} dbname={dst_qmover}
+pgq_queue_name = events
+dst_queue_name = events_copy
+
+[bench_celery]
+src_db = {server} dbname={src}
+dst_db = {server} dbname={dst_celery}
+pgq_queue_name = events
+dst_queue_name = events_copy
+move_interval = 0.1
+move_budget = 600
+"""
+# A web shop's order event: ~150 bytes of JSON plus table name, key and time.
+LOAD = """
+insert into {table} (ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+select clock_timestamp(), 'order.' || (array['created', 'paid', 'shipped'])[1 + i %% 3],
+       format('{{"order_id": %%s, "customer": "c-%%s", "amount": %%s.%%s, "currency": "EUR", '
+              '"items": [{{"sku": "%%s", "qty": %%s}}], "note": "%%s"}}',
+              %(base)s + i, (i::bigint * 7919) %% 100000, i %% 997, i %% 100, md5(i::text), 1 + i %% 5,
+              substr(md5((i * 31)::text), 1, 24)),
+       'public.orders', (%(base)s + i)::text, null, 'web'
+  from generate_series(1, %(count)s) as i
+"""
+FLOOR = """
+do $floor$
+declare
+    batch bigint;
+begin
+    loop
+        batch := pgq.next_batch('events', 'bench_floor');
+        exit when batch is null;
+        execute format('insert into %s (ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)'
+                       ' select ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4'
+                       ' from pgq.get_batch_events($1)',
+                       pgq.quote_fqname(pgq.current_event_table('events_copy'))) using batch;
+        perform pgq.finish_batch(batch);
+        commit;
+    end loop;
+end
+$floor$
+"""
+CONTENT = """
+select count(*), md5(string_agg(row, ',' order by row)) from (
+    select concat_ws('|', ev_time, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4) as row
+      from {table}) events
+"""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    events: int
+    batches: int
+
+
+@dataclass
+class Result:
+    workload: str
+    mode: str
+    events: int
+    batches: int
+    seconds: float
+    peak_rss_mb: float | None
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+WORKLOADS = (Workload("200k events in 10 batches", 200_000, 10),
+             Workload("100k events in 1000 batches", 100_000, 1000),
+             Workload("1M events in 1 batch", 1_000_000, 1))
+SWEEP = (Workload("sweep 10/batch", 2_000, 200), Workload("sweep 100/batch", 20_000, 200),
+         Workload("sweep 1k/batch", 100_000, 100), Workload("sweep 10k/batch", 100_000, 10),
+         Workload("sweep 100k/batch", 200_000, 2))
+
+
+def connect(server: str, database: str, autocommit: bool = True) -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(f"{server} dbname={database}")
+    conn.autocommit = autocommit
+    return conn
+
+
+def run_sql(server: str, database: str, *statements: object) -> list[tuple]:
+    with closing(connect(server, database)) as conn, conn.cursor() as cur:
+        rows: list[tuple] = []
+        for statement in statements:
+            cur.execute(statement)
+            rows = cur.fetchall() if cur.description else []
+    return rows
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident memory of a process on this machine (Linux /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def prepare(server: str, workload: Workload) -> list[int]:
+    """Fresh databases and queues, the workload loaded; returns the tick ids."""
+    for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
+        run_sql(server, "postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)),
+                sql.SQL("create database {}").format(sql.Identifier(name)))
+    run_sql(server, SOURCE, "create extension pgq", f"select pgq.create_queue('{QUEUE}')",
+            f"select pgq.set_queue_config('{QUEUE}', 'ticker_max_count', '1')",
+            f"select pgq.create_queue('{COPY_QUEUE}')",
+            f"select pgq.register_consumer('{QUEUE}', 'bench_floor')")
+    for name in (TARGET_QMOVER, TARGET_CELERY):
+        run_sql(server, name, "create extension pgq", f"select pgq.create_queue('{COPY_QUEUE}')")
+    per_batch = workload.events // max(1, workload.batches)
+    ticks = []
+    with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
+        for n in range(workload.batches):
+            cur.execute("select pgq.current_event_table(%s)", (QUEUE,))
+            schema, table = cur.fetchone()[0].split(".")
+            cur.execute(sql.SQL(LOAD).format(table=sql.Identifier(schema, table)),
+                        {"base": n * per_batch, "count": per_batch})
+            cur.execute("select pgq.ticker(%s)", (QUEUE,))
+            ticks.append(cur.fetchone()[0])
+    run_sql(server, SOURCE, "vacuum analyze")
+    return ticks
+
+
+def content(server: str, database: str, queue: str) -> tuple[int, str]:
+    pfx = run_sql(server, database, sql.SQL("select queue_data_pfx from pgq.queue where queue_name = {}").format(
+        sql.Literal(queue)))[0][0]
+    schema, table = pfx.split(".")
+    return run_sql(server, database, sql.SQL(CONTENT).format(table=sql.Identifier(schema, table)))[0]
+
+
+def run_floor(server: str, workload: Workload) -> Result:
+    with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
+        cur.execute("select pg_backend_pid()")
+        backend = cur.fetchone()[0]
+        started = time.perf_counter()
+        cur.execute(FLOOR)
+        seconds = time.perf_counter() - started
+        rss = vm_hwm_mb(backend)
+    return Result(workload.name, "floor", workload.events, workload.batches, seconds, rss)
+
+
+def run_qmover(config: Path, workload: Workload) -> Result:
+    """The move protocol in a process of its own, so its memory is its own."""
+    out = subprocess.run([sys.executable, "-m", "qmover.bench", "--move", str(config), "bench_qmover"],
+                         check=True, capture_output=True, text=True).stdout
+    moved = json.loads(out)
+    if moved["events"] != workload.events:
+        raise SystemExit(f"qmover moved {moved['events']} of {workload.events} events")
+    return Result(workload.name, "qmover", workload.events, moved["batches"], moved["seconds"], moved["rss_mb"])
+
+
+def move_all(config: str, route_name: str) -> None:
+    """Entry of the --move child: move every ready batch, print what it took."""
+    route = load_config(config).select([route_name])[0]
+    events = batches = 0
+    with RouteMover(route) as mover:
+        mover.open()
+        started = time.perf_counter()
+        while (moved := mover.move_one()) is not None:
+            events += moved.events
+            batches += 1
+        seconds = time.perf_counter() - started
+    print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
+                      "rss_mb": vm_hwm_mb(os.getpid())}))
+
+
+def pool_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
+def run_celery(server: str, config: Path, workdir: Path, workload: Workload, ticks: list[int]) -> Result:
+    """Worker and beat run idle first; the clock starts when the consumer is
+    moved back to before the loaded ticks, and stops when the target holds the
+    last tick."""
+    route = load_config(config).select(["bench_celery"])[0]
+    env = {**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
+    log = (workdir / "celery.log").open("w")
+    celery = [sys.executable, "-m", "celery", "-A", "qmover.tasks"]
+    worker = subprocess.Popen([*celery, "worker", "-c", "1", "-l", "info", "--without-mingle", "--without-gossip"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    beat = subprocess.Popen([*celery, "beat", "-l", "info", "-s", str(workdir / "beat-schedule")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "succeeded" not in (workdir / "celery.log").read_text():  # an idle task went through
+            if time.monotonic() > deadline:
+                raise SystemExit(f"Celery never ran a task; see {workdir / 'celery.log'}")
+            time.sleep(0.1)
+        first_tick = ticks[0] - 1
+        with closing(connect(server, SOURCE)) as src, closing(connect(server, TARGET_CELERY)) as dst:
+            with src.cursor() as cur:
+                started = time.perf_counter()
+                cur.execute("select pgq.register_consumer_at(%s, %s, %s)", (QUEUE, route.consumer, first_tick))
+            with dst.cursor() as cur:
+                while True:
+                    cur.execute("select pgq_ext.get_last_tick(%s)", (route.consumer,))
+                    if cur.fetchone()[0] == ticks[-1]:
+                        break
+                    time.sleep(0.01)
+            seconds = time.perf_counter() - started
+        rss = max((vm_hwm_mb(child) or 0.0 for child in pool_children(worker.pid)), default=None)
+    finally:
+        for process in (beat, worker):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+    return Result(workload.name, "celery", workload.events, workload.batches, seconds, rss)
+
+
+def run_workload(server: str, config: Path, workdir: Path, workload: Workload, celery: bool) -> list[Result]:
+    print(f"-- {workload.name}: loading ...", flush=True)
+    ticks = prepare(server, workload)
+    routes = load_config(config).routes
+    # Register the movers after loading: the celery consumer is rewound at the start gate.
+    admin.install(routes["bench_qmover"])
+    admin.install(routes["bench_celery"])
+    run_sql(server, SOURCE, sql.SQL("select pgq.register_consumer_at({}, 'bench_qmover', {})").format(
+        sql.Literal(QUEUE), sql.Literal(ticks[0] - 1)))
+    expected = content(server, SOURCE, QUEUE)
+    results = [run_floor(server, workload), run_qmover(config, workload)]
+    checks = [(SOURCE, COPY_QUEUE, "floor"), (TARGET_QMOVER, COPY_QUEUE, "qmover")]
+    if celery:
+        results.append(run_celery(server, config, workdir, workload, ticks))
+        checks.append((TARGET_CELERY, COPY_QUEUE, "celery"))
+    for database, queue, mode in checks:
+        if content(server, database, queue) != expected:
+            raise SystemExit(f"{workload.name}: {mode} target differs from the source; benchmark invalid")
+    for result in results:
+        print(f"   {result.mode:7} {result.seconds:8.3f} s  {result.rate:10,.0f} events/s", flush=True)
+    return results
+
+
+def latency(server: str, config: Path, seconds: float, rate: int) -> dict[str, float]:
+    """Steady `rate` events/s into the source, a tick every second, qmover moving
+    in a loop (loop_delay 0.1 s): delay from insert to commit on the target."""
+    prepare(server, Workload("latency", 0, 0))
+    route = load_config(config).select(["bench_qmover"])[0]
+    admin.install(route)
+    stop = threading.Event()
+    delays: list[float] = []
+    moves: list[float] = []
+
+    def produce() -> None:
+        with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                cur.execute("select pgq.insert_event(%s, 'latency', clock_timestamp()::text)", (QUEUE,))
+                next_at += 1 / rate
+                time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def tick() -> None:
+        with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
+            while not stop.wait(1.0):
+                cur.execute("select pgq.ticker(%s)", (QUEUE,))
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=tick)]
+    for thread in threads:
+        thread.start()
+    last_id = 0
+    ended = time.monotonic() + seconds
+    with RouteMover(route) as mover, closing(connect(server, TARGET_QMOVER)) as dst, dst.cursor() as cur:
+        while time.monotonic() < ended:
+            moved = mover.move_one()
+            if moved is None:
+                time.sleep(0.1)
+                continue
+            committed = time.time()
+            moves.append(moved.seconds)
+            cur.execute("select ev_id, extract(epoch from ev_data::timestamptz) from pgq.event_1 where ev_id > %s",
+                        (last_id,))
+            for ev_id, inserted in cur.fetchall():
+                delays.append(committed - float(inserted))
+                last_id = max(last_id, ev_id)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    delays.sort()
+    return {"events": len(delays), "rate": rate, "p50_s": delays[len(delays) // 2],
+            "p99_s": delays[int(len(delays) * 0.99)], "max_s": delays[-1],
+            "mean_move_s": statistics.mean(moves) if moves else 0.0, "batches": len(moves)}
+
+
+def table(results: list[Result]) -> str:
+    floors = {r.workload: r.seconds for r in results if r.mode == "floor"}
+    lines = [f"| workload | mode | events | batches | seconds | events/s | ratio to floor | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rss = "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
+        lines.append(f"| {r.workload} | {r.mode} | {r.events:,} | {r.batches:,} | {r.seconds:.2f} | "
+                     f"{r.rate:,.0f} | {r.seconds / floors[r.workload]:.2f} | {rss} |")
+    return "\n".join(lines)
+
+
+def svg_plot(results: list[Result], path: Path) -> None:
+    """events/s against events per batch, one line per mode, log-log, as SVG."""
+    import math
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        series.setdefault(r.mode, []).append((r.events / r.batches, r.rate))
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x0, x1 = math.log10(min(xs)), math.log10(max(xs))
+    y0, y1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+    w, h, m = 640, 400, 60
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (m + (math.log10(x) - x0) / (x1 - x0 or 1) * (w - 2 * m),
+                h - m - (math.log10(y) - y0) / (y1 - y0 or 1) * (h - 2 * m))
+
+    colors = {"floor": "#555", "qmover": "#1b7f3b", "celery": "#2a5db0"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">events/s by batch size '
+             f'(qmover bench)</text>',
+             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>']
+    for exp in range(int(y0), int(y1) + 1):
+        _, y = px(10 ** x0, 10 ** exp)
+        parts.append(f'<text x="{m - 6}" y="{y + 4}" text-anchor="end">1e{exp}</text>')
+        parts.append(f'<line x1="{m}" y1="{y}" x2="{w - m}" y2="{y}" stroke="#ddd"/>')
+    for x in sorted(set(xs)):
+        px_x, _ = px(x, 10 ** y0)
+        parts.append(f'<text x="{px_x}" y="{h - m + 16}" text-anchor="middle">{x:,.0f}</text>')
+    parts.append(f'<text x="{w / 2}" y="{h - 18}" text-anchor="middle">events per batch</text>')
+    for n, (mode, points) in enumerate(series.items()):
+        coords = " ".join(f"{a:.1f},{b:.1f}" for a, b in (px(x, y) for x, y in sorted(points)))
+        color = colors.get(mode, "black")
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{w - m - 80}" y="{m + 16 * n}" fill="{color}">{mode}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", default=SERVER, help="libpq settings of the PostgreSQL server to use")
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="broker for the Celery mode")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--svg", type=Path, help="write the batch-size plot here")
+    parser.add_argument("--no-celery", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    parser.add_argument("--latency-seconds", type=float, default=30)
+    parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.move:
+        move_all(*args.move)
+        return 0
+
+    workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-"))
+    config = workdir / "bench.ini"
+    config.write_text(CONFIG.format(server=args.server, src=SOURCE, dst_qmover=TARGET_QMOVER,
+                                    dst_celery=TARGET_CELERY, broker=args.broker))
+    results = [r for w in WORKLOADS for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
+    sweep = [] if args.no_sweep else [
+        r for w in SWEEP for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
+    print(f"-- latency: {args.latency_seconds:.0f} s at 1,000 events/s, 1 s ticks ...", flush=True)
+    lat = latency(args.server, config, args.latency_seconds, 1000)
+    for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
+        run_sql(args.server, "postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+
+    print()
+    print(table(results))
+    if sweep:
+        print()
+        print(table(sweep))
+    print()
+    print(f"latency at {lat['rate']} events/s, 1 s ticks, mover polling every 0.1 s: "
+          f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms, max {lat['max_s'] * 1000:.0f} ms "
+          f"({lat['events']} events, {lat['batches']} batches, mean move {lat['mean_move_s'] * 1000:.1f} ms)")
+    args.json.write_text(json.dumps({"workloads": [asdict(r) | {"events_per_s": r.rate} for r in results],
+                                     "sweep": [asdict(r) | {"events_per_s": r.rate} for r in sweep],
+                                     "latency": lat}, indent=2))
+    print(f"results written to {args.json}")
+    if args.svg and sweep:
+        svg_plot(sweep, args.svg)
+        print(f"plot written to {args.svg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -393,33 +393,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-celery", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
     parser.add_argument("--latency-seconds", type=float, default=30)
+    parser.add_argument("--only", metavar="TEXT", help="run only workloads whose name contains TEXT")
+    parser.add_argument("--pgoptions", metavar="OPTIONS",
+                        help="PGOPTIONS for every mode, e.g. '-c synchronous_commit=off' to see the cost of flushes")
     parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.move:
         move_all(*args.move)
         return 0
 
+    if args.pgoptions:
+        os.environ["PGOPTIONS"] = args.pgoptions  # libpq in this process and in every child reads it
+    workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
+    sweeps = [] if args.no_sweep else [w for w in SWEEP if not args.only or args.only in w.name]
     workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-"))
     config = workdir / "bench.ini"
     config.write_text(CONFIG.format(server=args.server, src=SOURCE, dst_qmover=TARGET_QMOVER,
                                     dst_celery=TARGET_CELERY, broker=args.broker))
-    results = [r for w in WORKLOADS for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
-    sweep = [] if args.no_sweep else [
-        r for w in SWEEP for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
-    print(f"-- latency: {args.latency_seconds:.0f} s at 1,000 events/s, 1 s ticks ...", flush=True)
-    lat = latency(args.server, config, args.latency_seconds, 1000)
+    results = [r for w in workloads for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
+    sweep = [r for w in sweeps for r in run_workload(args.server, config, workdir, w, not args.no_celery)]
+    lat = None
+    if args.latency_seconds > 0:
+        print(f"-- latency: {args.latency_seconds:.0f} s at 1,000 events/s, 1 s ticks ...", flush=True)
+        lat = latency(args.server, config, args.latency_seconds, 1000)
     for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
         run_sql(args.server, "postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
     print()
-    print(table(results))
+    if results:
+        print(table(results))
     if sweep:
         print()
         print(table(sweep))
-    print()
-    print(f"latency at {lat['rate']} events/s, 1 s ticks, mover polling every 0.1 s: "
-          f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms, max {lat['max_s'] * 1000:.0f} ms "
-          f"({lat['events']} events, {lat['batches']} batches, mean move {lat['mean_move_s'] * 1000:.1f} ms)")
+    if lat:
+        print()
+        print(f"latency at {lat['rate']} events/s, 1 s ticks, mover polling every 0.1 s: "
+              f"p50 {lat['p50_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms, max {lat['max_s'] * 1000:.0f} ms "
+              f"({lat['events']} events, {lat['batches']} batches, mean move {lat['mean_move_s'] * 1000:.1f} ms)")
     args.json.write_text(json.dumps({"workloads": [asdict(r) | {"events_per_s": r.rate} for r in results],
                                      "sweep": [asdict(r) | {"events_per_s": r.rate} for r in sweep],
                                      "latency": lat}, indent=2))

@@ -334,7 +334,7 @@ def latency(server: str, config: Path, seconds: float, rate: int) -> dict[str, f
 
 def table(results: list[Result]) -> str:
     floors = {r.workload: r.seconds for r in results if r.mode == "floor"}
-    lines = [f"| workload | mode | events | batches | seconds | events/s | ratio to floor | peak RSS MB |",
+    lines = ["| workload | mode | events | batches | seconds | events/s | ratio to floor | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rss = "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"

@@ -29,7 +29,7 @@ CASES = {
                 ["[queue_mover3] src_db: not a valid libpq connection string"]),
     "database does not exist": (lambda r: rewrite(r, f"dbname={r.dst.name}", "dbname=qmt_no_such_db"), (), 1,
                                 ["target database", "cannot connect", "qmt_no_such_db", "check dst_db"]),
-    "unreachable server": (lambda r: rewrite(r, f"dst_db = host=127.0.0.1", "dst_db = host=127.0.0.1 port=1"), (), 1,
+    "unreachable server": (lambda r: rewrite(r, "dst_db = host=127.0.0.1", "dst_db = host=127.0.0.1 port=1"), (), 1,
                            ["target database", "cannot connect", "port=1", "that the server is up"]),
     "missing source queue": (lambda r: r.src.execute("select pgq.drop_queue('eventlog', true)"), (), 1,
                              ["source database", "queue 'eventlog' does not exist", "pgq.create_queue"]),

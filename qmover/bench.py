@@ -108,6 +108,7 @@ class Result:
     batches: int
     seconds: float
     peak_rss_mb: float | None
+    step_ms: dict[str, float] | None = None  # qmover: mean time of each protocol step
 
     @property
     def rate(self) -> float:
@@ -198,22 +199,45 @@ def run_qmover(config: Path, workload: Workload) -> Result:
     moved = json.loads(out)
     if moved["events"] != workload.events:
         raise SystemExit(f"qmover moved {moved['events']} of {workload.events} events")
-    return Result(workload.name, "qmover", workload.events, moved["batches"], moved["seconds"], moved["rss_mb"])
+    steps = ", ".join(f"{step} {ms:.2f}" for step, ms in moved["step_ms"].items())
+    print(f"   qmover steps, ms a batch: {steps}", flush=True)
+    return Result(workload.name, "qmover", workload.events, moved["batches"], moved["seconds"], moved["rss_mb"],
+                  moved["step_ms"])
+
+
+class StepClock:
+    """A move-protocol checkpoint that adds up the time spent in each step."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.totals[step] = self.totals.get(step, 0.0) + now - self.last
+        self.last = now
 
 
 def move_all(config: str, route_name: str) -> None:
     """Entry of the --move child: move every ready batch, print what it took."""
     route = load_config(config).select([route_name])[0]
     events = batches = 0
-    with RouteMover(route) as mover:
+    clock = StepClock()
+    with RouteMover(route, clock) as mover:
         mover.open()
         started = time.perf_counter()
+        clock.start()
         while (moved := mover.move_one()) is not None:
             events += moved.events
             batches += 1
+            clock.start()  # what follows "finished" (logging) is no step of the protocol
         seconds = time.perf_counter() - started
     print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
-                      "rss_mb": vm_hwm_mb(os.getpid())}))
+                      "rss_mb": vm_hwm_mb(os.getpid()),
+                      "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()}}))
 
 
 def pool_children(pid: int) -> list[int]:

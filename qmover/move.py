@@ -35,8 +35,14 @@ from qmover.route import Route
 SMALL_BATCH = 20_000
 SPOOL_BYTES = 16 * 1024 * 1024
 
-# Test hook: called with "before_target_commit" / "after_target_commit".
-FaultHook = Callable[[str], None]
+# Called with the name of each step as it completes: "next_batch", "position",
+# "copy", "before_target_commit", "after_target_commit", "finished".  Tests
+# fail or kill the mover there; the benchmark times the steps.
+Checkpoint = Callable[[str], None]
+
+
+def no_checkpoint(_step: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,20 @@ class Moved:
 
 
 def move_batch(route: Route, src: connection, dst: connection,
-               fault: FaultHook | None = None) -> Moved | None:
+               checkpoint: Checkpoint = no_checkpoint) -> Moved | None:
     """Move the route's next batch; None when no batch is ready."""
     started = time.monotonic()
     with errors(route, "source"):
         batch_id, prev_tick, cur_tick, select, estimate = _next_batch(route, src)
     if batch_id is None:
         return None
+    checkpoint("next_batch")
     events = 0
     try:
         with errors(route, "target"):
             position, event_table = _row(dst, queries.BEGIN_AND_READ_POSITION,
                                          {"consumer": route.consumer, "queue": route.dst_queue})
+            checkpoint("position")
             if position not in (None, prev_tick, cur_tick):
                 if not _still_active(route, src, batch_id):
                     _rollback(dst)
@@ -74,16 +82,16 @@ def move_batch(route: Route, src: connection, dst: connection,
             if position != cur_tick:
                 copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
                 events = copy(route, src, dst, select, event_table)
-            if fault:
-                fault("before_target_commit")
+                checkpoint("copy")
+            checkpoint("before_target_commit")
             _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))
     except BaseException:
         _rollback(dst)
         raise
-    if fault:
-        fault("after_target_commit")
+    checkpoint("after_target_commit")
     with errors(route, "source"):
         _run(src, queries.FINISH_BATCH, (batch_id,))
+    checkpoint("finished")
     return Moved(batch_id, events, position == cur_tick, time.monotonic() - started)
 
 

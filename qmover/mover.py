@@ -12,7 +12,7 @@ from psycopg2.extensions import connection
 
 from qmover import db, queries
 from qmover.checks import check_route
-from qmover.move import FaultHook, Moved, move_batch
+from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
@@ -21,9 +21,9 @@ log = logging.getLogger("qmover")
 class RouteMover:
     """Moves batches of one route; use as a context manager to close on exit."""
 
-    def __init__(self, route: Route, fault: FaultHook | None = None):
+    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint):
         self.route = route
-        self.fault = fault
+        self.checkpoint = checkpoint
         self._src: connection | None = None
         self._dst: connection | None = None
 
@@ -49,7 +49,7 @@ class RouteMover:
         """Move the next batch and log it; None when none is ready."""
         self.open()
         try:
-            moved = move_batch(self.route, self._src, self._dst, self.fault)
+            moved = move_batch(self.route, self._src, self._dst, self.checkpoint)
         except BaseException:
             self.close()
             raise

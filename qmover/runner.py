@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from qmover.errors import QmoverError, TransientError
-from qmover.move import FaultHook
 from qmover.mover import RouteMover
 from qmover.route import Route
 
@@ -50,15 +49,14 @@ def stop_on_signals(stop: Stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(routes: list[Route], *, once: bool, stop: Stop | None = None,
-        fault: FaultHook | None = None) -> int:
+def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
 
     Returns the exit code: 0, or 1 when a route failed.  Raises
     KeyboardInterrupt when a second signal aborted the batch in hand.
     """
     stop = stop or Stop()
-    movers = [RouteMover(route, fault) for route in routes]
+    movers = [RouteMover(route) for route in routes]
     failed: set[str] = set()
     retry_at: dict[str, float] = {}
     retries: dict[str, int] = {}

@@ -35,6 +35,8 @@ from qmover.route import Route
 SMALL_BATCH = 20_000
 SPOOL_BYTES = 16 * 1024 * 1024
 
+INCOMING = "qmover_incoming"  # the temporary table of the pgq_writer path
+
 # Called with the name of each step as it completes: "next_batch", "position",
 # "copy", "before_target_commit", "after_target_commit", "finished".  Tests
 # fail or kill the mover there; the benchmark times the steps.
@@ -56,8 +58,12 @@ class Moved:
 
 
 def move_batch(route: Route, src: connection, dst: connection,
-               checkpoint: Checkpoint = no_checkpoint) -> Moved | None:
-    """Move the route's next batch; None when no batch is ready."""
+               checkpoint: Checkpoint = no_checkpoint, via_insert_event: bool = False) -> Moved | None:
+    """Move the route's next batch; None when no batch is ready.
+
+    via_insert_event: the target role may not write event tables, so events
+    go through a temporary table and pgq.insert_event (which sets ev_time).
+    """
     started = time.monotonic()
     with errors(route, "source"):
         batch_id, prev_tick, cur_tick, select, estimate = _next_batch(route, src)
@@ -81,7 +87,9 @@ def move_batch(route: Route, src: connection, dst: connection,
                     f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
             if position != cur_tick:
                 copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
-                events = copy(route, src, dst, select, event_table)
+                events = copy(route, src, dst, select, INCOMING if via_insert_event else event_table)
+                if via_insert_event:
+                    _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
                 checkpoint("copy")
             checkpoint("before_target_commit")
             _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))

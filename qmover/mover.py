@@ -11,11 +11,12 @@ import logging
 from psycopg2.extensions import connection
 
 from qmover import db, queries
-from qmover.checks import check_route
+from qmover.checks import check_route, target_can_copy
 from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
+_warned_routes: set[str] = set()  # the insert_event fallback is announced once per process
 
 
 class RouteMover:
@@ -26,6 +27,7 @@ class RouteMover:
         self.checkpoint = checkpoint
         self._src: connection | None = None
         self._dst: connection | None = None
+        self._via_insert_event = False
 
     def __enter__(self) -> RouteMover:
         return self
@@ -41,6 +43,13 @@ class RouteMover:
             self._src = db.connect(self.route, "source", autocommit=True)
             self._dst = db.connect(self.route, "target", autocommit=True)
             check_route(self._src, self._dst, self.route)
+            self._via_insert_event = not target_can_copy(self._dst, self.route)
+            if self._via_insert_event and self.route.name not in _warned_routes:
+                _warned_routes.add(self.route.name)
+                log.warning("route %s: the target role may not COPY into queue %r's event tables; moving "
+                            "through pgq.insert_event instead, still exactly once, but slower and with "
+                            "ev_time set by the target; grant INSERT on the event tables and USAGE on the "
+                            "event sequence to keep it", self.route.name, self.route.dst_queue)
         except BaseException:
             self.close()
             raise
@@ -49,7 +58,7 @@ class RouteMover:
         """Move the next batch and log it; None when none is ready."""
         self.open()
         try:
-            moved = move_batch(self.route, self._src, self._dst, self.checkpoint)
+            moved = move_batch(self.route, self._src, self._dst, self.checkpoint, self._via_insert_event)
         except BaseException:
             self.close()
             raise

@@ -86,6 +86,30 @@ BEGIN_AND_READ_POSITION = """
 RECORD_POSITION_AND_COMMIT = "select pgq_ext.set_last_tick(%s, %s); commit"
 ROLLBACK = "rollback"
 
+# COPY into the event table needs INSERT on it and USAGE on the queue's event
+# id sequence (pgq_admin has both); a role with only pgq_writer cannot.
+CAN_COPY_INTO_QUEUE = """
+    select has_table_privilege(pgq.current_event_table(q.queue_name), 'INSERT')
+       and has_sequence_privilege(q.queue_event_seq, 'USAGE')
+      from pgq.queue q where q.queue_name = %s
+"""
+IS_QUEUE_WRITER = """
+    select has_function_privilege('pgq.current_event_table(text)', 'EXECUTE')
+       and has_function_privilege('pgq.insert_event(text, text, text, text, text, text, text)', 'EXECUTE')
+"""
+# The pgq_writer path: COPY into a session's temporary table, then one
+# pgq.insert_event per row, server-side, in the same transaction.
+CREATE_INCOMING = """
+    create temporary table if not exists qmover_incoming (
+        ev_time timestamptz, ev_type text, ev_data text,
+        ev_extra1 text, ev_extra2 text, ev_extra3 text, ev_extra4 text
+    ) on commit delete rows
+"""
+INCOMING_TO_QUEUE = """
+    select count(pgq.insert_event(%s, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4))
+      from qmover_incoming
+"""
+
 # --- target side, other commands --------------------------------------------------------
 # Session-level: one worker per route at a time; released when the
 # connection ends, so a killed worker does not keep the route.
@@ -106,7 +130,8 @@ def copy_batch_out(batch_event_sql: str) -> sql.Composed:
 
 
 def copy_events_in(event_table: str) -> sql.Composed:
-    """COPY into the table pgq.current_event_table() named ('schema.table')."""
-    schema, _, table = event_table.partition(".")
+    """COPY into 'schema.table' (pgq.current_event_table()) or a plain table name."""
+    schema, _, table = event_table.rpartition(".")
     columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
-    return sql.SQL("copy {} ({}) from stdin").format(sql.Identifier(schema, table), columns)
+    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    return sql.SQL("copy {} ({}) from stdin").format(target, columns)

@@ -1,0 +1,130 @@
+"""Least privilege: install as an admin, move as roles that are not superusers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from conftest import ADMIN_DSN
+from fault_mover import CRASH_EXIT
+
+FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
+
+
+@pytest.fixture
+def make_role():
+    """Factory: make_role(*member_of) -> a LOGIN role, dropped after the test's databases."""
+    made: list[str] = []
+    admin = psycopg2.connect(ADMIN_DSN)
+    admin.autocommit = True
+
+    def create(*member_of: str) -> str:
+        name = f"qmt_role_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("create role {} login nosuperuser").format(sql.Identifier(name)))
+            for role in member_of:
+                cur.execute(sql.SQL("grant {} to {}").format(sql.Identifier(role), sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield create
+    with admin.cursor() as cur:
+        for name in made:
+            cur.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
+    admin.close()
+
+
+def as_roles(route, source_role: str, target_role: str) -> None:
+    """Point the route's DSNs at the given roles (install already ran as an admin)."""
+    text = route.config.read_text()
+    text = text.replace(f"dbname={route.src.name}", f"dbname={route.src.name} user={source_role}")
+    text = text.replace(f"dbname={route.dst.name}", f"dbname={route.dst.name} user={target_role}")
+    route.config.write_text(text)
+
+
+def grant_copy_rights(route, role: str) -> None:
+    """Exactly what the COPY path needs beyond pgq_writer: INSERT on the target
+    queue's event tables, USAGE on its event id sequence."""
+    tables = [row[0] for row in route.dst.execute(
+        "select c.oid::regclass::text from pg_class c join pgq.queue q"
+        " on c.relname like split_part(q.queue_data_pfx, '.', 2) || '%%'"
+        " and c.relnamespace = 'pgq'::regnamespace and c.relkind = 'r'"
+        " where q.queue_name = %s", (route.dst_queue,))]
+    assert len(tables) == 4  # the parent and its three rotating tables
+    for table in tables:
+        route.dst.execute(sql.SQL("grant insert on {} to {}").format(sql.SQL(table), sql.Identifier(role)))
+    sequence = route.dst.value("select queue_event_seq from pgq.queue where queue_name = %s", (route.dst_queue,))
+    route.dst.execute(sql.SQL("grant usage on sequence {} to {}").format(sql.SQL(sequence), sql.Identifier(role)))
+
+
+def produce(route, batches: int = 3) -> None:
+    for n in range(batches):
+        route.src.produce_series(route.src_queue, 40, tag=f"b{n}-")
+        route.src.tick(route.src_queue)
+
+
+def visible(events: list[tuple]) -> Counter:
+    """Events without ev_time, which the pgq.insert_event path does not keep."""
+    return Counter(event[:6] for event in events)
+
+
+def test_moving_with_least_privileges(make_role, route):
+    reader, writer = make_role("pgq_reader"), make_role("pgq_writer")
+    grant_copy_rights(route, writer)
+    as_roles(route, reader, writer)
+    produce(route)
+
+    result = route.qmover("run", "--once", check=True)
+
+    assert "WARNING" not in result.stderr
+    assert route.target_events() == route.source_events()  # ev_time kept too
+    assert route.dst.value("select count(*) from pg_roles where rolname in (%s, %s) and rolsuper",
+                           (reader, writer)) == 0
+    status = route.qmover("status", "--json", check=True)
+    assert '"error": null' in status.stdout
+
+
+def test_a_pgq_writer_target_moves_through_insert_event(make_role, route):
+    reader, writer = make_role("pgq_reader"), make_role("pgq_writer")
+    as_roles(route, reader, writer)
+    produce(route)
+
+    result = route.qmover("run", "--once", check=True)
+
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "through pgq.insert_event" in warnings[0] and "ev_time" in warnings[0]
+    assert re.findall(r"events=(\d+)", result.stderr) == ["40", "40", "40"]
+    assert visible(route.target_events()) == visible(route.source_events())
+    assert len(route.target_events()) == 120
+
+    # exactly once on this path too: crash after the target commit, move again
+    produce(route, 1)
+    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
+                           capture_output=True, text=True, timeout=60)
+    assert crash.returncode == CRASH_EXIT, crash.stderr
+    again = route.qmover("run", "--once", check=True)
+    assert "skipped: already applied" in again.stderr
+    assert visible(route.target_events()) == visible(route.source_events())
+    assert len(route.target_events()) == 160
+
+
+def test_a_target_role_without_pgq_writer_is_told_what_to_grant(make_role, route):
+    reader, nobody = make_role("pgq_reader"), make_role()
+    as_roles(route, reader, nobody)
+    produce(route, 1)
+
+    result = route.qmover("run", "--once")
+
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "grant it pgq_writer" in errors[0]
+    assert route.target_events() == []
+    assert route.src.value("select current_batch from pgq.get_consumer_info()") is None

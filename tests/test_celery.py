@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -272,3 +273,23 @@ def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db):
     assert all(text for text in outputs[:2])
     leaks = [text[max(0, text.find(MARKER) - 200):text.find(MARKER) + 50] for text in outputs if MARKER in text]
     assert leaks == []
+
+
+def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):
+    pipe = pipeline(1)
+    pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
+    pipe.parts[0].tick("events")
+    produced = 300_000 + pipe.produce(2)
+    worker = pipe.procs.worker("first", concurrency=1)
+    pipe.procs.beat()
+    wait_until(lambda: copy_running(pipe.central), 60, "the worker to start copying", every=0.02)
+
+    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown: the task in hand runs to its end
+    started = time.monotonic()
+    worker.wait(timeout=60)
+    stopped_after = time.monotonic() - started
+
+    assert len(pipe.central_events()) in (300_000, produced)  # the batch in hand whole, never a part
+    pipe.procs.worker("second", concurrency=1)
+    pipe.wait_for(produced)
+    print(f"worker stopped {stopped_after:.1f}s after SIGTERM")

@@ -103,29 +103,44 @@ def copy_path(request, monkeypatch) -> str:
     return request.param
 
 
+class ClusterObjects:
+    """Databases or roles a test makes through an admin connection, dropped after it."""
+
+    def __init__(self, drop: str):
+        self.drop = drop  # "drop database if exists {} with (force)", ...
+        self.names: list[str] = []
+        self.admin = psycopg2.connect(ADMIN_DSN)
+        self.admin.autocommit = True
+
+    def make(self, prefix: str, *statements: str) -> str:
+        """Run each statement with {} as a new unique name; remember the name."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with self.admin.cursor() as cur:
+            for statement in statements:
+                cur.execute(sql.SQL(statement).format(sql.Identifier(name)))
+        self.names.append(name)
+        return name
+
+    def close(self) -> None:
+        with self.admin.cursor() as cur:
+            for name in self.names:
+                cur.execute(sql.SQL(self.drop).format(sql.Identifier(name)))
+        self.admin.close()
+
+
 @pytest.fixture
 def make_db() -> Iterator:
     """Factory: make_db(pgq=True) -> PgqDatabase, dropped after the test."""
-    made: list[str] = []
-    admin = psycopg2.connect(ADMIN_DSN)
-    admin.autocommit = True
+    databases = ClusterObjects("drop database if exists {} with (force)")
 
-    def create(pgq: bool = True, encoding: str | None = None) -> PgqDatabase:
-        name = f"qmt_{uuid.uuid4().hex[:12]}"
-        with admin.cursor() as cur:
-            options = sql.SQL(" encoding {} template template0").format(sql.Literal(encoding)) if encoding else sql.SQL("")
-            cur.execute(sql.SQL("create database {}{}").format(sql.Identifier(name), options))
-        made.append(name)
-        database = PgqDatabase(name)
+    def create(pgq: bool = True) -> PgqDatabase:
+        database = PgqDatabase(databases.make("qmt", "create database {}"))
         if pgq:
             database.execute("create extension pgq")
         return database
 
     yield create
-    with admin.cursor() as cur:
-        for name in made:
-            cur.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
-    admin.close()
+    databases.close()
 
 
 MANUAL_CONFIG = """\

@@ -5,15 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 
-from conftest import ADMIN_DSN
+from conftest import ClusterObjects
 from fault_mover import CRASH_EXIT
 
 FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
@@ -22,24 +20,14 @@ FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 @pytest.fixture
 def make_role():
     """Factory: make_role(*member_of) -> a LOGIN role, dropped after the test's databases."""
-    made: list[str] = []
-    admin = psycopg2.connect(ADMIN_DSN)
-    admin.autocommit = True
+    roles = ClusterObjects("drop role if exists {}")
 
     def create(*member_of: str) -> str:
-        name = f"qmt_role_{uuid.uuid4().hex[:10]}"
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("create role {} login nosuperuser").format(sql.Identifier(name)))
-            for role in member_of:
-                cur.execute(sql.SQL("grant {} to {}").format(sql.Identifier(role), sql.Identifier(name)))
-        made.append(name)
-        return name
+        return roles.make("qmt_role", "create role {} login nosuperuser",
+                          *(f"grant {role} to {{}}" for role in member_of))
 
     yield create
-    with admin.cursor() as cur:
-        for name in made:
-            cur.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
-    admin.close()
+    roles.close()
 
 
 def as_roles(route, source_role: str, target_role: str) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import psycopg2
+import psycopg2.errors
 from psycopg2.extensions import connection, make_dsn, parse_dsn
 
 from qmover import queries
@@ -65,6 +66,14 @@ def errors(route: Route, side: Side) -> Iterator[None]:
     """Turn driver errors into one-line QmoverErrors naming route and side."""
     try:
         yield
+    except psycopg2.errors.QueryCanceled as exc:
+        raise QmoverError(
+            f"{where(route, side)}: {first_line(exc)}; a batch must fit in one statement: raise "
+            f"statement_timeout for qmover's role (e.g. alter role ... set statement_timeout = 0)") from None
+    except (psycopg2.errors.UntranslatableCharacter, psycopg2.errors.CharacterNotInRepertoire) as exc:
+        raise QmoverError(
+            f"{where(route, side)}: {first_line(exc)}; the target database's encoding cannot hold "
+            f"this event: create the target database with encoding UTF8") from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}") from None
     except psycopg2.Error as exc:

@@ -133,8 +133,9 @@ def make_db() -> Iterator:
     """Factory: make_db(pgq=True) -> PgqDatabase, dropped after the test."""
     databases = ClusterObjects("drop database if exists {} with (force)")
 
-    def create(pgq: bool = True) -> PgqDatabase:
-        database = PgqDatabase(databases.make("qmt", "create database {}"))
+    def create(pgq: bool = True, encoding: str = "UTF8") -> PgqDatabase:
+        database = PgqDatabase(databases.make(
+            "qmt", f"create database {{}} encoding '{encoding}' lc_collate 'C' lc_ctype 'C' template template0"))
         if pgq:
             database.execute("create extension pgq")
         return database

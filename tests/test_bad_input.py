@@ -95,3 +95,57 @@ def test_status_reports_an_unreachable_route_and_exits_1(route):
     assert result.returncode == 1
     assert "cannot connect" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_statement_timeout_on_the_target(route):
+    route.src.produce_series(route.src_queue, 300_000, size=100)
+    route.src.tick(route.src_queue)
+    rewrite(route, f"dbname={route.dst.name}", f"dbname={route.dst.name} options='-c statement_timeout=200'")
+
+    result = run_qmover("run", "--once", str(route.config))
+
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "statement timeout" in errors[0] and "raise statement_timeout" in errors[0]
+    assert route.target_events() == []
+    assert route.src.value("select current_batch from pgq.get_consumer_info()") is not None  # not finished
+
+
+def test_event_the_target_encoding_cannot_hold(make_db, tmp_path):
+    from conftest import MANUAL_CONFIG
+
+    src, dst = make_db(), make_db(encoding="LATIN1")
+    src.create_queue("eventlog")
+    dst.create_queue("copy_of_eventlog")
+    config = tmp_path / "mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
+    run_qmover("install", str(config), check=True)
+    src.produce("eventlog", [("ok", "café", None, None, None, None), ("cjk", "日本語", None, None, None, None)])
+    src.tick("eventlog")
+
+    result = run_qmover("run", "--once", str(config))
+
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "has no equivalent in encoding" in errors[0] and "encoding UTF8" in errors[0]
+    assert dst.events("copy_of_eventlog") == []
+
+
+def test_queue_names_that_need_quoting(make_db, tmp_path):
+    src, dst = make_db(), make_db()
+    source_queue, target_queue = 'sr"c; drop table pgq.queue; --', "we;ird q'ueue"
+    src.create_queue(source_queue)
+    dst.create_queue(target_queue)
+    config = tmp_path / "mover.ini"
+    config.write_text(f"[r]\nsrc_db = {src.dsn}\ndst_db = {dst.dsn}\n"
+                      f"pgq_queue_name = {source_queue}\ndst_queue_name = {target_queue}\n")
+    run_qmover("install", str(config), check=True)
+    src.produce_series(source_queue, 25)
+    src.tick(source_queue)
+
+    run_qmover("run", "--once", str(config), check=True)
+
+    assert dst.events(target_queue) == src.events(source_queue)
+    assert len(dst.events(target_queue)) == 25
+    status = run_qmover("status", "--json", str(config), check=True)
+    assert target_queue in status.stdout.replace("\\\"", '"')

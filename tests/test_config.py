@@ -66,6 +66,8 @@ anything = goes
     assert config.broker_url == "redis://127.0.0.1:6379/3"
     assert config.result_backend == "redis://127.0.0.1:6379/9"
     assert [r.name for r in config.select(["partition_2"])] == ["partition_2"]
+    assert load_config(write(tmp_path, MANUAL_EXAMPLE + "[fan_out]\nsrc_db = dbname=sourcedb\n"
+                             "dst_db = dbname=other\npgq_queue_name = eventlog\n")).routes  # own consumer: fine
     assert route.src_display == "dbname=part2"  # never the password
 
 
@@ -93,6 +95,12 @@ def test_durations(text, seconds):
     ("[a]\njob_name = same\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n"
      "[b]\njob_name = same\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n",
      "[b] job_name: route name 'same' is also used by [a]"),
+    ("[a]\nsrc_db = dbname=a\ndst_db = dbname=t\nqueue_name = q\nconsumer_name = c\n"
+     "[b]\nsrc_db = dbname=b\ndst_db = dbname=t\nqueue_name = q\nconsumer_name = c\n",
+     "[b] consumer_name: consumer 'c' is also used by [a] on the same target database"),
+    ("[a]\nsrc_db = dbname=a\ndst_db = dbname=t1\nqueue_name = q\nconsumer_name = c\n"
+     "[b]\nsrc_db = dbname=a\ndst_db = dbname=t2\nqueue_name = q\nconsumer_name = c\n",
+     "[b] consumer_name: consumer 'c' is also used by [a] on the same source queue"),
     ("[qmover]\nbroker = redis://x\n", "[qmover] broker: unknown key; did you mean 'broker_url'?"),
     ("src_db = dbname=a\n", "not a valid INI file"),
     ("[r]\nsrc_db = dbname=a\n[r]\n", "not a valid INI file"),

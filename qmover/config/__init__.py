@@ -182,6 +182,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             raise ConfigError(
                 f"{path}: [{name}] job_name: route name {route.name!r} is also used by "
                 f"[{sections[route.name]}]; give each route its own job_name")
+        _check_consumer_is_free(path, name, route, routes, sections)
         routes[route.name] = route
         sections[route.name] = name
 
@@ -194,6 +195,26 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     broker = os.environ.get("QMOVER_BROKER_URL") or broker
     backend = os.environ.get("QMOVER_RESULT_BACKEND") or backend or broker
     return Config(path=path, routes=routes, broker_url=broker, result_backend=backend)
+
+
+def _database(dsn: str) -> tuple:
+    parts = psycopg2.extensions.parse_dsn(dsn)
+    return tuple(parts.get(key) for key in ("service", "host", "hostaddr", "port", "dbname"))
+
+
+def _check_consumer_is_free(path: Path, section: str, route: Route, routes: dict[str, Route],
+                            sections: dict[str, str]) -> None:
+    """Two routes with one consumer on one source queue, or one target database,
+    would share a PgQ subscription or a pgq_ext position and corrupt each other."""
+    for other in routes.values():
+        if other.consumer != route.consumer:
+            continue
+        same_source = (_database(other.src_dsn), other.src_queue) == (_database(route.src_dsn), route.src_queue)
+        if same_source or _database(other.dst_dsn) == _database(route.dst_dsn):
+            shared = "source queue" if same_source else "target database"
+            raise ConfigError(
+                f"{path}: [{section}] consumer_name: consumer {route.consumer!r} is also used by "
+                f"[{sections[other.name]}] on the same {shared}; give each route its own consumer_name")
 
 
 def _or_default(value: float | int | None, default: float) -> float:

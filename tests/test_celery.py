@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -252,27 +253,37 @@ def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
 MARKER = "Pw-marker-7f3a9c"
 
 
-def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db):
+ENV_MARKER, PGPASS_MARKER = "Env-pw-marker-51b2", "Pgpass-marker-c0d4"
+
+
+def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db, tmp_path):
     pipe = pipeline(2, password=MARKER)  # trust auth on 127.0.0.1 ignores it; qmover must hide it
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"*:*:*:*:{PGPASS_MARKER}\n")
+    pgpass.chmod(0o600)
+    secret_env = {"PGPASSWORD": ENV_MARKER, "PGPASSFILE": str(pgpass)}
+    pipe.procs.env.update(secret_env)
     broken = pipe.config.read_text().replace(f"{pipe.parts[1].dsn} password", f"{pipe.parts[1].dsn} port=1 password", 1)
     port, _ = pipe.run_with_flower(rounds=2)
     outputs = [pipe.procs.logs(), redis_db.everything().decode("utf-8", "replace")]
     for path in ("/api/tasks", "/tasks", "/api/workers"):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             outputs.append(response.read().decode())
+    env = {**os.environ, **secret_env}
     for command in (("status",), ("status", "--json"), ("run", "--once"), ("install",)):
-        result = run_qmover(*command, str(pipe.config), check=True)
+        result = run_qmover(*command, str(pipe.config), check=True, env=env)
         outputs += [result.stdout, result.stderr]
     pipe.config.write_text(broken)  # errors name the database, never the password
     for command in (("status",), ("run", "--once"), ("rewind",)):
-        result = run_qmover(*command, str(pipe.config))
+        result = run_qmover(*command, str(pipe.config), env=env)
         assert result.returncode == 1
         outputs += [result.stdout, result.stderr]
 
     assert any("port=1" in text for text in outputs)
     assert all(text for text in outputs[:2])
-    leaks = [text[max(0, text.find(MARKER) - 200):text.find(MARKER) + 50] for text in outputs if MARKER in text]
-    assert leaks == []
+    for marker in (MARKER, ENV_MARKER, PGPASS_MARKER):
+        leaks = [text[max(0, text.find(marker) - 200):text.find(marker) + 50] for text in outputs if marker in text]
+        assert leaks == [], marker
 
 
 def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):

@@ -12,6 +12,7 @@ from psycopg2.extensions import connection
 
 from qmover import db, queries
 from qmover.checks import check_route, target_can_copy
+from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
 from qmover.route import Route
 
@@ -59,6 +60,12 @@ class RouteMover:
         self.open()
         try:
             moved = move_batch(self.route, self._src, self._dst, self.checkpoint, self._via_insert_event)
+        except QmoverError as exc:
+            precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()
+            self.close()
+            if precise is None:
+                raise
+            raise precise from None
         except BaseException:
             self.close()
             raise
@@ -67,6 +74,15 @@ class RouteMover:
             log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome,
                      moved.seconds * 1000)
         return moved
+
+    def _diagnose(self) -> QmoverError | None:
+        """After a failed move, the route's checks again: a queue dropped or a
+        consumer unregistered while running is reported as such, with its fix."""
+        try:
+            check_route(self._src, self._dst, self.route)
+        except QmoverError as found:
+            return found
+        return None
 
     def claim(self) -> bool:
         """Take the route for this mover; False when another mover holds it.

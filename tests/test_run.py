@@ -130,3 +130,39 @@ def test_loop_retries_a_target_that_comes_up_later(make_db, tmp_path):
     assert mover.returncode == 0
     assert "cannot connect" in log and "retrying in" in log
     assert sorted(late.events("copy_of_eventlog")) == sorted(src.events("eventlog"))
+
+
+def test_a_route_broken_while_running_stops_alone(make_db, tmp_path):
+    p1, p2, central = make_db(), make_db(), make_db()
+    for part in (p1, p2):
+        part.create_queue("events")
+    central.create_queue("central_events")
+    config = tmp_path / "partitions.ini"
+    config.write_text(TWO_PARTITIONS.format(p1=p1.dsn, p2=p2.dsn, central=central.dsn)
+                      .replace("dst_queue_name = central_events\n", "dst_queue_name = central_events\nloop_delay = 0.1\n"))
+    run_qmover("install", str(config), check=True)
+    mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(config)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        p1.produce_series("events", 10, tag="before")
+        p1.tick("events")
+        deadline = time.monotonic() + 30
+        while len(central.events("central_events")) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        p1.execute("select pgq.unregister_consumer('events', 'partition_1')")
+        p1.produce_series("events", 10, tag="after")
+        p1.tick("events")
+        p2.produce_series("events", 15, tag="other")
+        p2.tick("events")
+        while len(central.events("central_events")) < 25 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        mover.send_signal(signal.SIGTERM)
+        _, log = mover.communicate(timeout=30)
+
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, log
+    assert "route partition_1" in errors[0] and "is not registered" in errors[0] and "qmover install" in errors[0]
+    assert len(central.events("central_events")) == 25  # partition_2 went on
+    assert mover.returncode == 1  # a route stopped

@@ -80,11 +80,7 @@ def move_batch(route: Route, src: connection, dst: connection,
                 if not _still_active(route, src, batch_id):
                     _rollback(dst)
                     return None  # another mover applied and finished it meanwhile
-                raise LostPosition(
-                    f"route {route.name}: lost position: target holds tick {position} but the source "
-                    f"batch {batch_id} runs from tick {prev_tick} to {cur_tick}; nothing was moved. "
-                    f"Run 'qmover rewind CONFIG --route {route.name}' to move the source back to the "
-                    f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
+                raise lost_position(route, position, batch_id, prev_tick, cur_tick)
             if position != cur_tick:
                 copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
                 events = copy(route, src, dst, select, INCOMING if via_insert_event else event_table)
@@ -101,6 +97,14 @@ def move_batch(route: Route, src: connection, dst: connection,
         _run(src, queries.FINISH_BATCH, (batch_id,))
     checkpoint("finished")
     return Moved(batch_id, events, position == cur_tick, time.monotonic() - started)
+
+
+def lost_position(route: Route, position: int, batch_id: int, prev_tick: int, cur_tick: int) -> LostPosition:
+    return LostPosition(
+        f"route {route.name}: lost position: target holds tick {position} but the source "
+        f"batch {batch_id} runs from tick {prev_tick} to {cur_tick}; nothing was moved. "
+        f"Run 'qmover rewind CONFIG --route {route.name}' to move the source back to the "
+        f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
 
 
 def copy_spooled(route: Route, src: connection, dst: connection, select: str, event_table: str) -> int:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import PgqDatabase, run_qmover
 
 TWO_PARTITIONS = """\
@@ -132,7 +134,16 @@ def test_loop_retries_a_target_that_comes_up_later(make_db, tmp_path):
     assert sorted(late.events("copy_of_eventlog")) == sorted(src.events("eventlog"))
 
 
-def test_a_route_broken_while_running_stops_alone(make_db, tmp_path):
+BREAKAGES = {
+    "consumer unregistered": ("select pgq.unregister_consumer('events', 'partition_1')",
+                              ["is not registered", "qmover install"]),
+    "queue dropped": ("select pgq.drop_queue('events', true)",
+                      ["queue 'events' does not exist", "pgq.create_queue"]),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_a_route_broken_while_running_stops_alone(make_db, tmp_path, breakage):
     p1, p2, central = make_db(), make_db(), make_db()
     for part in (p1, p2):
         part.create_queue("events")
@@ -149,9 +160,8 @@ def test_a_route_broken_while_running_stops_alone(make_db, tmp_path):
         deadline = time.monotonic() + 30
         while len(central.events("central_events")) < 10 and time.monotonic() < deadline:
             time.sleep(0.1)
-        p1.execute("select pgq.unregister_consumer('events', 'partition_1')")
-        p1.produce_series("events", 10, tag="after")
-        p1.tick("events")
+        statement, words = BREAKAGES[breakage]
+        p1.execute(statement)
         p2.produce_series("events", 15, tag="other")
         p2.tick("events")
         while len(central.events("central_events")) < 25 and time.monotonic() < deadline:
@@ -163,6 +173,6 @@ def test_a_route_broken_while_running_stops_alone(make_db, tmp_path):
 
     errors = [line for line in log.splitlines() if "ERROR" in line]
     assert len(errors) == 1, log
-    assert "route partition_1" in errors[0] and "is not registered" in errors[0] and "qmover install" in errors[0]
+    assert "route partition_1" in errors[0] and all(word in errors[0] for word in words)
     assert len(central.events("central_events")) == 25  # partition_2 went on
     assert mover.returncode == 1  # a route stopped

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,11 +22,22 @@ MAX_RETRY_DELAY = 60.0
 
 
 class Stop:
-    """Set by signals: `requested` stops after the batch in hand, `abort` at once."""
+    """Set by signals: `requested` stops after the batch in hand, `abort` at once.
+
+    Plain flags, not threading.Event: a signal handler that calls Event.set()
+    deadlocks when the signal lands while the main thread holds the Event's
+    lock inside wait().
+    """
 
     def __init__(self) -> None:
-        self.requested = threading.Event()
-        self.abort = threading.Event()
+        self.requested = False
+        self.abort = False
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking within 50 ms of a stop request."""
+        end = time.monotonic() + seconds
+        while not self.requested and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.05, left))
 
 
 @contextmanager
@@ -35,11 +45,11 @@ def stop_on_signals(stop: Stop) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the batch in hand, then stop. Second: abort it."""
 
     def handle(signum: int, _frame: object) -> None:
-        if stop.requested.is_set():
-            stop.abort.set()
+        if stop.requested:
+            stop.abort = True
             raise KeyboardInterrupt  # the target transaction rolls back
+        stop.requested = True
         log.info("got %s: stopping after the batch in hand", signal.Signals(signum).name)
-        stop.requested.set()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -61,19 +71,19 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
     retry_at: dict[str, float] = {}
     retries: dict[str, int] = {}
     try:
-        while not stop.requested.is_set():
+        while not stop.requested:
             active = [m for m in movers if m.route.name not in failed]
             if not active:
                 break
             busy = False
             for mover in active:
                 name = mover.route.name
-                if stop.requested.is_set() or time.monotonic() < retry_at.get(name, 0.0):
+                if stop.requested or time.monotonic() < retry_at.get(name, 0.0):
                     continue
                 try:
                     moved = mover.move_one()
                 except QmoverError as exc:
-                    if stop.abort.is_set():  # the driver turned our interrupt into an error
+                    if stop.abort:  # the driver turned our interrupt into an error
                         raise KeyboardInterrupt from None
                     if once or not isinstance(exc, TransientError):
                         log.error("%s; route stopped", exc)
@@ -89,7 +99,7 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
             if not busy:
                 if once:
                     break
-                stop.requested.wait(min(m.route.loop_delay for m in active))
+                stop.sleep(min(m.route.loop_delay for m in active))
     finally:
         for mover in movers:
             mover.close()

@@ -15,13 +15,17 @@ from celery_helpers import Redis, free_port
 from conftest import ADMIN_DSN
 
 
+MARKER = "Demo-pw-marker-93e1"
+
+
 def test_demo_moves_everything_and_prints_the_table(tmp_path):
     prefix = f"qmt_demo_{uuid.uuid4().hex[:8]}"
     broker = Redis()
     try:
         result = subprocess.run(
             [sys.executable, "-m", "qmover.demo", "--seconds", "3", "--prefix", prefix,
-             "--flower-port", str(free_port()), "--workdir", str(tmp_path)],
+             "--flower-port", str(free_port()), "--workdir", str(tmp_path),
+             "--server", f"host=127.0.0.1 password={MARKER}"],  # trust auth ignores it; qmover hides it
             capture_output=True, text=True, timeout=300,
             env={**os.environ, "QMOVER_BROKER_URL": broker.url})
     finally:
@@ -40,3 +44,6 @@ def test_demo_moves_everything_and_prints_the_table(tmp_path):
     assert len(rows) == 2
     assert sum(int(events) for _, events, _ in rows) == produced > 0
     assert "stopped worker, beat and Flower" in result.stdout
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    assert "route=" in logs
+    assert MARKER not in result.stdout + result.stderr + logs

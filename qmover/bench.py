@@ -29,12 +29,12 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psycopg2
 from psycopg2 import sql
 
 from qmover import admin
 from qmover.config import load_config
 from qmover.mover import RouteMover
+from qmover.sandbox import connect, drop_database, recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
 SOURCE, TARGET_QMOVER, TARGET_CELERY = "qmover_bench_src", "qmover_bench_qmover", "qmover_bench_celery"
@@ -123,21 +123,6 @@ SWEEP = (Workload("sweep 10/batch", 2_000, 200), Workload("sweep 100/batch", 20_
          Workload("sweep 100k/batch", 200_000, 2))
 
 
-def connect(server: str, database: str, autocommit: bool = True) -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(f"{server} dbname={database}")
-    conn.autocommit = autocommit
-    return conn
-
-
-def run_sql(server: str, database: str, *statements: object) -> list[tuple]:
-    with closing(connect(server, database)) as conn, conn.cursor() as cur:
-        rows: list[tuple] = []
-        for statement in statements:
-            cur.execute(statement)
-            rows = cur.fetchall() if cur.description else []
-    return rows
-
-
 def vm_hwm_mb(pid: int) -> float | None:
     """Peak resident memory of a process on this machine (Linux /proc)."""
     try:
@@ -152,8 +137,7 @@ def vm_hwm_mb(pid: int) -> float | None:
 def prepare(server: str, workload: Workload) -> list[int]:
     """Fresh databases and queues, the workload loaded; returns the tick ids."""
     for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
-        run_sql(server, "postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)),
-                sql.SQL("create database {}").format(sql.Identifier(name)))
+        recreate_database(server, name)
     run_sql(server, SOURCE, "create extension pgq", f"select pgq.create_queue('{QUEUE}')",
             f"select pgq.set_queue_config('{QUEUE}', 'ticker_max_count', '1')",
             f"select pgq.create_queue('{COPY_QUEUE}')",
@@ -441,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- latency: {args.latency_seconds:.0f} s at 1,000 events/s, 1 s ticks ...", flush=True)
         lat = latency(args.server, config, args.latency_seconds, 1000)
     for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
-        run_sql(args.server, "postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+        drop_database(args.server, name)
 
     print()
     if results:

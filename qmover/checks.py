@@ -28,9 +28,10 @@ def require_queue(conn: connection, route: Route, side: Side) -> None:
         if not has_schema(conn, "pgq"):
             raise QmoverError(f"{where(route, side)}: PgQ is not installed; {PGQ_FIX}")
         if not scalar(conn, queries.HAS_QUEUE, (queue,)):
+            literal = "'" + queue.replace("'", "''") + "'"
             raise QmoverError(
                 f"{where(route, side)}: queue {queue!r} does not exist; "
-                f"create it with: select pgq.create_queue('{queue}')")
+                f"create it with: select pgq.create_queue({literal})")
 
 
 def require_registered(conn: connection, route: Route) -> None:

@@ -21,12 +21,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
 import redis
 from psycopg2 import sql
 
 from qmover import admin
 from qmover.config import load_config
+from qmover.sandbox import recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
 ROUTE = """
@@ -43,37 +43,24 @@ pidfile = pid/%(job_name)s.pid
 EVENTS = "select ev_type, ev_data, ev_extra1, ev_time from pgq.event_1"
 
 
-def execute(database: str, *statements: object, server: str = SERVER) -> list[tuple]:
-    conn = psycopg2.connect(f"{server} dbname={database}")
-    conn.autocommit = True
-    rows: list[tuple] = []
-    with conn.cursor() as cur:
-        for statement in statements:
-            cur.execute(statement)
-            rows = cur.fetchall() if cur.description else []
-    conn.close()
-    return rows
-
-
 def create_databases(server: str, parts: tuple[str, ...], central: str) -> None:
     for name in (*parts, central):
-        execute("postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)),
-                sql.SQL("create database {}").format(sql.Identifier(name)), server=server)
+        recreate_database(server, name)
     for name in parts:
-        execute(name, "create extension pgq", "select pgq.create_queue('events')",
-                "select pgq.set_queue_config('events', 'ticker_max_lag', '0.5 seconds')", server=server)
-    execute(central, "create extension pgq", "select pgq.create_queue('central_events')", server=server)
+        run_sql(server, name, "create extension pgq", "select pgq.create_queue('events')",
+                "select pgq.set_queue_config('events', 'ticker_max_lag', '0.5 seconds')")
+    run_sql(server, central, "create extension pgq", "select pgq.create_queue('central_events')")
 
 
 def produce(server: str, part: str, count: int, round_no: int) -> None:
     """An order-and-payment burst, as one application transaction."""
-    execute(part, sql.SQL(
+    run_sql(server, part, sql.SQL(
         "select count(pgq.insert_event('events', kind, "
         "json_build_object('part', {part}, 'round', {round}, 'id', i, 'amount', i * 3.5)::text, "
         "'public.' || kind || 's', null, null, null)) "
         "from generate_series(1, {count}) i, "
         "lateral (select case when i % 4 = 0 then 'payment' else 'order' end) as k(kind)").format(
-            part=sql.Literal(part), round=sql.Literal(round_no), count=sql.Literal(count)), server=server)
+            part=sql.Literal(part), round=sql.Literal(round_no), count=sql.Literal(count)))
 
 
 def ensure_redis() -> subprocess.Popen | None:
@@ -130,7 +117,7 @@ def per_route(workdir: Path) -> dict[str, tuple[int, int]]:
 
 
 def count_events(server: str, database: str) -> int:
-    return execute(database, "select count(*) from pgq.event_1", server=server)[0][0]
+    return run_sql(server, database, "select count(*) from pgq.event_1")[0][0]
 
 
 def produce_for(args: argparse.Namespace, parts: tuple[str, ...], central: str) -> int:
@@ -163,8 +150,8 @@ def wait_for(server: str, central: str, produced: int, timeout: float = 120) -> 
 
 def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, routes: list, produced: int) -> bool:
     """Print the per-route table; True when the central queue equals what was produced."""
-    source = Counter(row for part in parts for row in execute(part, EVENTS, server=args.server))
-    target = Counter(execute(central, EVENTS, server=args.server))
+    source = Counter(row for part in parts for row in run_sql(args.server, part, EVENTS))
+    target = Counter(run_sql(args.server, central, EVENTS))
     exact = source == target and sum(target.values()) == produced
     moved = per_route(args.workdir)
     print()

@@ -98,7 +98,7 @@ class RouteMover:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""
         self.open()
         with db.errors(self.route, "source"):
-            return db.scalar(self._src, queries.CONSUMER_LAG, (self.route.src_queue, self.route.consumer))
+            return db.scalar(self._src, queries.CONSUMER_INFO, (self.route.src_queue, self.route.consumer))
 
     def close(self) -> None:
         db.close(self._src)

@@ -16,7 +16,7 @@ SESSION_SETUP = "set datestyle to iso, ymd"
 
 # --- checks -------------------------------------------------------------
 HAS_SCHEMA = "select exists (select 1 from pg_catalog.pg_namespace where nspname = %s)"
-HAS_QUEUE = "select exists (select 1 from pgq.get_queue_info() where queue_name = %s)"
+HAS_QUEUE = "select exists (select 1 from pgq.queue where queue_name = %s)"
 HAS_TICK_API = """
     select to_regprocedure('pgq_ext.get_last_tick(text)') is not null
        and to_regprocedure('pgq_ext.set_last_tick(text, bigint)') is not null
@@ -48,7 +48,7 @@ FINISH_BATCH = "begin; set local synchronous_commit to off; select pgq.finish_ba
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
-CONSUMER_LAG = "select extract(epoch from lag)::float8 from pgq.get_consumer_info(%s, %s)"
+# lag_seconds first: scalar() on it is the consumer's lag.
 CONSUMER_INFO = """
     select extract(epoch from lag)::float8 as lag_seconds,
            extract(epoch from last_seen)::float8 as last_seen_seconds,

@@ -78,16 +78,26 @@ class PgqDatabase:
             self.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
         return self.value("select pgq.ticker(%s)", (queue,))
 
-    def events(self, queue: str) -> list[tuple]:
+    def events(self, queue: str, columns: str = EVENT_FIELDS) -> list[tuple]:
         """Every event in the queue's tables, in id order, visible columns only."""
         table = self.value("select queue_data_pfx from pgq.queue where queue_name = %s", (queue,))
         schema, _, name = table.partition(".")
         query = sql.SQL("select {} from {} order by ev_id").format(
-            sql.SQL(EVENT_FIELDS), sql.Identifier(schema, name))
+            sql.SQL(columns), sql.Identifier(schema, name))
         return self.execute(query)
 
     def last_tick(self, consumer: str) -> int | None:
         return self.value("select pgq_ext.get_last_tick(%s)", (consumer,))
+
+
+# A mover's COPY is running in the database named by the parameter.
+COPY_RUNNING = ("select count(*) from pg_stat_activity where datname = %s"
+                " and application_name like 'qmover %%' and query ilike 'copy %%'")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-events", type=int, default=40_000,
+                     help="events the soak test produces (the full run: 500000)")
 
 
 def multiset(events: list[tuple]) -> Counter:

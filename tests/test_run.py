@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PgqDatabase, run_qmover
+from conftest import COPY_RUNNING, PgqDatabase, run_qmover
 
 TWO_PARTITIONS = """\
 [partition_1]
@@ -49,9 +49,7 @@ def test_two_partitions_into_one_central_queue(make_db, tmp_path):
 
 
 def copy_running(database: PgqDatabase) -> bool:
-    return bool(database.value(
-        "select count(*) from pg_stat_activity where datname = %s"
-        " and application_name like 'qmover %%' and query ilike 'copy %%'", (database.name,)))
+    return bool(database.value(COPY_RUNNING, (database.name,)))
 
 
 def start_big_batch_move(route) -> subprocess.Popen:

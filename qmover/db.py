@@ -20,6 +20,8 @@ from qmover.route import Route
 
 Side = Literal["source", "target"]
 CONNECT_TIMEOUT = 10
+# Connection failures that waiting will not cure: the server answered and said no.
+LOGIN_REFUSED = ("password authentication failed", "no password supplied", "pg_hba.conf")
 
 
 def first_line(exc: BaseException) -> str:
@@ -46,8 +48,13 @@ def connect(route: Route, side: Side, *, autocommit: bool) -> connection:
     try:
         conn = psycopg2.connect(make_dsn(dsn, **extra))
     except psycopg2.Error as exc:
+        reason = first_line(exc)
+        if any(refusal in reason for refusal in LOGIN_REFUSED):
+            raise QmoverError(
+                f"{where(route, side)}: login refused: {reason}; check the user and password in {key} "
+                f"(or PGPASSWORD / ~/.pgpass) and the server's pg_hba.conf") from None
         raise TransientError(
-            f"{where(route, side)}: cannot connect: {first_line(exc)}; "
+            f"{where(route, side)}: cannot connect: {reason}; "
             f"check {key} in the config and that the server is up") from None
     with errors(route, side):
         # Text COPY carries timestamps and text: both ends must agree on

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from conftest import run_qmover
+from celery_helpers import wait_until
+from conftest import COPY_RUNNING, MANUAL_CONFIG, run_qmover
+from servers import Cluster
 
 
 def rewrite(route, old: str, new: str) -> None:
@@ -72,8 +78,6 @@ def test_bad_input_is_one_clear_line(route, case):
 
 
 def test_pgq_missing_on_source_is_reported_by_install(make_db, tmp_path):
-    from conftest import MANUAL_CONFIG
-
     src, dst = make_db(pgq=False), make_db()
     dst.create_queue("copy_of_eventlog")
     config = tmp_path / "mover.ini"
@@ -112,8 +116,6 @@ def test_statement_timeout_on_the_target(route):
 
 
 def test_event_the_target_encoding_cannot_hold(make_db, tmp_path):
-    from conftest import MANUAL_CONFIG
-
     src, dst = make_db(), make_db(encoding="LATIN1")
     src.create_queue("eventlog")
     dst.create_queue("copy_of_eventlog")
@@ -149,3 +151,96 @@ def test_queue_names_that_need_quoting(make_db, tmp_path):
     assert len(dst.events(target_queue)) == 25
     status = run_qmover("status", "--json", str(config), check=True)
     assert target_queue in status.stdout.replace("\\\"", '"')
+
+
+@pytest.fixture
+def scram_cluster():
+    """A cluster of its own whose TCP logins need the password."""
+    cluster = Cluster(auth="scram", password="right-horse-battery")
+    yield cluster
+    cluster.close()
+
+
+def test_wrong_password(scram_cluster, tmp_path):
+    for name, queue in (("src", "eventlog"), ("dst", "copy_of_eventlog")):
+        scram_cluster.execute("postgres", f"create database {name}")
+        scram_cluster.execute(name, "create extension pgq")
+        scram_cluster.execute(name, "select pgq.create_queue(%s)", (queue,))
+    config = tmp_path / "mover.ini"
+    config.write_text(MANUAL_CONFIG.format(src=scram_cluster.dsn("src", password=True),
+                                           dst=scram_cluster.dsn("dst", password=True)))
+    run_qmover("install", str(config), check=True)
+    scram_cluster.execute("src", "select pgq.insert_event('eventlog', 't', 'd')")
+    scram_cluster.execute("src", "select pgq.force_tick('eventlog'), pgq.ticker('eventlog')")
+    config.write_text(config.read_text().replace("right-horse-battery", "wrong-staple"))
+    without_password = {**os.environ, "PGPASSWORD": "wrong-staple"}
+    no_password_config = tmp_path / "nopass.ini"
+    no_password_config.write_text(MANUAL_CONFIG.format(src=scram_cluster.dsn("src"), dst=scram_cluster.dsn("dst")))
+
+    for args, env in ((("run", "--once", str(config)), None),
+                      (("run", str(config)), None),  # the loop does not retry a refused login
+                      (("run", "--once", str(no_password_config)), without_password)):
+        result = run_qmover(*args, env=env, timeout=60)
+
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1, result.stderr
+        assert "source database" in errors[0] and "login refused" in errors[0]
+        assert 'password authentication failed for user "postgres"' in errors[0]
+        assert "check the user and password in src_db (or PGPASSWORD / ~/.pgpass)" in errors[0]
+        assert "wrong-staple" not in result.stderr + result.stdout
+    assert scram_cluster.execute("src", "select current_batch from pgq.get_consumer_info()") == [(None,)]
+    assert scram_cluster.execute("dst", "select count(*) from pgq.event_1") == [(0,)]
+
+    right = {**os.environ, "PGPASSWORD": "right-horse-battery"}
+    run_qmover("run", "--once", str(no_password_config), env=right, check=True)
+    assert scram_cluster.execute("dst", "select count(*) from pgq.event_1") == [(1,)]
+
+
+def test_target_server_going_away_mid_batch(make_db, tmp_path):
+    src, target = make_db(), Cluster()
+    try:
+        target.execute("postgres", "create database dst")
+        target.execute("dst", "create extension pgq")
+        target.execute("dst", "select pgq.create_queue('copy_of_eventlog')")
+        src.create_queue("eventlog")
+        config = tmp_path / "mover.ini"
+        config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=target.dsn("dst")))
+        run_qmover("install", str(config), check=True)
+        src.produce_series("eventlog", 300_000, size=100)
+        src.tick("eventlog")
+        mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", "--once", str(config)],
+                                 stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: target.execute("dst", COPY_RUNNING, ("dst",))[0][0] > 0, 30, "the COPY into the target",
+                   every=0.02)
+
+        target.stop("immediate")
+        _, stderr = mover.communicate(timeout=60)
+
+        assert mover.returncode == 1, stderr
+        errors = [line for line in stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1, stderr
+        assert "target database" in errors[0] and "connection failed" in errors[0], errors[0]
+        assert "Traceback" not in stderr
+        assert src.value("select current_batch from pgq.get_consumer_info()") is not None  # not finished
+        target.start()
+        assert target.execute("dst", "select count(*) from pgq.event_1") == [(0,)]
+        run_qmover("run", "--once", str(config), check=True)
+        moved = target.execute("dst", "select count(*), count(distinct ev_data) from pgq.event_1")
+        assert moved == [(300_000, 300_000)]
+    finally:
+        target.close()
+
+
+def test_event_larger_than_100_mb(route):
+    route.src.execute("select pgq.insert_event(%s, 'big', repeat('0123456789abcdef', 101 * 65536))",
+                      (route.src_queue,))
+    route.src.produce_series(route.src_queue, 3)
+    route.src.tick(route.src_queue)
+
+    route.qmover("run", "--once", check=True)
+
+    fingerprint = "ev_type, length(ev_data), md5(ev_data)"
+    moved = route.dst.events(route.dst_queue, fingerprint)
+    assert moved == route.src.events(route.src_queue, fingerprint)
+    assert moved[0][:2] == ("big", 101 * 1024 * 1024) and len(moved) == 4

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from celery_helpers import Processes, Redis, free_port, wait_until
+from servers import RedisServer
 from conftest import PgqDatabase, run_qmover
 
 ROUTE = """
@@ -186,32 +187,45 @@ def test_worker_sigkilled_mid_task_is_resumed(pipeline):
 
 
 def test_broker_down_at_start_then_restarted(pipeline, tmp_path):
-    port = free_port()
+    broker = RedisServer(start=False)
     pipe = pipeline(2)
     text = pipe.config.read_text()
-    pipe.config.write_text(re.sub(r"broker_url = .*", f"broker_url = redis://127.0.0.1:{port}/0", text))
+    pipe.config.write_text(re.sub(r"broker_url = .*", f"broker_url = {broker.url}", text))
     pipe.procs.worker(concurrency=1)
     pipe.procs.beat()
     produced = pipe.produce(2)
     time.sleep(3)
     assert len(pipe.central_events()) == 0
 
-    def start_redis() -> subprocess.Popen:
-        return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
-
-    server = start_redis()
     try:
+        broker.start()
         pipe.wait_for(produced)
-        server.terminate()
-        server.wait()
+        broker.stop()
         produced += pipe.produce(2)
         time.sleep(2)
-        server = start_redis()
+        broker.start()
         pipe.wait_for(produced)
     finally:
-        server.terminate()
-        server.wait()
+        broker.close()
+
+
+def test_a_broken_route_fails_alone_and_the_worker_goes_on(pipeline):
+    pipe = pipeline(2)
+    pipe.parts[0].execute("select pgq.drop_queue('events', true)")
+    pipe.procs.worker(concurrency=1)
+    pipe.procs.beat()
+    pipe.parts[1].produce_series("events", 50, tag="ok")
+    pipe.parts[1].tick("events")
+
+    wait_until(lambda: len(pipe.central_events()) == 50, 60, "partition_1's events in the central queue")
+
+    logs = pipe.procs.log("worker")
+    failures = error_lines(logs)
+    assert failures and "Traceback" not in logs
+    assert all("route partition_0: source database" in line and "queue 'events' does not exist" in line
+               for line in failures), failures
+    assert "retry" not in logs.lower()  # a missing queue needs an operator, not retries
+    assert pipe.procs.running["worker"].poll() is None
 
 
 def test_flower_shows_each_route_succeeding(pipeline):

@@ -55,6 +55,7 @@ class Moved:
     events: int
     skipped: bool  # already applied on the target: only finished on the source
     seconds: float
+    unplaced: bool = False  # the target held no position: a new route, or a target that was reset
 
 
 def move_batch(route: Route, src: connection, dst: connection,
@@ -96,7 +97,7 @@ def move_batch(route: Route, src: connection, dst: connection,
     with errors(route, "source"):
         _run(src, queries.FINISH_BATCH, (batch_id,))
     checkpoint("finished")
-    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started)
+    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None)
 
 
 def lost_position(route: Route, position: int, batch_id: int, prev_tick: int, cur_tick: int) -> LostPosition:

@@ -69,6 +69,11 @@ class RouteMover:
         except BaseException:
             self.close()
             raise
+        if moved is not None and moved.unplaced:
+            log.warning("route %s: the target held no position for consumer %r; started from the source's "
+                        "(batch %d): expected once on a new route; otherwise the target's pgq_ext was reset, and "
+                        "events moved before the reset are not moved again",
+                        self.route.name, self.route.consumer, moved.batch_id)
         if moved is not None:
             outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
             log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome,

@@ -119,3 +119,29 @@ def test_status_reports_positions_and_backlog(route):
     text = route.qmover("status", check=True).stdout
     assert text.splitlines()[0].split() == ["route", "lag_s", "pending", "src_tick", "dst_tick", "batch"]
     assert route.name in text.splitlines()[1]
+
+
+def test_target_reset_resumes_from_the_source_with_a_warning(route):
+    move_batches(route, 2)
+    kept = route.target_events()
+    route.dst.execute("delete from pgq_ext.completed_tick")  # e.g. pgq_ext recreated on the target
+    route.src.produce_series(route.src_queue, 10, tag="after")
+    route.src.tick(route.src_queue)
+
+    result = route.qmover("run", "--once", check=True)
+
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "held no position" in warnings[0] and "reset" in warnings[0]
+    assert sorted(route.target_events()) == sorted(route.source_events())  # each event once
+    assert len(route.target_events()) == len(kept) + 10
+    assert route.dst.last_tick(route.name) == consumer_info(route)[0]
+
+
+def test_only_a_new_routes_first_batch_says_it_held_no_position(route):
+    runs = []
+    for n in range(2):
+        route.src.produce_series(route.src_queue, 10, tag=f"r{n}-")
+        route.src.tick(route.src_queue)
+        runs.append(route.qmover("run", "--once", check=True).stderr)
+
+    assert "held no position" in runs[0] and "held no position" not in runs[1]

@@ -174,3 +174,28 @@ def test_a_route_broken_while_running_stops_alone(make_db, tmp_path, breakage):
     assert "route partition_1" in errors[0] and all(word in errors[0] for word in words)
     assert len(central.events("central_events")) == 25  # partition_2 went on
     assert mover.returncode == 1  # a route stopped
+
+
+def test_target_queue_dropped_while_running_stops_the_route(route):
+    mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        route.src.produce_series(route.src_queue, 10, tag="before")
+        route.src.tick(route.src_queue)
+        deadline = time.monotonic() + 30
+        while len(route.target_events()) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        route.dst.execute("select pgq.drop_queue(%s)", (route.dst_queue,))
+        route.src.produce_series(route.src_queue, 10, tag="after")
+        route.src.tick(route.src_queue)
+        _, log = mover.communicate(timeout=30)  # the only route stopped: run exits by itself
+    finally:
+        if mover.poll() is None:
+            mover.kill()
+
+    assert mover.returncode == 1
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, log
+    assert "target database" in errors[0] and f"queue '{route.dst_queue}' does not exist" in errors[0]
+    assert "Traceback" not in log
+    assert route.src.value("select current_batch from pgq.get_consumer_info()") is not None  # not finished

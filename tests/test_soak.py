@@ -41,8 +41,8 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(3 * 3600)]
 ROUTES = ("part0", "part1")
 SRC_QUEUE, DST_QUEUE, TARGET_DB = "events", "central", "central"
 MIN_WORKER_KILLS = 10
-MIN_WINDOW, RATE = 60.0, 1500.0  # seconds of faults at least; events/s wanted from all producers
-STEP = 0.1  # a producer commits one chunk of events every STEP seconds
+MIN_WINDOW, RATE = 60.0, 1500.0  # seconds of production and faults at least; events/s from all producers
+STEP = 0.1  # a producer commits a chunk of events, then sleeps STEP seconds
 
 ROUTE = """
 [{name}]
@@ -69,15 +69,16 @@ HASHED = sql.SQL("select md5(row(ev_type, ev_data, ev_extra1, ev_extra2, ev_extr
 
 
 class Producer(threading.Thread):
-    """Inserts its quota of events in small transactions, as an application
-    would, reconnecting through source restarts."""
+    """Inserts its quota over the window in small transactions, as an
+    application would, reconnecting through source restarts and catching up
+    after them, so that production ends with the window."""
 
-    def __init__(self, cluster: Cluster, dbname: str, quota: int, rate: float):
+    def __init__(self, cluster: Cluster, dbname: str, quota: int, window: float):
         super().__init__(daemon=True)
         self.dsn = cluster.dsn(dbname)
         self.tag = dbname
         self.quota = quota
-        self.rows = max(1, int(rate * STEP))
+        self.window = window
         self.committed = 0
         self.reconnects = 0
         self.crashed: Exception | None = None
@@ -91,9 +92,11 @@ class Producer(threading.Thread):
     def _produce(self) -> None:
         conn = None
         chunk = 0
+        started = time.monotonic()
         while self.committed < self.quota:
             chunk += 1
-            rows = min(self.rows, self.quota - self.committed)
+            due = self.quota * min(1.0, (time.monotonic() - started + STEP) / self.window)
+            rows = max(1, min(int(due) - self.committed, self.quota - self.committed))
             try:
                 conn = conn or psycopg2.connect(self.dsn, connect_timeout=5)
                 with conn.cursor() as cur:
@@ -284,8 +287,7 @@ def test_soak(soak, request, capsys):
     seed = int(os.environ.get("QMOVER_SOAK_SEED", time.time_ns() % 10**6))
     random.seed(seed)
     window = max(MIN_WINDOW, events / RATE)
-    producers = [Producer(soak.source, name, events // len(ROUTES), events / window / len(ROUTES))
-                 for name in ROUTES]
+    producers = [Producer(soak.source, name, events // len(ROUTES), window) for name in ROUTES]
     soak.procs.worker(concurrency=2)
     soak.procs.beat()
 

@@ -199,3 +199,40 @@ def test_target_queue_dropped_while_running_stops_the_route(route):
     assert "target database" in errors[0] and f"queue '{route.dst_queue}' does not exist" in errors[0]
     assert "Traceback" not in log
     assert route.src.value("select current_batch from pgq.get_consumer_info()") is not None  # not finished
+
+
+FAN_OUT = """\
+[to_billing]
+src_db = {src}
+dst_db = {billing}
+pgq_queue_name = events
+
+[to_archive]
+src_db = {src}
+dst_db = {archive}
+pgq_queue_name = events
+dst_queue_name = archived_events
+"""
+
+
+def test_fan_out_one_source_queue_to_two_targets(make_db, tmp_path):
+    src, billing, archive = make_db(), make_db(), make_db()
+    src.create_queue("events")
+    billing.create_queue("events")
+    archive.create_queue("archived_events")
+    config = tmp_path / "fan-out.ini"
+    config.write_text(FAN_OUT.format(src=src.dsn, billing=billing.dsn, archive=archive.dsn))
+    run_qmover("install", str(config), check=True)
+    for n in range(3):
+        src.produce_series("events", 20, tag=f"b{n}-")
+        src.tick("events")
+
+    run_qmover("run", "--once", "--route", "to_billing", str(config), check=True)
+    src.produce_series("events", 5, tag="late")
+    src.tick("events")
+    run_qmover("run", "--once", str(config), check=True)
+
+    assert billing.events("events") == src.events("events")
+    assert archive.events("archived_events") == src.events("events")
+    consumers = src.execute("select consumer_name, pending_events from pgq.get_consumer_info('events') order by 1")
+    assert consumers == [("to_archive", 0), ("to_billing", 0)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -15,10 +16,17 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+from celery_helpers import Processes, Redis, free_port, wait_until
+
 ADMIN_DSN = os.environ.get("QMOVER_TEST_ADMIN_DSN", "host=127.0.0.1 dbname=postgres")
 HOST_DSN = os.environ.get("QMOVER_TEST_HOST_DSN", "host=127.0.0.1")
 
 Event = tuple  # (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+# A mover's COPY is running in the database named by the parameter.
+COPY_RUNNING = ("select count(*) from pg_stat_activity where datname = %s"
+                " and application_name like 'qmover %%' and query ilike 'copy %%'")
+
+
 EVENT_FIELDS = "ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"
 
 
@@ -86,13 +94,12 @@ class PgqDatabase:
             sql.SQL(columns), sql.Identifier(schema, name))
         return self.execute(query)
 
+    def copy_running(self) -> bool:
+        """A mover's COPY is running in this database now."""
+        return bool(self.value(COPY_RUNNING, (self.name,)))
+
     def last_tick(self, consumer: str) -> int | None:
         return self.value("select pgq_ext.get_last_tick(%s)", (consumer,))
-
-
-# A mover's COPY is running in the database named by the parameter.
-COPY_RUNNING = ("select count(*) from pg_stat_activity where datname = %s"
-                " and application_name like 'qmover %%' and query ilike 'copy %%'")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -214,3 +221,89 @@ def manual_route(make_db, tmp_path: Path, install: bool = True) -> RouteSetup:
 def route(make_db, tmp_path) -> RouteSetup:
     """The manual's example route, installed."""
     return manual_route(make_db, tmp_path)
+
+
+# --- a Celery pipeline: partitions into one central queue, worker and beat -------------
+
+ROUTE = """
+[partition_{n}]
+src_db = {src}
+dst_db = {dst}
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = {interval}
+{extra}
+"""
+
+
+@dataclass
+class Pipeline:
+    parts: list[PgqDatabase]
+    central: PgqDatabase
+    config: Path
+    procs: Processes
+
+    def produce(self, rounds: int, per_tick: int = 10, tick: bool = True, skip_tick: tuple = ()) -> int:
+        """rounds x per_tick events into every partition, one tick each round."""
+        for r in range(rounds):
+            for n, part in enumerate(self.parts):
+                part.produce_series("events", per_tick, size=60, tag=f"p{n}r{r}-")
+                if tick and n not in skip_tick:
+                    part.tick("events")
+        return rounds * per_tick * len(self.parts)
+
+    def run_with_flower(self, rounds: int) -> tuple[int, int]:
+        """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced)."""
+        port = free_port()
+        self.procs.worker(concurrency=2)
+        self.procs.beat()
+        self.procs.flower(port)
+        produced = self.produce(rounds)
+        self.wait_for(produced)
+        return port, produced
+
+    def central_events(self) -> list[tuple]:
+        return self.central.events("central_events")
+
+    def source_events(self) -> list[tuple]:
+        return [event for part in self.parts for event in part.events("events")]
+
+    def wait_for(self, count: int, timeout: float = 90) -> None:
+        wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
+        time.sleep(1.5)  # a straggler doubling an event would show now
+        assert Counter(self.central_events()) == Counter(self.source_events())
+
+
+@pytest.fixture
+def redis_db():
+    db = Redis()
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def pipeline(make_db, tmp_path, redis_db):
+    """factory(routes, interval=..., first_extra=..., password=...) -> Pipeline, stopped after."""
+    made: list[Pipeline] = []
+
+    def build(routes: int, interval: float = 0.5, first_extra: str = "", password: str | None = None) -> Pipeline:
+        parts = [make_db() for _ in range(routes)]
+        central = make_db()
+        for part in parts:
+            part.create_queue("events")
+        central.create_queue("central_events")
+        secret = f" password={password}" if password else ""
+        text = "".join(ROUTE.format(n=n, src=part.dsn + secret, dst=central.dsn + secret, interval=interval,
+                                    extra=first_extra if n == 0 else "")
+                       for n, part in enumerate(parts))
+        config = tmp_path / "pipeline.ini"
+        config.write_text(text + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
+        run_qmover("install", str(config), check=True)
+        logdir = tmp_path / "logs"
+        logdir.mkdir(exist_ok=True)
+        made.append(Pipeline(parts, central, config, Processes(config, logdir)))
+        return made[-1]
+
+    yield build
+    for built in made:
+        built.procs.stop()

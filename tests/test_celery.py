@@ -10,99 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from celery_helpers import Processes, Redis, free_port, wait_until
+from celery_helpers import Processes, wait_until
+from conftest import run_qmover
 from servers import RedisServer
-from conftest import PgqDatabase, run_qmover
-
-ROUTE = """
-[partition_{n}]
-src_db = {src}
-dst_db = {dst}
-pgq_queue_name = events
-dst_queue_name = central_events
-move_interval = {interval}
-{extra}
-"""
-
-
-@dataclass
-class Pipeline:
-    parts: list[PgqDatabase]
-    central: PgqDatabase
-    config: Path
-    procs: Processes
-
-    def produce(self, rounds: int, per_tick: int = 10, tick: bool = True, skip_tick: tuple = ()) -> int:
-        """rounds x per_tick events into every partition, one tick each round."""
-        for r in range(rounds):
-            for n, part in enumerate(self.parts):
-                part.produce_series("events", per_tick, size=60, tag=f"p{n}r{r}-")
-                if tick and n not in skip_tick:
-                    part.tick("events")
-        return rounds * per_tick * len(self.parts)
-
-    def run_with_flower(self, rounds: int) -> tuple[int, int]:
-        """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced)."""
-        port = free_port()
-        self.procs.worker(concurrency=2)
-        self.procs.beat()
-        self.procs.flower(port)
-        produced = self.produce(rounds)
-        self.wait_for(produced)
-        return port, produced
-
-    def central_events(self) -> list[tuple]:
-        return self.central.events("central_events")
-
-    def source_events(self) -> list[tuple]:
-        return [event for part in self.parts for event in part.events("events")]
-
-    def wait_for(self, count: int, timeout: float = 90) -> None:
-        wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
-        time.sleep(1.5)  # a straggler doubling an event would show now
-        assert Counter(self.central_events()) == Counter(self.source_events())
-
-
-@pytest.fixture
-def redis_db():
-    db = Redis()
-    yield db
-    db.close()
-
-
-@pytest.fixture
-def pipeline(make_db, tmp_path, redis_db):
-    """factory(routes, interval=..., first_extra=..., password=...) -> Pipeline, stopped after."""
-    made: list[Pipeline] = []
-
-    def build(routes: int, interval: float = 0.5, first_extra: str = "", password: str | None = None) -> Pipeline:
-        parts = [make_db() for _ in range(routes)]
-        central = make_db()
-        for part in parts:
-            part.create_queue("events")
-        central.create_queue("central_events")
-        secret = f" password={password}" if password else ""
-        text = "".join(ROUTE.format(n=n, src=part.dsn + secret, dst=central.dsn + secret, interval=interval,
-                                    extra=first_extra if n == 0 else "")
-                       for n, part in enumerate(parts))
-        config = tmp_path / "pipeline.ini"
-        config.write_text(text + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
-        run_qmover("install", str(config), check=True)
-        logdir = tmp_path / "logs"
-        logdir.mkdir(exist_ok=True)
-        made.append(Pipeline(parts, central, config, Processes(config, logdir)))
-        return made[-1]
-
-    yield build
-    for built in made:
-        built.procs.stop()
-
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]
@@ -163,12 +75,6 @@ def test_beat_firing_while_a_route_is_busy(pipeline):
     assert error_lines(pipe.procs.logs()) == []
 
 
-def copy_running(database: PgqDatabase) -> bool:
-    return bool(database.value(
-        "select count(*) from pg_stat_activity where datname = %s and query ilike 'copy %%'",
-        (database.name,)))
-
-
 def test_worker_sigkilled_mid_task_is_resumed(pipeline):
     pipe = pipeline(1)
     pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
@@ -176,7 +82,7 @@ def test_worker_sigkilled_mid_task_is_resumed(pipeline):
     produced = 300_000 + pipe.produce(3)
     pipe.procs.worker("first", concurrency=1)
     pipe.procs.beat()
-    wait_until(lambda: copy_running(pipe.central), 60, "the first worker to start copying", every=0.02)
+    wait_until(pipe.central.copy_running, 60, "the first worker to start copying", every=0.02)
 
     pipe.procs.kill("first")
     assert len(pipe.central_events()) == 0  # the batch in hand was not committed
@@ -307,7 +213,7 @@ def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):
     produced = 300_000 + pipe.produce(2)
     worker = pipe.procs.worker("first", concurrency=1)
     pipe.procs.beat()
-    wait_until(lambda: copy_running(pipe.central), 60, "the worker to start copying", every=0.02)
+    wait_until(pipe.central.copy_running, 60, "the worker to start copying", every=0.02)
 
     worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown: the task in hand runs to its end
     started = time.monotonic()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import COPY_RUNNING, PgqDatabase, run_qmover
+from conftest import PgqDatabase, run_qmover
 
 TWO_PARTITIONS = """\
 [partition_1]
@@ -48,10 +48,6 @@ def test_two_partitions_into_one_central_queue(make_db, tmp_path):
     assert central.value("select count(*) from pgq_ext.completed_tick") == 2
 
 
-def copy_running(database: PgqDatabase) -> bool:
-    return bool(database.value(COPY_RUNNING, (database.name,)))
-
-
 def start_big_batch_move(route) -> subprocess.Popen:
     """A batch big enough to take seconds, then a small one behind it."""
     route.src.produce_series(route.src_queue, 300_000, size=100, tag="big")
@@ -61,9 +57,9 @@ def start_big_batch_move(route) -> subprocess.Popen:
     mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not copy_running(route.dst) and time.monotonic() < deadline:
+    while not route.dst.copy_running() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert copy_running(route.dst), "the mover never started copying"
+    assert route.dst.copy_running(), "the mover never started copying"
     return mover
 
 

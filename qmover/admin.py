@@ -86,6 +86,7 @@ def status(route: Route) -> dict[str, Any]:
             info.update(lag_seconds=lag, last_seen_seconds=seen, pending_events=pending,
                         source_last_tick=last_tick, current_batch=batch)
         with _opened(route, "target") as dst:
+            require_queue(dst, route, "target")
             require_pgq_ext(dst, route)
             with errors(route, "target"):
                 info["target_last_tick"] = scalar(dst, queries.GET_LAST_TICK, (route.consumer,))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import click
 
-from qmover import admin, runner
+from qmover import admin, metrics, runner
 from qmover.config import Config, load_config
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -86,11 +87,12 @@ def main(verbose: bool) -> None:
 @expected_errors
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
-    _, routes = selected_routes(config, route_names)
+    loaded, routes = selected_routes(config, route_names)
     stop = runner.Stop()
+    counters = metrics.Counters(loaded.metrics_url)
     try:
         with runner.stop_on_signals(stop):
-            code = runner.run(routes, once=once, stop=stop)
+            code = runner.run(routes, once=once, stop=stop, counters=counters)
     except KeyboardInterrupt:
         fail("interrupted twice: the batch in hand was rolled back and stays on the source", 130)
     sys.exit(code)
@@ -100,10 +102,15 @@ def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
 @config_argument
 @route_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--prometheus", is_flag=True,
+              help="Print every route's metrics in the Prometheus text format (exit 0; see qmover_route_up).")
 @expected_errors
-def status(config: str, route_names: tuple[str, ...], as_json: bool) -> None:
+def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus: bool) -> None:
     """Per route: source lag, pending events, positions, current batch."""
-    _, routes = selected_routes(config, route_names)
+    loaded, routes = selected_routes(config, route_names)
+    if prometheus:
+        click.echo(metrics.render(routes, metrics.Counters(loaded.metrics_url)), nl=False)
+        return
     rows = [admin.status(route) for route in routes]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -111,6 +118,24 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool) -> None:
         click.echo(format_status(rows))
     if any(row["error"] for row in rows):
         sys.exit(1)
+
+
+@main.command("metrics")
+@config_argument
+@route_option
+@click.option("--port", default=9187, show_default=True, help="TCP port of the /metrics endpoint.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@expected_errors
+def serve_metrics(config: str, route_names: tuple[str, ...], port: int, address: str) -> None:
+    """Serve the routes' metrics at http://ADDRESS:PORT/metrics until stopped."""
+    loaded, routes = selected_routes(config, route_names)
+    server = metrics.serve(routes, metrics.Counters(loaded.metrics_url), port, address)
+    log.info("metrics of %d route(s) at http://%s:%d/metrics", len(routes), address, server.server_port)
+    try:
+        while True:
+            time.sleep(3600)  # the server runs in its thread; SIGTERM ends the process as it should
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:

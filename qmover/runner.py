@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from qmover.errors import QmoverError, TransientError
+from qmover.metrics import Counters
 from qmover.mover import RouteMover
 from qmover.route import Route
 
@@ -59,8 +60,10 @@ def stop_on_signals(stop: Stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
+def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: Counters | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
+
+    counters: where each batch and failure is counted (qmover.metrics).
 
     Returns the exit code: 0, or 1 when a route failed.  Raises
     KeyboardInterrupt when a second signal aborted the batch in hand.
@@ -85,6 +88,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
                 except QmoverError as exc:
                     if stop.abort:  # the driver turned our interrupt into an error
                         raise KeyboardInterrupt from None
+                    if counters:
+                        counters.record(mover.route, errors=1)
                     if once or not isinstance(exc, TransientError):
                         log.error("%s; route stopped", exc)
                         failed.add(name)
@@ -96,6 +101,9 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None) -> int:
                     continue
                 retries.pop(name, None)
                 busy = busy or moved is not None
+                if counters and moved is not None:
+                    counters.record(mover.route, events=moved.events, batches=int(not moved.skipped),
+                                    skipped=int(moved.skipped))
             if not busy:
                 if once:
                     break

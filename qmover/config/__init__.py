@@ -38,7 +38,7 @@ SKYTOOLS_IGNORED_KEYS = frozenset({
     "tcp_keepintvl", "tcp_keepcnt", "pgq_lazy_fetch", "pgq_autocommit",
     "service_name", "config_dir", "config_file",
 })
-GLOBAL_KEYS = frozenset({"broker_url", "result_backend"})
+GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url"})
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
@@ -58,6 +58,7 @@ class Config:
     routes: dict[str, Route]
     broker_url: str = DEFAULT_BROKER
     result_backend: str = DEFAULT_BROKER
+    metrics_url: str = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.metrics
 
     def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
         """The named routes (all when none are named); unknown names are an error."""
@@ -186,15 +187,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         routes[route.name] = route
         sections[route.name] = name
 
-    broker, backend = DEFAULT_BROKER, None
+    broker, backend, metrics = DEFAULT_BROKER, None, None
     if parser.has_section(GLOBAL_SECTION):
         section = _Section(parser, path, GLOBAL_SECTION)
         section.check_keys(GLOBAL_KEYS)
         broker = section.get("broker_url") or DEFAULT_BROKER
         backend = section.get("result_backend")
+        metrics = section.get("metrics_url")
     broker = os.environ.get("QMOVER_BROKER_URL") or broker
     backend = os.environ.get("QMOVER_RESULT_BACKEND") or backend or broker
-    return Config(path=path, routes=routes, broker_url=broker, result_backend=backend)
+    metrics = os.environ.get("QMOVER_METRICS_URL") or metrics or broker
+    return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics)
 
 
 def _database(dsn: str) -> tuple:

@@ -7,14 +7,16 @@ backoff; config and position errors fail at once, as one logged line.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
+from celery.signals import worker_ready
 
-from qmover import ticker
+from qmover import metrics, ticker
 from qmover.config import Config, load_config
 from qmover.errors import QmoverError, TransientError
 from qmover.mover import RouteMover
@@ -23,6 +25,7 @@ from qmover.tasks.schedule import MOVE_TASK, TICK_TASK, config_path_from_env
 
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
+METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
 
 
 @lru_cache(maxsize=4)
@@ -30,15 +33,44 @@ def _load(path: Path, _mtime: float) -> Config:
     return load_config(path)
 
 
-def route_for(task: Task, name: str) -> Route:
-    """The named route from the app's config file (re-read when the file changes)."""
-    configured = task.app.conf.get("qmover_config")
+def config_for(app: Celery) -> Config:
+    """The app's config file (re-read when the file changes)."""
+    configured = app.conf.get("qmover_config")
     path = Path(configured) if configured else config_path_from_env()
     try:
         mtime = path.stat().st_mtime
     except OSError:
         mtime = 0.0  # load_config reports the missing file
-    return _load(path, mtime).select([name])[0]
+    return _load(path, mtime)
+
+
+def route_for(task: Task, name: str) -> Route:
+    return config_for(task.app).select([name])[0]
+
+
+@lru_cache(maxsize=2)
+def counters_at(url: str) -> metrics.Counters:
+    """One Redis client per worker process for the route counters."""
+    return metrics.Counters(url)
+
+
+@worker_ready.connect
+def serve_metrics(sender: Any, **_kwargs: Any) -> None:
+    """With QMOVER_METRICS_PORT set, the worker serves /metrics for its config's routes."""
+    port = os.environ.get(METRICS_PORT_ENV)
+    if not port:
+        return
+    config = config_for(sender.app)
+    server = metrics.serve(list(config.routes.values()), counters_at(config.metrics_url), int(port),
+                           os.environ.get("QMOVER_METRICS_ADDRESS", "127.0.0.1"))
+    log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
+
+
+def _count(task: Task, route: Route, result: dict[str, Any], errors: int = 0) -> None:
+    """Add what a task did to the route's counters (qmover.metrics)."""
+    counters_at(config_for(task.app).metrics_url).record(
+        route, events=result["events"], batches=result["batches"] - result["skipped"],
+        skipped=result["skipped"], errors=errors)
 
 
 def _retry_or_fail(task: Task, exc: QmoverError) -> None:
@@ -61,6 +93,7 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = {"route": route_name, "batches": 0, "events": 0, "skipped": 0,
                               "busy": False, "source_lag": None}
+    route = None
     try:
         route = route_for(self, route_name)
         with RouteMover(route) as mover:
@@ -76,7 +109,11 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
             if not result["busy"]:
                 result["source_lag"] = mover.source_lag()
     except QmoverError as exc:
+        if route is not None:
+            _count(self, route, result, errors=1)
         _retry_or_fail(self, exc)
+    if not result["busy"]:
+        _count(self, route, result)
     result["seconds"] = round(time.monotonic() - started, 3)
     return result
 

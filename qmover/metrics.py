@@ -1,0 +1,155 @@
+"""Per-route metrics in the Prometheus text format.
+
+Counters (events, batches, errors, last success) live in Redis, the broker
+qmover already has, so that every worker and `qmover run` adds to the same
+numbers and they survive restarts.  Gauges (lag, pending events) are read
+from the source at scrape time, as `qmover status` reads them.  Recording
+never stops a move: when Redis is away, the numbers are skipped with one
+warning per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import redis
+
+from qmover import admin
+from qmover.route import Route
+
+log = logging.getLogger("qmover")
+KEY_TTL = 30 * 24 * 3600  # counters of a route that stopped moving fade out after a month
+_warned = False
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+
+
+COUNTERS = (
+    Metric("qmover_events_moved_total", "counter", "Events written into the target queue."),
+    Metric("qmover_batches_moved_total", "counter", "Source batches applied on the target."),
+    Metric("qmover_batches_skipped_total", "counter",
+           "Source batches found already applied on the target (after a crash or by another mover)."),
+    Metric("qmover_errors_total", "counter", "Failed moves (the cause is in the log)."),
+    Metric("qmover_last_success_timestamp_seconds", "gauge", "Unix time of the last move that succeeded."),
+)
+GAUGES = (
+    Metric("qmover_source_lag_seconds", "gauge", "Age of the last tick the consumer finished on the source."),
+    Metric("qmover_pending_events", "gauge", "Events ticked on the source and not yet moved."),
+    Metric("qmover_route_up", "gauge", "1 when both databases answer and the route is set up, else 0."),
+)
+FIELDS = {"qmover_events_moved_total": "events", "qmover_batches_moved_total": "batches",
+          "qmover_batches_skipped_total": "skipped", "qmover_errors_total": "errors",
+          "qmover_last_success_timestamp_seconds": "last_success"}
+
+
+def _key(route: Route) -> str:
+    """One hash per route; the digest keeps two configs' same-named routes apart."""
+    where = "\0".join((route.src_display, route.src_queue, route.consumer, route.dst_display, route.dst_queue))
+    return f"qmover:metrics:{route.name}:{hashlib.sha1(where.encode()).hexdigest()[:12]}"
+
+
+class Counters:
+    """A route's counters in Redis."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def record(self, route: Route, *, events: int = 0, batches: int = 0, skipped: int = 0,
+               errors: int = 0) -> None:
+        """Add a task's or a batch's outcome; a success also stamps the time."""
+        key = _key(route)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for field, amount in (("events", events), ("batches", batches), ("skipped", skipped),
+                                  ("errors", errors)):
+                pipe.hincrby(key, field, amount)
+            if not errors:
+                pipe.hset(key, "last_success", time.time())
+            pipe.expire(key, KEY_TTL)
+            pipe.execute()
+        except redis.RedisError as exc:
+            _warn_once(exc)
+
+    def read(self, route: Route) -> dict[str, float]:
+        try:
+            raw = self.client.hgetall(_key(route))
+        except redis.RedisError as exc:
+            _warn_once(exc)
+            return {}
+        return {field.decode(): float(value) for field, value in raw.items()}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _warn_once(exc: Exception) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("metrics not recorded: Redis did not answer (%s); moving goes on", exc)
+
+
+def render(routes: Iterable[Route], counters: Counters) -> str:
+    """The Prometheus text exposition of every route's counters and gauges."""
+    samples: dict[str, list[str]] = {metric.name: [] for metric in (*COUNTERS, *GAUGES)}
+    for route in routes:
+        label = f'{{route="{_escape(route.name)}"}}'
+        stored = counters.read(route)
+        for metric in COUNTERS:
+            value = stored.get(FIELDS[metric.name])
+            if value is not None or metric.kind == "counter":
+                samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
+        found = admin.status(route)
+        gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
+                  "qmover_pending_events": found["pending_events"],
+                  "qmover_route_up": 0 if found["error"] else 1}
+        for name, value in gauges.items():
+            if value is not None:
+                samples[name].append(f"{name}{label} {_number(value)}")
+    lines = []
+    for metric in (*COUNTERS, *GAUGES):
+        lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}",
+                  *samples[metric.name]]
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def serve(routes: list[Route], counters: Counters, port: int, address: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve /metrics from a daemon thread; returns the server (shutdown() stops it)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics here")
+                return
+            body = render(routes, counters).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
+            pass  # a scrape every few seconds is not worth a log line
+
+    server = ThreadingHTTPServer((address, port), Handler)
+    threading.Thread(target=server.serve_forever, name="qmover-metrics", daemon=True).start()
+    return server

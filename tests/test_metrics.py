@@ -1,0 +1,132 @@
+"""Metrics: counters kept in Redis, gauges read at scrape time, Prometheus text."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from celery_helpers import Redis, free_port, wait_until
+
+SAMPLE = re.compile(r'^(qmover_[a-z_]+)\{route="([^"]+)"\} (\S+)$')
+
+
+def samples(text: str) -> dict[tuple[str, str], float]:
+    """(metric, route) -> value; every line must be a comment or a sample."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not Prometheus text: {line!r}"
+        found[(match[1], match[2])] = float(match[3])
+    return found
+
+
+@pytest.fixture
+def metrics_redis():
+    db = Redis()
+    yield db
+    db.close()
+
+
+def with_metrics_url(route, url: str) -> None:
+    route.config.write_text(route.config.read_text() + f"\n[qmover]\nmetrics_url = {url}\n")
+
+
+def test_status_prometheus_counts_what_run_moved(route, metrics_redis):
+    with_metrics_url(route, metrics_redis.url)
+    for n in range(3):
+        route.src.produce_series(route.src_queue, 10 + n, tag=f"b{n}-")
+        route.src.tick(route.src_queue)
+    route.qmover("run", "--once", check=True)
+
+    text = route.qmover("status", "--prometheus", check=True).stdout
+
+    found = samples(text)
+    name = route.name
+    assert found[("qmover_events_moved_total", name)] == 33
+    assert found[("qmover_batches_moved_total", name)] == 3
+    assert found[("qmover_batches_skipped_total", name)] == 0
+    assert found[("qmover_errors_total", name)] == 0
+    assert found[("qmover_pending_events", name)] == 0
+    assert found[("qmover_route_up", name)] == 1
+    assert found[("qmover_source_lag_seconds", name)] >= 0
+    assert found[("qmover_last_success_timestamp_seconds", name)] > 1.7e9
+    assert "# TYPE qmover_events_moved_total counter" in text
+
+
+def test_a_failing_route_counts_errors_and_is_down(route, metrics_redis):
+    with_metrics_url(route, metrics_redis.url)
+    route.dst.execute("select pgq.drop_queue('copy_of_eventlog')")
+    route.src.produce_series(route.src_queue, 5)
+    route.src.tick(route.src_queue)
+    for _ in range(2):
+        assert route.qmover("run", "--once").returncode == 1
+
+    found = samples(route.qmover("status", "--prometheus", check=True).stdout)
+
+    assert found[("qmover_errors_total", route.name)] == 2
+    assert found[("qmover_route_up", route.name)] == 0
+    assert ("qmover_last_success_timestamp_seconds", route.name) not in found
+
+
+def test_moving_goes_on_when_redis_is_away(route):
+    with_metrics_url(route, f"redis://127.0.0.1:{free_port()}/0")
+    for n in range(2):
+        route.src.produce_series(route.src_queue, 10, tag=f"b{n}-")
+        route.src.tick(route.src_queue)
+
+    result = route.qmover("run", "--once", check=True)
+
+    assert result.stderr.count("metrics not recorded: Redis did not answer") == 1
+    assert len(route.target_events()) == 20
+
+
+def test_worker_and_metrics_command_serve_the_same_numbers(pipeline):
+    pipe = pipeline(2, password="metrics-secret-pw")
+    port = free_port()
+    pipe.procs.env["QMOVER_METRICS_PORT"] = str(port)
+    pipe.procs.worker(concurrency=1)
+    pipe.procs.beat()
+    produced = pipe.produce(3)
+    pipe.wait_for(produced)
+
+    def scrape(at: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{at}/metrics", timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return response.read().decode()
+
+    def served() -> bool:
+        try:
+            return sum(samples(scrape(port)).get(("qmover_events_moved_total", f"partition_{n}"), 0)
+                       for n in range(2)) == produced
+        except OSError:
+            return False
+
+    wait_until(served, 30, "the worker's /metrics to count every event")
+    other = free_port()
+    command = subprocess.Popen([sys.executable, "-m", "qmover", "metrics", str(pipe.config), "--port", str(other)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _answers(other), 30, "qmover metrics to listen")
+        from_command = samples(scrape(other))
+    finally:
+        command.terminate()
+        command.wait(10)
+
+    for n in range(2):
+        assert from_command[("qmover_events_moved_total", f"partition_{n}")] == produced / 2
+        assert from_command[("qmover_route_up", f"partition_{n}")] == 1
+    assert "metrics-secret-pw" not in scrape(port)
+
+
+def _answers(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).close()
+        return True
+    except OSError:
+        return False

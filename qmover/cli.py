@@ -111,7 +111,12 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
     if prometheus:
         click.echo(metrics.render(routes, metrics.Counters(loaded.metrics_url)), nl=False)
         return
-    rows = [admin.status(route) for route in routes]
+    counters = metrics.Counters(loaded.metrics_url)
+    rows = []
+    for route in routes:
+        counted = counters.read(route)
+        rows.append({**admin.status(route), "events_moved": int(counted.get("events", 0)),
+                     "events_filtered": int(counted.get("filtered", 0))})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -139,13 +144,14 @@ def serve_metrics(config: str, route_names: tuple[str, ...], port: int, address:
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    headers = ("route", "lag_s", "pending", "src_tick", "dst_tick", "batch")
+    headers = ("route", "lag_s", "pending", "src_tick", "dst_tick", "batch", "moved", "filtered")
     table = [headers]
     for row in rows:
         lag = row["lag_seconds"]
         table.append((row["route"], "-" if lag is None else f"{lag:.1f}",
                       *("-" if row[key] is None else str(row[key]) for key in
-                        ("pending_events", "source_last_tick", "target_last_tick", "current_batch"))))
+                        ("pending_events", "source_last_tick", "target_last_tick", "current_batch",
+                         "events_moved", "events_filtered"))))
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
              for line in table]

@@ -37,6 +37,7 @@ class Metric:
 
 COUNTERS = (
     Metric("qmover_events_moved_total", "counter", "Events written into the target queue."),
+    Metric("qmover_events_filtered_total", "counter", "Events left out by the route's type_filter/table_filter."),
     Metric("qmover_batches_moved_total", "counter", "Source batches applied on the target."),
     Metric("qmover_batches_skipped_total", "counter",
            "Source batches found already applied on the target (after a crash or by another mover)."),
@@ -48,7 +49,8 @@ GAUGES = (
     Metric("qmover_pending_events", "gauge", "Events ticked on the source and not yet moved."),
     Metric("qmover_route_up", "gauge", "1 when both databases answer and the route is set up, else 0."),
 )
-FIELDS = {"qmover_events_moved_total": "events", "qmover_batches_moved_total": "batches",
+FIELDS = {"qmover_events_moved_total": "events", "qmover_events_filtered_total": "filtered",
+          "qmover_batches_moved_total": "batches",
           "qmover_batches_skipped_total": "skipped", "qmover_errors_total": "errors",
           "qmover_last_success_timestamp_seconds": "last_success"}
 
@@ -65,14 +67,14 @@ class Counters:
     def __init__(self, url: str):
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
-    def record(self, route: Route, *, events: int = 0, batches: int = 0, skipped: int = 0,
+    def record(self, route: Route, *, events: int = 0, filtered: int = 0, batches: int = 0, skipped: int = 0,
                errors: int = 0) -> None:
         """Add a task's or a batch's outcome; a success also stamps the time."""
         key = _key(route)
         try:
             pipe = self.client.pipeline(transaction=False)
-            for field, amount in (("events", events), ("batches", batches), ("skipped", skipped),
-                                  ("errors", errors)):
+            for field, amount in (("events", events), ("filtered", filtered), ("batches", batches),
+                                  ("skipped", skipped), ("errors", errors)):
                 pipe.hincrby(key, field, amount)
             if not errors:
                 pipe.hset(key, "last_success", time.time())

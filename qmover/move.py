@@ -56,6 +56,7 @@ class Moved:
     skipped: bool  # already applied on the target: only finished on the source
     seconds: float
     unplaced: bool = False  # the target held no position: a new route, or a target that was reset
+    filtered: int = 0  # events the route's filters left out
 
 
 def move_batch(route: Route, src: connection, dst: connection,
@@ -71,7 +72,7 @@ def move_batch(route: Route, src: connection, dst: connection,
     if batch_id is None:
         return None
     checkpoint("next_batch")
-    events = 0
+    events = filtered = 0
     try:
         with errors(route, "target"):
             position, event_table = _row(dst, queries.BEGIN_AND_READ_POSITION,
@@ -87,6 +88,9 @@ def move_batch(route: Route, src: connection, dst: connection,
                 events = copy(route, src, dst, select, INCOMING if via_insert_event else event_table)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
+                if route.filtered:
+                    with errors(route, "source"):
+                        filtered = scalar(src, queries.count_batch(select)) - events
                 checkpoint("copy")
             checkpoint("before_target_commit")
             _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))
@@ -97,7 +101,7 @@ def move_batch(route: Route, src: connection, dst: connection,
     with errors(route, "source"):
         _run(src, queries.FINISH_BATCH, (batch_id,))
     checkpoint("finished")
-    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None)
+    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None, filtered)
 
 
 def lost_position(route: Route, position: int, batch_id: int, prev_tick: int, cur_tick: int) -> LostPosition:
@@ -114,7 +118,7 @@ def copy_spooled(route: Route, src: connection, dst: connection, select: str, ev
     temporary file, so memory stays bounded even when PgQ's estimate is wrong."""
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buffer:
         with errors(route, "source"), src.cursor() as cur:
-            cur.copy_expert(queries.copy_batch_out(select), buffer)
+            cur.copy_expert(queries.copy_batch_out(select, route), buffer)
             sent = cur.rowcount
         buffer.seek(0)
         with dst.cursor() as cur:
@@ -135,7 +139,7 @@ def copy_streamed(route: Route, src: connection, dst: connection, select: str, e
     def produce() -> None:
         try:
             with os.fdopen(write_fd, "wb") as sink, src.cursor() as cur:
-                cur.copy_expert(queries.copy_batch_out(select), sink)
+                cur.copy_expert(queries.copy_batch_out(select, route), sink)
                 counts["source"] = cur.rowcount
         except BaseException as exc:  # re-raised below in the caller's thread
             failure.append(exc)

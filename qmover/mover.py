@@ -76,6 +76,8 @@ class RouteMover:
                         self.route.name, self.route.consumer, moved.batch_id)
         if moved is not None:
             outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
+            if moved.filtered:
+                outcome += f" filtered={moved.filtered}"
             log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome,
                      moved.seconds * 1000)
         return moved

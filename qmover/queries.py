@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
+from qmover.route import Route
+
 # The columns a consumer can see, in COPY order.  ev_id and ev_txid are
 # assigned by the target queue, as skytools' queue_mover did.
 EVENT_COLUMNS = ("ev_time", "ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4")
@@ -118,15 +120,36 @@ GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
 SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
 
 
-def copy_batch_out(batch_event_sql: str) -> sql.Composed:
-    """COPY of the batch's visible columns, in event id order.
+def copy_batch_out(batch_event_sql: str, route: Route) -> sql.Composed:
+    """COPY of the batch's visible columns that pass the route's filters.
 
     batch_event_sql is the SELECT that pgq.batch_event_sql() generated on
-    the source server for this batch.
+    the source server for this batch.  COPY takes no parameters, so the
+    filter values are embedded as literals quoted by the driver.
     """
     columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
-    return sql.SQL("copy (select {} from ({}) as batch) to stdout").format(
-        columns, sql.SQL(batch_event_sql))
+    return sql.SQL("copy (select {} from ({}) as batch where {}) to stdout").format(
+        columns, sql.SQL(batch_event_sql), event_filter(route))
+
+
+def count_batch(batch_event_sql: str) -> sql.Composed:
+    """All events of the batch, filtered or not: what a filter left out is the difference."""
+    return sql.SQL("select count(*) from ({}) as batch").format(sql.SQL(batch_event_sql))
+
+
+def event_filter(route: Route) -> sql.Composable:
+    """type_filter as LIKE patterns on ev_type; table_filter on ev_extra1, an
+    unqualified name there meaning public.name (skytools' rule)."""
+    conditions: list[sql.Composable] = []
+    if route.type_filter:
+        patterns = [name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
+                    for name in route.type_filter]
+        conditions.append(sql.SQL("batch.ev_type like any ({})").format(sql.Literal(patterns)))
+    if route.table_filter:
+        conditions.append(sql.SQL(
+            "(case when strpos(batch.ev_extra1, '.') > 0 then batch.ev_extra1"
+            " else 'public.' || batch.ev_extra1 end) = any ({})").format(sql.Literal(list(route.table_filter))))
+    return sql.SQL(" and ").join(conditions) if conditions else sql.SQL("true")
 
 
 def copy_events_in(event_table: str) -> sql.Composed:

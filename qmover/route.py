@@ -39,6 +39,12 @@ class Route:
     move_budget: float = 10.0  # Celery: seconds one task keeps moving ready batches
     ticker: tuple[str, ...] = ()  # sides ("source", "target") ticked by Celery beat
     ticker_interval: float = 1.0
+    type_filter: tuple[str, ...] = ()  # ev_type patterns, * as wildcard: only these move
+    table_filter: tuple[str, ...] = ()  # schema-qualified names in ev_extra1: only these move
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.type_filter or self.table_filter)
 
     @property
     def src_display(self) -> str:

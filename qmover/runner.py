@@ -102,8 +102,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                 retries.pop(name, None)
                 busy = busy or moved is not None
                 if counters and moved is not None:
-                    counters.record(mover.route, events=moved.events, batches=int(not moved.skipped),
-                                    skipped=int(moved.skipped))
+                    counters.record(mover.route, events=moved.events, filtered=moved.filtered,
+                                    batches=int(not moved.skipped), skipped=int(moved.skipped))
             if not busy:
                 if once:
                     break

@@ -117,8 +117,10 @@ def test_status_reports_positions_and_backlog(route):
     assert row["target_last_tick"] == row["source_last_tick"]
     assert row["lag_seconds"] >= 0
     text = route.qmover("status", check=True).stdout
-    assert text.splitlines()[0].split() == ["route", "lag_s", "pending", "src_tick", "dst_tick", "batch"]
+    assert text.splitlines()[0].split() == ["route", "lag_s", "pending", "src_tick", "dst_tick", "batch",
+                                            "moved", "filtered"]
     assert route.name in text.splitlines()[1]
+    assert (row["events_moved"], row["events_filtered"]) == (10, 0)  # counted by run, in Redis
 
 
 def test_target_reset_resumes_from_the_source_with_a_warning(route):

@@ -27,6 +27,7 @@ ROUTE_KEYS = frozenset({
     "pgq_queue_name", "queue_name", "dst_queue_name",
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
+    "type_filter", "table_filter",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -129,6 +130,16 @@ class _Section:
         if positive and seconds <= 0:
             raise self.fail(key, "must be more than 0 seconds")
         return seconds
+
+    def names(self, key: str) -> tuple[str, ...]:
+        """A comma-separated list; an empty entry is a typo, not a wildcard."""
+        value = self.get(key)
+        if not value:
+            return ()
+        names = tuple(name.strip() for name in value.split(","))
+        if not all(names):
+            raise self.fail(key, f"{value!r} has an empty entry; write names separated by commas")
+        return names
 
     def check_keys(self, allowed: frozenset[str]) -> None:
         """Unknown keys are typos until proven otherwise; every %(...)s must resolve."""
@@ -243,6 +254,8 @@ def _read_route(section: _Section) -> Route:
         move_budget=_or_default(section.seconds("move_budget", positive=True), 10.0),
         ticker=_ticker_sides(section),
         ticker_interval=_or_default(section.seconds("ticker_interval", positive=True), 1.0),
+        type_filter=section.names("type_filter"),
+        table_filter=tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
     )
 
 

@@ -69,7 +69,7 @@ def serve_metrics(sender: Any, **_kwargs: Any) -> None:
 def _count(task: Task, route: Route, result: dict[str, Any], errors: int = 0) -> None:
     """Add what a task did to the route's counters (qmover.metrics)."""
     counters_at(config_for(task.app).metrics_url).record(
-        route, events=result["events"], batches=result["batches"] - result["skipped"],
+        route, events=result["events"], filtered=result["filtered"], batches=result["batches"] - result["skipped"],
         skipped=result["skipped"], errors=errors)
 
 
@@ -91,7 +91,7 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
     batch exactly once whatever happens.
     """
     started = time.monotonic()
-    result: dict[str, Any] = {"route": route_name, "batches": 0, "events": 0, "skipped": 0,
+    result: dict[str, Any] = {"route": route_name, "batches": 0, "events": 0, "filtered": 0, "skipped": 0,
                               "busy": False, "source_lag": None}
     route = None
     try:
@@ -105,6 +105,7 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
                     break
                 result["batches"] += 1
                 result["events"] += moved.events
+                result["filtered"] += moved.filtered
                 result["skipped"] += moved.skipped
             if not result["busy"]:
                 result["source_lag"] = mover.source_lag()

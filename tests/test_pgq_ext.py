@@ -13,12 +13,13 @@ SKYTOOLS_MOVER = str(Path(__file__).with_name("skytools_mover.py"))
 FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 
 
-def skytools_move(route) -> None:
-    """Run the SerialConsumer-based skytools mover on the same config file."""
+def skytools_move(route, *args: str) -> None:
+    """Run the SerialConsumer-based skytools mover on the same config file
+    (args: a skytools command such as --register instead of moving)."""
     workdir = route.config.parent
     for folder in ("log", "pid"):  # the manual's pidfile/logfile paths
         (workdir / folder).mkdir(exist_ok=True)
-    subprocess.run([sys.executable, SKYTOOLS_MOVER, str(route.config)], cwd=workdir,
+    subprocess.run([sys.executable, SKYTOOLS_MOVER, str(route.config), *args], cwd=workdir,
                    check=True, capture_output=True, timeout=120)
 
 
@@ -129,3 +130,22 @@ def test_incomplete_pgq_ext_is_reported_not_altered(make_db, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert dst.value("select count(*) from pg_tables where schemaname = 'pgq_ext'") == 1
     assert src.value("select count(*) from pgq.get_consumer_info()") == 0  # nothing registered
+
+
+def test_migration_steps_from_the_readme(make_db, tmp_path):
+    """skytools registered and ran the route; qmover install keeps its position."""
+    new = manual_route(make_db, tmp_path, install=False)
+    new.dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())  # skytools' pgq_ext
+    skytools_move(new, "--register")
+    produce(new, 2, "sky")
+    skytools_move(new)
+    sky_tick = new.dst.last_tick(new.name)
+
+    installed = new.qmover("install", check=True)
+    produce(new, 2, "qm")
+    new.qmover("run", "--once", check=True)
+
+    assert "already registered" in installed.stdout and "pgq_ext present" in installed.stdout
+    assert sky_tick is not None and new.dst.last_tick(new.name) > sky_tick
+    assert sorted(new.target_events()) == sorted(new.source_events())
+    assert len(new.target_events()) == 40

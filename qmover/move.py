@@ -68,7 +68,7 @@ def move_batch(route: Route, src: connection, dst: connection,
     """
     started = time.monotonic()
     with errors(route, "source"):
-        batch_id, prev_tick, cur_tick, select, estimate = _next_batch(route, src)
+        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src)
     if batch_id is None:
         return None
     checkpoint("next_batch")
@@ -88,6 +88,8 @@ def move_batch(route: Route, src: connection, dst: connection,
                 events = copy(route, src, dst, select, INCOMING if via_insert_event else event_table)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
+                if route.keep_event_id:
+                    _row(dst, queries.ADVANCE_EVENT_SEQ, (last_event_seq, route.dst_queue))
                 if route.filtered:
                     with errors(route, "source"):
                         filtered = scalar(src, queries.count_batch(select)) - events
@@ -122,7 +124,7 @@ def copy_spooled(route: Route, src: connection, dst: connection, select: str, ev
             sent = cur.rowcount
         buffer.seek(0)
         with dst.cursor() as cur:
-            cur.copy_expert(queries.copy_events_in(event_table), buffer, size=65536)
+            cur.copy_expert(queries.copy_events_in(event_table, route), buffer, size=65536)
             return _same_count(sent, cur.rowcount)
 
 
@@ -148,7 +150,7 @@ def copy_streamed(route: Route, src: connection, dst: connection, select: str, e
     producer.start()
     try:
         with os.fdopen(read_fd, "rb") as source, dst.cursor() as cur:
-            cur.copy_expert(queries.copy_events_in(event_table), source, size=65536)
+            cur.copy_expert(queries.copy_events_in(event_table, route), source, size=65536)
             written = cur.rowcount
     finally:
         producer.join()  # closing the read end above unblocks a stuck writer

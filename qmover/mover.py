@@ -45,6 +45,11 @@ class RouteMover:
             self._dst = db.connect(self.route, "target", autocommit=True)
             check_route(self._src, self._dst, self.route)
             self._via_insert_event = not target_can_copy(self._dst, self.route)
+            if self._via_insert_event and self.route.keep_event_id:
+                raise QmoverError(
+                    f"route {self.route.name}: keep_event_id needs the target role to write queue "
+                    f"{self.route.dst_queue!r}'s event tables itself (pgq.insert_event cannot keep ids); grant "
+                    f"it INSERT on the event tables and UPDATE on the event sequence, or set keep_event_id = 0")
             if self._via_insert_event and self.route.name not in _warned_routes:
                 _warned_routes.add(self.route.name)
                 log.warning("route %s: the target role may not COPY into queue %r's event tables; moving "

@@ -37,7 +37,7 @@ NEXT_BATCH = """
         select pg_advisory_xact_lock(hashtextextended('qmover-next:' || %(consumer)s, 0)))
     select batch_id, prev_tick_id, cur_tick_id,
            case when batch_id is not null then pgq.batch_event_sql(batch_id) end,
-           cur_tick_event_seq - prev_tick_event_seq
+           cur_tick_event_seq - prev_tick_event_seq, cur_tick_event_seq
       from pgq.next_batch_custom((select %(queue)s::text from serialize), %(consumer)s,
                                  %(keep_lag)s * interval '1 second',
                                  %(min_count)s,
@@ -85,6 +85,10 @@ BEGIN_AND_READ_POSITION = """
     select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0));
     select pgq_ext.get_last_tick(%(consumer)s), pgq.current_event_table(%(queue)s)
 """
+# Kept event ids bypass the target's event sequence; moving it past them
+# (forward only) lets the target's ticker see the new events.  Every id of a
+# batch is at most the source sequence's value at the batch's end tick.
+ADVANCE_EVENT_SEQ = "select pgq.seq_setval(queue_event_seq, %s) from pgq.queue where queue_name = %s"
 RECORD_POSITION_AND_COMMIT = "select pgq_ext.set_last_tick(%s, %s); commit"
 ROLLBACK = "rollback"
 
@@ -127,9 +131,8 @@ def copy_batch_out(batch_event_sql: str, route: Route) -> sql.Composed:
     the source server for this batch.  COPY takes no parameters, so the
     filter values are embedded as literals quoted by the driver.
     """
-    columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
     return sql.SQL("copy (select {} from ({}) as batch where {}) to stdout").format(
-        columns, sql.SQL(batch_event_sql), event_filter(route))
+        _columns(route), sql.SQL(batch_event_sql), event_filter(route))
 
 
 def count_batch(batch_event_sql: str) -> sql.Composed:
@@ -152,9 +155,14 @@ def event_filter(route: Route) -> sql.Composable:
     return sql.SQL(" and ").join(conditions) if conditions else sql.SQL("true")
 
 
-def copy_events_in(event_table: str) -> sql.Composed:
+def copy_events_in(event_table: str, route: Route) -> sql.Composed:
     """COPY into 'schema.table' (pgq.current_event_table()) or a plain table name."""
     schema, _, table = event_table.rpartition(".")
-    columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
     target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    return sql.SQL("copy {} ({}) from stdin").format(target, columns)
+    return sql.SQL("copy {} ({}) from stdin").format(target, _columns(route))
+
+
+def _columns(route: Route) -> sql.Composable:
+    """The columns a batch carries: ev_id too when the route keeps event ids."""
+    names = ("ev_id", *EVENT_COLUMNS) if route.keep_event_id else EVENT_COLUMNS
+    return sql.SQL(", ").join(map(sql.Identifier, names))

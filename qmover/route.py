@@ -41,6 +41,7 @@ class Route:
     ticker_interval: float = 1.0
     type_filter: tuple[str, ...] = ()  # ev_type patterns, * as wildcard: only these move
     table_filter: tuple[str, ...] = ()  # schema-qualified names in ev_extra1: only these move
+    keep_event_id: bool = False  # write the source ev_id on the target (the route owns its target queue)
 
     @property
     def filtered(self) -> bool:

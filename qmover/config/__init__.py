@@ -27,7 +27,7 @@ ROUTE_KEYS = frozenset({
     "pgq_queue_name", "queue_name", "dst_queue_name",
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
-    "type_filter", "table_filter",
+    "type_filter", "table_filter", "keep_event_id",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -47,6 +47,7 @@ _UNITS = {
     "h": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
 }
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*$")
 _CLOCK = re.compile(r"^\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*$")
 
@@ -131,6 +132,12 @@ class _Section:
             raise self.fail(key, "must be more than 0 seconds")
         return seconds
 
+    def flag(self, key: str) -> bool:
+        value = (self.get(key) or "0").lower()
+        if value not in _FLAGS:
+            raise self.fail(key, f"{value!r} is not one of 1/0, true/false, yes/no, on/off")
+        return _FLAGS[value]
+
     def names(self, key: str) -> tuple[str, ...]:
         """A comma-separated list; an empty entry is a typo, not a wildcard."""
         value = self.get(key)
@@ -195,6 +202,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 f"{path}: [{name}] job_name: route name {route.name!r} is also used by "
                 f"[{sections[route.name]}]; give each route its own job_name")
         _check_consumer_is_free(path, name, route, routes, sections)
+        _check_kept_ids_alone(path, name, route, routes, sections)
         routes[route.name] = route
         sections[route.name] = name
 
@@ -231,6 +239,21 @@ def _check_consumer_is_free(path: Path, section: str, route: Route, routes: dict
                 f"[{sections[other.name]}] on the same {shared}; give each route its own consumer_name")
 
 
+def _check_kept_ids_alone(path: Path, section: str, route: Route, routes: dict[str, Route],
+                          sections: dict[str, str]) -> None:
+    """Source event ids are unique in one source queue only: two routes into
+    one target queue would write colliding ids."""
+    for other in routes.values():
+        if not (route.keep_event_id or other.keep_event_id):
+            continue
+        if (_database(other.dst_dsn), other.dst_queue) == (_database(route.dst_dsn), route.dst_queue):
+            keeper = section if route.keep_event_id else sections[other.name]
+            raise ConfigError(
+                f"{path}: [{keeper}] keep_event_id: [{section}] and [{sections[other.name]}] write to the "
+                f"same target queue {route.dst_queue!r}, where kept event ids would collide; give the "
+                f"route a target queue of its own or set keep_event_id = 0")
+
+
 def _or_default(value: float | int | None, default: float) -> float:
     return default if value is None else float(value)
 
@@ -256,6 +279,7 @@ def _read_route(section: _Section) -> Route:
         ticker_interval=_or_default(section.seconds("ticker_interval", positive=True), 1.0),
         type_filter=section.names("type_filter"),
         table_filter=tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
+        keep_event_id=section.flag("keep_event_id"),
     )
 
 

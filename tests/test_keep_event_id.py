@@ -1,0 +1,74 @@
+"""keep_event_id: the source's ev_id on the target, and a target ticker that sees the events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_qmover
+from fault_mover import CRASH_EXIT
+
+FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
+WITH_IDS = "ev_id, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"
+
+
+def keep_ids(route) -> None:
+    route.config.write_text(route.config.read_text() + "keep_event_id = 1\n")
+
+
+def produce(route, batches: int) -> None:
+    for n in range(batches):
+        route.src.produce_series(route.src_queue, 25, tag=f"b{n}-")
+        route.src.tick(route.src_queue)
+
+
+def test_event_ids_are_kept_and_the_target_ticker_sees_them(route):
+    keep_ids(route)
+    route.src.execute("select setval(queue_event_seq, 5000) from pgq.queue where queue_name = %s",
+                      (route.src_queue,))  # source ids far from the target's own
+    route.dst.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (route.dst_queue,))
+    route.dst.execute("select pgq.set_queue_config(%s, 'ticker_max_lag', '1 hour')", (route.dst_queue,))
+    # a second tick: from now on pgq.ticker() ticks only when the event sequence says there are new events
+    assert route.dst.value("select pgq.ticker(%s)", (route.dst_queue,)) is not None
+    assert route.dst.value("select pgq.ticker(%s)", (route.dst_queue,)) is None
+    route.dst.execute("select pgq.register_consumer(%s, 'reader')", (route.dst_queue,))
+    produce(route, 3)
+
+    route.qmover("run", "--once", check=True)
+
+    moved = route.dst.events(route.dst_queue, WITH_IDS)
+    assert moved == route.src.events(route.src_queue, WITH_IDS) and len(moved) == 75
+    assert moved[0][0] > 5000
+    # the ticker counts events by the event sequence: it must have moved past the kept ids
+    assert route.dst.value("select pgq.ticker(%s)", (route.dst_queue,)) is not None
+    batch = route.dst.value("select pgq.next_batch(%s, 'reader')", (route.dst_queue,))
+    assert route.dst.value("select count(*) from pgq.get_batch_events(%s)", (batch,)) == 75
+
+
+def test_crash_after_target_commit_with_kept_ids_is_exactly_once(route):
+    keep_ids(route)
+    produce(route, 2)
+
+    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
+                           capture_output=True, text=True, timeout=60)
+    assert crash.returncode == CRASH_EXIT, crash.stderr
+    again = route.qmover("run", "--once", check=True)
+
+    assert "skipped: already applied" in again.stderr
+    assert route.dst.events(route.dst_queue, WITH_IDS) == route.src.events(route.src_queue, WITH_IDS)
+
+
+def test_kept_ids_on_a_shared_target_queue_are_refused(route):
+    text = route.config.read_text()
+    second = text.replace("[queue_mover3]", "[second]").replace("job_name = eventlog_to_target_mover",
+                                                                "job_name = second_mover")
+    route.config.write_text(text + "keep_event_id = yes\n\n" + second)
+
+    result = run_qmover("run", "--once", str(route.config))
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"qmover: error: {route.config}: [queue_mover3] keep_event_id: [second] and [queue_mover3] write to the "
+        "same target queue 'copy_of_eventlog', where kept event ids would collide; give the route a target "
+        "queue of its own or set keep_event_id = 0"]

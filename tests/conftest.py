@@ -17,6 +17,7 @@ import pytest
 from psycopg2 import sql
 
 from celery_helpers import Processes, Redis, free_port, wait_until
+from fault_mover import CRASH_EXIT
 
 ADMIN_DSN = os.environ.get("QMOVER_TEST_ADMIN_DSN", "host=127.0.0.1 dbname=postgres")
 HOST_DSN = os.environ.get("QMOVER_TEST_HOST_DSN", "host=127.0.0.1")
@@ -186,6 +187,12 @@ class RouteSetup:
 
     def qmover(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
         return run_qmover(*args, str(self.config), timeout=timeout, check=check)
+
+    def crash_at(self, point: str) -> None:
+        """Move one batch in a process that dies hard at the protocol step named point."""
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("fault_mover.py")),
+                                 str(self.config), point], capture_output=True, text=True, timeout=60)
+        assert result.returncode == CRASH_EXIT, result.stderr
 
     def source_events(self) -> list[tuple]:
         return self.src.events(self.src_queue)

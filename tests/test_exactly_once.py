@@ -9,28 +9,19 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import multiset
-from fault_mover import CRASH_EXIT
 from qmover import move
 from qmover.errors import QmoverError, TransientError
 from qmover.config import load_config
 from qmover.mover import RouteMover
 
-FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 
 
 class Boom(Exception):
     pass
-
-
-def crash(route, point: str) -> None:
-    result = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), point],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == CRASH_EXIT, result.stderr
 
 
 def active_batch(route):
@@ -64,7 +55,7 @@ def test_failure_before_target_commit_applies_nothing(route, copy_path):
 
 def test_crash_before_target_commit_applies_nothing(route):
     produce_batches(route, 2)
-    crash(route, "before_target_commit")
+    route.crash_at("before_target_commit")
 
     assert route.target_events() == []
     assert route.dst.last_tick(route.name) is None
@@ -78,7 +69,7 @@ def test_crash_before_target_commit_applies_nothing(route):
 
 def test_crash_after_target_commit_skips_redelivery(route):
     produce_batches(route, 2)
-    crash(route, "after_target_commit")
+    route.crash_at("after_target_commit")
 
     assert len(route.target_events()) == 10  # applied and recorded ...
     batch = active_batch(route)

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from fault_mover import CRASH_EXIT
 
-FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 
 EVENTS = [  # (ev_type, ev_data, ev_extra1)
     ("order.created", "o1", "public.orders"),
@@ -86,9 +81,7 @@ def test_filtered_route_crash_after_target_commit_is_exactly_once(route):
     with_filters(route, type_filter="order.*")
     produce(route)
 
-    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
-                           capture_output=True, text=True, timeout=60)
-    assert crash.returncode == CRASH_EXIT, crash.stderr
+    route.crash_at("after_target_commit")
     again = route.qmover("run", "--once", check=True)
 
     assert "skipped: already applied" in again.stderr

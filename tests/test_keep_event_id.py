@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 from conftest import run_qmover
-from fault_mover import CRASH_EXIT
 
-FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 WITH_IDS = "ev_id, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"
 
 
@@ -50,9 +45,7 @@ def test_crash_after_target_commit_with_kept_ids_is_exactly_once(route):
     keep_ids(route)
     produce(route, 2)
 
-    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
-                           capture_output=True, text=True, timeout=60)
-    assert crash.returncode == CRASH_EXIT, crash.stderr
+    route.crash_at("after_target_commit")
     again = route.qmover("run", "--once", check=True)
 
     assert "skipped: already applied" in again.stderr

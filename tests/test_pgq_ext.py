@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 from conftest import manual_route
-from fault_mover import CRASH_EXIT
 
 SKYTOOLS_MOVER = str(Path(__file__).with_name("skytools_mover.py"))
-FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 
 
 def skytools_move(route, *args: str) -> None:
@@ -93,9 +91,7 @@ def test_skytools_continues_where_qmover_stopped(route):
 
 def test_skytools_skips_a_batch_qmover_applied_but_did_not_finish(route):
     produce(route, 2, "x")
-    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
-                           capture_output=True, timeout=60)
-    assert crash.returncode == CRASH_EXIT
+    route.crash_at("after_target_commit")
 
     skytools_move(route)
 

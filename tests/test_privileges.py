@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from psycopg2 import sql
 
 from conftest import ClusterObjects
-from fault_mover import CRASH_EXIT
 
-FAULT_MOVER = str(Path(__file__).with_name("fault_mover.py"))
 
 
 @pytest.fixture
@@ -95,9 +90,7 @@ def test_a_pgq_writer_target_moves_through_insert_event(make_role, route):
 
     # exactly once on this path too: crash after the target commit, move again
     produce(route, 1)
-    crash = subprocess.run([sys.executable, FAULT_MOVER, str(route.config), "after_target_commit"],
-                           capture_output=True, text=True, timeout=60)
-    assert crash.returncode == CRASH_EXIT, crash.stderr
+    route.crash_at("after_target_commit")
     again = route.qmover("run", "--once", check=True)
     assert "skipped: already applied" in again.stderr
     assert visible(route.target_events()) == visible(route.source_events())

@@ -22,16 +22,17 @@ def has_schema(conn: connection, name: str) -> bool:
 
 
 def require_queue(conn: connection, route: Route, side: Side) -> None:
-    """pgq installed and the route's queue created on this side."""
-    queue = route.src_queue if side == "source" else route.dst_queue
+    """pgq installed and the route's queues created on this side."""
+    queues = (route.src_queue,) if side == "source" else route.target_queues
     with errors(route, side):
         if not has_schema(conn, "pgq"):
             raise QmoverError(f"{where(route, side)}: PgQ is not installed; {PGQ_FIX}")
-        if not scalar(conn, queries.HAS_QUEUE, (queue,)):
-            literal = "'" + queue.replace("'", "''") + "'"
-            raise QmoverError(
-                f"{where(route, side)}: queue {queue!r} does not exist; "
-                f"create it with: select pgq.create_queue({literal})")
+        for queue in queues:
+            if not scalar(conn, queries.HAS_QUEUE, (queue,)):
+                literal = "'" + queue.replace("'", "''") + "'"
+                raise QmoverError(
+                    f"{where(route, side)}: queue {queue!r} does not exist; "
+                    f"create it with: select pgq.create_queue({literal})")
 
 
 def require_registered(conn: connection, route: Route) -> None:

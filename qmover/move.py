@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2.extensions import connection
 
-from qmover import queries
+from qmover import queries, split
 from qmover.db import errors, scalar
 from qmover.errors import LostPosition
 from qmover.route import Route
@@ -85,7 +85,7 @@ def move_batch(route: Route, src: connection, dst: connection,
                 raise lost_position(route, position, batch_id, prev_tick, cur_tick)
             if position != cur_tick:
                 copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
-                events = copy(route, src, dst, select, INCOMING if via_insert_event else event_table)
+                events = copy(route, src, dst, select, INCOMING if via_insert_event or route.split else event_table)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
                 if route.keep_event_id:
@@ -93,6 +93,9 @@ def move_batch(route: Route, src: connection, dst: connection,
                 if route.filtered:
                     with errors(route, "source"):
                         filtered = scalar(src, queries.count_batch(select)) - events
+                if route.split:
+                    events, left_out = split.distribute(route, dst, batch_id)
+                    filtered += left_out
                 checkpoint("copy")
             checkpoint("before_target_commit")
             _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))

@@ -10,7 +10,7 @@ import logging
 
 from psycopg2.extensions import connection
 
-from qmover import db, queries
+from qmover import db, queries, split
 from qmover.checks import check_route, target_can_copy
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
@@ -44,6 +44,9 @@ class RouteMover:
             self._src = db.connect(self.route, "source", autocommit=True)
             self._dst = db.connect(self.route, "target", autocommit=True)
             check_route(self._src, self._dst, self.route)
+            if self.route.split:
+                split.prepare(self._dst)  # split routes insert server-side: no insert_event fallback
+                return
             self._via_insert_event = not target_can_copy(self._dst, self.route)
             if self._via_insert_event and self.route.keep_event_id:
                 raise QmoverError(

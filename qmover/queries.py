@@ -83,7 +83,8 @@ def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
 BEGIN_AND_READ_POSITION = """
     begin;
     select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0));
-    select pgq_ext.get_last_tick(%(consumer)s), pgq.current_event_table(%(queue)s)
+    select pgq_ext.get_last_tick(%(consumer)s),
+           case when %(queue)s <> '' then pgq.current_event_table(%(queue)s) end  -- '': a split route
 """
 # Kept event ids bypass the target's event sequence; moving it past them
 # (forward only) lets the target's ticker see the new events.  Every id of a
@@ -115,6 +116,25 @@ INCOMING_TO_QUEUE = """
     select count(pgq.insert_event(%s, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4))
       from qmover_incoming
 """
+
+# The split path: the batch is COPYed into qmover_incoming, then each
+# group of events goes on to the queue its field value names.
+def split_values(field: str) -> sql.Composed:
+    return sql.SQL("select {}, count(*) from qmover_incoming group by 1").format(sql.Identifier(field))
+
+
+EXISTING_QUEUES = "select queue_name from pgq.queue where queue_name = any(%s)"
+CURRENT_EVENT_TABLE = "select pgq.current_event_table(%s)"
+
+
+def split_insert(field: str, event_table: str) -> sql.Composed:
+    """The incoming events whose field is one of %(values)s (or NULL, with %(with_null)s)."""
+    schema, _, table = event_table.rpartition(".")
+    columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
+    return sql.SQL("insert into {} ({}) select {} from qmover_incoming"
+                   " where {} = any(%(values)s) or (%(with_null)s and {} is null)").format(
+        sql.Identifier(schema, table), columns, columns, sql.Identifier(field), sql.Identifier(field))
+
 
 # --- target side, other commands --------------------------------------------------------
 # Session-level: one worker per route at a time; released when the

@@ -17,6 +17,43 @@ def describe_dsn(dsn: str) -> str:
     return " ".join(shown) or "(libpq defaults)"
 
 
+SPLIT_FIELDS = ("ev_type", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Each event goes to the target queue its field names (queue_splitter's job).
+
+    With a mapping, only mapped values are known; without one, a value is
+    known when a queue of that name exists on the target.  Unknown values
+    (and NULL) follow ``unknown``: "error", "skip", or the name of a queue.
+    """
+
+    field: str
+    mapping: tuple[tuple[str, str], ...] = ()
+    unknown: str = "error"
+
+    def queue_for(self, value: str | None, existing: set[str]) -> str | None:
+        """The queue for a value; None to leave its events out.  Raises LookupError
+        for an unknown value under split_unknown = error."""
+        if value is not None:
+            if self.mapping:
+                mapped = dict(self.mapping).get(value)
+                if mapped is not None:
+                    return mapped
+            elif value in existing:
+                return value
+        if self.unknown == "error":
+            raise LookupError(value)
+        return None if self.unknown == "skip" else self.unknown
+
+    @property
+    def known_queues(self) -> tuple[str, ...]:
+        """Queues that must exist before anything moves."""
+        fallback = () if self.unknown in ("error", "skip") else (self.unknown,)
+        return tuple(dict.fromkeys([queue for _, queue in self.mapping] + list(fallback)))
+
+
 @dataclass(frozen=True)
 class Route:
     """Everything the move protocol needs to know about one route.
@@ -42,6 +79,12 @@ class Route:
     type_filter: tuple[str, ...] = ()  # ev_type patterns, * as wildcard: only these move
     table_filter: tuple[str, ...] = ()  # schema-qualified names in ev_extra1: only these move
     keep_event_id: bool = False  # write the source ev_id on the target (the route owns its target queue)
+    split: Split | None = None  # several target queues chosen per event; dst_queue is then ""
+
+    @property
+    def target_queues(self) -> tuple[str, ...]:
+        """The target queues known before moving (a split route finds more per batch)."""
+        return self.split.known_queues if self.split else (self.dst_queue,)
 
     @property
     def filtered(self) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg2
 
 from qmover.errors import ConfigError
-from qmover.route import Route
+from qmover.route import SPLIT_FIELDS, Route, Split
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 GLOBAL_SECTION = "qmover"
@@ -27,7 +27,7 @@ ROUTE_KEYS = frozenset({
     "pgq_queue_name", "queue_name", "dst_queue_name",
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
-    "type_filter", "table_filter", "keep_event_id",
+    "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -262,13 +262,14 @@ def _read_route(section: _Section) -> Route:
     section.check_keys(ROUTE_KEYS | SKYTOOLS_IGNORED_KEYS)
     job_name = section.require("job_name")
     src_queue = section.require("pgq_queue_name", "queue_name")
+    split = _split(section)
     return Route(
         name=job_name,
         consumer=section.get("consumer_name") or job_name,
         src_dsn=section.dsn("src_db"),
         dst_dsn=section.dsn("dst_db"),
         src_queue=src_queue,
-        dst_queue=section.get("dst_queue_name") or src_queue,
+        dst_queue="" if split else section.get("dst_queue_name") or src_queue,
         min_count=section.number("pgq_batch_collect_events", int, 1),
         min_interval=section.seconds("pgq_batch_collect_interval"),
         keep_lag=section.seconds("pgq_keep_lag"),
@@ -280,7 +281,33 @@ def _read_route(section: _Section) -> Route:
         type_filter=section.names("type_filter"),
         table_filter=tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
         keep_event_id=section.flag("keep_event_id"),
+        split=split,
     )
+
+
+def _split(section: _Section) -> Split | None:
+    """split_field, split_map and split_unknown; None for a one-queue route."""
+    field = section.get("split_field")
+    if not field:
+        for key in ("split_map", "split_unknown"):
+            if section.get(key):
+                raise section.fail(key, "only means something with split_field")
+        return None
+    if field not in SPLIT_FIELDS:
+        raise section.fail("split_field", f"{field!r} is not one of {', '.join(SPLIT_FIELDS)}")
+    if section.get("dst_queue_name"):
+        raise section.fail("dst_queue_name", "not with split_field: the target queues come from the field "
+                                             "(see split_map, split_unknown)")
+    if section.flag("keep_event_id"):
+        raise section.fail("keep_event_id", "not with split_field: qmover cannot tell whether split target "
+                                            "queues are shared, where kept ids would collide")
+    mapping = []
+    for entry in section.names("split_map"):
+        value, colon, queue = entry.partition(":")
+        if not colon or not value.strip() or not queue.strip():
+            raise section.fail("split_map", f"{entry!r} is not value:queue")
+        mapping.append((value.strip(), queue.strip()))
+    return Split(field, tuple(mapping), section.get("split_unknown") or "error")
 
 
 def _ticker_sides(section: _Section) -> tuple[str, ...]:

@@ -62,14 +62,20 @@ def _key(route: Route) -> str:
 
 
 class Counters:
-    """A route's counters in Redis."""
+    """A route's counters in Redis.  After a failure, recording pauses for
+    PAUSE seconds, so an unreachable Redis costs a move at most one timeout."""
+
+    PAUSE = 30.0
 
     def __init__(self, url: str):
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._paused_until = 0.0
 
     def record(self, route: Route, *, events: int = 0, filtered: int = 0, batches: int = 0, skipped: int = 0,
                errors: int = 0) -> None:
         """Add a task's or a batch's outcome; a success also stamps the time."""
+        if time.monotonic() < self._paused_until:
+            return
         key = _key(route)
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -81,6 +87,7 @@ class Counters:
             pipe.expire(key, KEY_TTL)
             pipe.execute()
         except redis.RedisError as exc:
+            self._paused_until = time.monotonic() + self.PAUSE
             _warn_once(exc)
 
     def read(self, route: Route) -> dict[str, float]:

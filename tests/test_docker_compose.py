@@ -33,7 +33,8 @@ def test_services_and_images():
     assert "FROM postgres:15" in dockerfile and "postgresql-15-pgq3" in dockerfile
     assert services["redis"]["image"].startswith("redis:")
     assert "5555:5555" in services["flower"]["ports"]
-    for name in ("worker", "beat", "flower", "install"):
+    assert "9187:9187" in services["metrics"]["ports"]
+    for name in ("worker", "beat", "flower", "install", "metrics"):
         assert services[name]["build"] == "."
         assert set(services[name]["environment"]) <= KNOWN_ENV
 
@@ -69,9 +70,7 @@ def test_every_command_is_a_real_command_line(tmp_path):
             from flower.options import options  # Flower passes its options to tornado
             for arg in celery_args:
                 assert arg.startswith("--") and arg[2:].split("=")[0] in options, arg
-        else:
-            result = subprocess.run([sys.executable, "-m", "qmover", subcommand, "--help"],
-                                    capture_output=True, text=True, timeout=60)
-            assert result.returncode == 0
+        else:  # parsed by the command itself, without running it
+            qmover_cli.commands[subcommand].make_context(subcommand, [str(config), *celery_args])
         checked += 1
-    assert checked == 4
+    assert checked == 5

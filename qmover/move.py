@@ -4,7 +4,10 @@
    comes back) and the SELECT over its events; none -> nothing to do.
 2. target transaction: lock the consumer, then read its pgq_ext tick
    position; skip a batch already applied, refuse a lost position.
-3. stream the events source -> target with COPY (nothing held in memory).
+3. stream the events source -> target with COPY (nothing held in memory);
+   type/table filters apply in the source's COPY, kept event ids move the
+   target's event sequence, a split route lands the batch in a temporary
+   table and hands it out to its queues (split.py).
 4. record the batch's end tick in pgq_ext and commit the target.
 5. source: finish_batch.
 A crash before 4 commits leaves nothing applied; after it, step 2 of the

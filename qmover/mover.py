@@ -102,12 +102,37 @@ class RouteMover:
     def claim(self) -> bool:
         """Take the route for this mover; False when another mover holds it.
 
-        The claim lives on the target connection and ends with it (close, or
-        the process dying), so it cannot outlive a killed worker.
+        The claim lives on the target connection until release() or the
+        connection's end (close, or the process dying), so it cannot outlive
+        a killed worker.  Kept connections may have died with a server
+        restart since their last use: both are tried first, and opened
+        afresh once if they fail.
         """
+        kept = self._src is not None
+        try:
+            return self._claim()
+        except TransientError:
+            self.close()
+            if not kept:
+                raise
+            return self._claim()
+
+    def _claim(self) -> bool:
         self.open()
+        with db.errors(self.route, "source"):
+            db.scalar(self._src, queries.PING)
         with db.errors(self.route, "target"):
             return bool(db.scalar(self._dst, queries.CLAIM_ROUTE, (self.route.consumer,)))
+
+    def release(self) -> None:
+        """Give the route back while keeping the connections for the next task."""
+        if self._dst is None:
+            return
+        try:
+            with db.errors(self.route, "target"):
+                db.scalar(self._dst, queries.RELEASE_ROUTE, (self.route.consumer,))
+        except QmoverError:
+            self.close()  # closing the connection releases the claim too
 
     def source_lag(self) -> float | None:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""

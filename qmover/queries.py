@@ -140,6 +140,8 @@ def split_insert(field: str, event_table: str) -> sql.Composed:
 # Session-level: one worker per route at a time; released when the
 # connection ends, so a killed worker does not keep the route.
 CLAIM_ROUTE = "select pg_try_advisory_lock(hashtextextended('qmover-route:' || %s, 0))"
+RELEASE_ROUTE = "select pg_advisory_unlock(hashtextextended('qmover-route:' || %s, 0))"
+PING = "select 1"
 GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
 SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
 

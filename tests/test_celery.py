@@ -224,3 +224,27 @@ def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):
     pipe.procs.worker("second", concurrency=1)
     pipe.wait_for(produced)
     print(f"worker stopped {stopped_after:.1f}s after SIGTERM")
+
+
+def test_a_kept_mover_claims_releases_and_survives_dropped_connections(route):
+    """What move_next_batch does with the mover a worker process keeps between tasks."""
+    from qmover.config import load_config
+    from qmover.mover import RouteMover
+
+    kept, other = (RouteMover(load_config(route.config).select()[0]) for _ in range(2))
+    try:
+        assert kept.claim() and not other.claim()  # one mover at a time
+        kept.release()
+        assert other.claim() and not kept.claim()  # released, yet kept's connections stay open
+        other.close()
+        for database in (route.src, route.dst):  # e.g. a server restart between two tasks
+            database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                             " where datname = %s and application_name like 'qmover %%'", (database.name,))
+
+        assert kept.claim()  # opened afresh, no error
+        route.src.produce_series(route.src_queue, 5)
+        route.src.tick(route.src_queue)
+        assert kept.move_one().events == 5
+    finally:
+        kept.close()
+        other.close()

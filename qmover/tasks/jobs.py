@@ -1,6 +1,7 @@
 """The tasks: move a route's ready batches; tick a database that has no pgqd.
 
-Arguments are route names only, never a DSN.  Connection errors retry with
+Arguments are route names only, never a DSN.  Each worker process keeps a
+route's connections from task to task.  Connection errors retry with
 backoff; config and position errors fail at once, as one logged line.
 """
 
@@ -66,6 +67,32 @@ def serve_metrics(sender: Any, **_kwargs: Any) -> None:
     log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
 
 
+_movers: dict[str, RouteMover] = {}
+
+
+def mover_for(route: Route) -> RouteMover:
+    """This worker process's mover for the route: connections and checks are
+    kept from task to task (a changed route gets a new mover)."""
+    mover = _movers.get(route.name)
+    if mover is None or mover.route != route:
+        if mover is not None:
+            mover.close()
+        mover = _movers[route.name] = RouteMover(route)
+    return mover
+
+
+def _move_while_ready(mover: RouteMover, result: dict[str, Any], started: float) -> None:
+    while time.monotonic() - started < mover.route.move_budget:
+        moved = mover.move_one()
+        if moved is None:
+            break
+        result["batches"] += 1
+        result["events"] += moved.events
+        result["filtered"] += moved.filtered
+        result["skipped"] += moved.skipped
+    result["source_lag"] = mover.source_lag()
+
+
 def _count(task: Task, route: Route, result: dict[str, Any], errors: int = 0) -> None:
     """Add what a task did to the route's counters (qmover.metrics)."""
     counters_at(config_for(task.app).metrics_url).record(
@@ -96,19 +123,16 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
     route = None
     try:
         route = route_for(self, route_name)
-        with RouteMover(route) as mover:
+        mover = mover_for(route)
+        try:
             if not mover.claim():
                 result["busy"] = True
-            while not result["busy"] and time.monotonic() - started < route.move_budget:
-                moved = mover.move_one()
-                if moved is None:
-                    break
-                result["batches"] += 1
-                result["events"] += moved.events
-                result["filtered"] += moved.filtered
-                result["skipped"] += moved.skipped
-            if not result["busy"]:
-                result["source_lag"] = mover.source_lag()
+            else:
+                _move_while_ready(mover, result, started)
+                mover.release()
+        except BaseException:
+            mover.close()  # a failed or interrupted task leaves no connection half-way
+            raise
     except QmoverError as exc:
         if route is not None:
             _count(self, route, result, errors=1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from psycopg2 import sql
 from qmover import admin
 from qmover.config import load_config
 from qmover.mover import RouteMover
+from qmover.processes import start_celery, stop as stop_celery
 from qmover.sandbox import connect, drop_database, recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
@@ -234,13 +234,10 @@ def run_celery(server: str, config: Path, workdir: Path, workload: Workload, tic
     moved back to before the loaded ticks, and stops when the target holds the
     last tick."""
     route = load_config(config).select(["bench_celery"])[0]
-    env = {**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
-    log = (workdir / "celery.log").open("w")
-    celery = [sys.executable, "-m", "celery", "-A", "qmover.tasks"]
-    worker = subprocess.Popen([*celery, "worker", "-c", "1", "-l", "info", "--without-mingle", "--without-gossip"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    beat = subprocess.Popen([*celery, "beat", "-l", "info", "-s", str(workdir / "beat-schedule")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = workdir / "celery.log"
+    log.write_text("")
+    worker = start_celery(config, log, "worker", "-c", "1", "-l", "info", "--without-mingle", "--without-gossip")
+    beat = start_celery(config, log, "beat", "-l", "info", "-s", str(workdir / "beat-schedule"))
     try:
         deadline = time.monotonic() + 60
         while "succeeded" not in (workdir / "celery.log").read_text():  # an idle task went through
@@ -261,9 +258,7 @@ def run_celery(server: str, config: Path, workdir: Path, workload: Workload, tic
             seconds = time.perf_counter() - started
         rss = max((vm_hwm_mb(child) or 0.0 for child in pool_children(worker.pid)), default=None)
     finally:
-        for process in (beat, worker):
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
+        stop_celery((beat, worker), timeout=30)
     return Result(workload.name, "celery", workload.events, workload.batches, seconds, rss)
 
 

@@ -108,10 +108,10 @@ def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
 def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus: bool) -> None:
     """Per route: source lag, pending events, positions, current batch."""
     loaded, routes = selected_routes(config, route_names)
-    if prometheus:
-        click.echo(metrics.render(routes, metrics.Counters(loaded.metrics_url)), nl=False)
-        return
     counters = metrics.Counters(loaded.metrics_url)
+    if prometheus:
+        click.echo(metrics.render(routes, counters), nl=False)
+        return
     rows = []
     for route in routes:
         counted = counters.read(route)

@@ -11,10 +11,8 @@ what it started.  Run it with `bash scripts/demo.sh`; it is safe to run again.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from psycopg2 import sql
 
 from qmover import admin
 from qmover.config import load_config
+from qmover.processes import start_celery, stop as stop_celery
 from qmover.sandbox import recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
@@ -77,22 +76,7 @@ def ensure_redis() -> subprocess.Popen | None:
 
 
 def start(workdir: Path, name: str, *args: str) -> subprocess.Popen:
-    log = (workdir / f"{name}.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "qmover.tasks", *args],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "QMOVER_CONFIG": str((workdir / "demo.ini").resolve()),
-                                 "PYTHONUNBUFFERED": "1"})
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    return start_celery((workdir / "demo.ini").resolve(), workdir / f"{name}.log", *args, mode="w")
 
 
 def screenshot(url: str, path: Path) -> None:
@@ -207,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_running:
             print("--keep-running: worker, beat and Flower keep running (Ctrl-C or kill to stop)")
         else:
-            stop(processes)
+            stop_celery(processes)
             if redis_server:
                 redis_server.terminate()
             print("stopped worker, beat and Flower")

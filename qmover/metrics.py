@@ -33,26 +33,25 @@ class Metric:
     name: str
     kind: str  # "counter" or "gauge"
     help: str
+    field: str = ""  # the Redis hash field of a stored metric
 
 
 COUNTERS = (
-    Metric("qmover_events_moved_total", "counter", "Events written into the target queue."),
-    Metric("qmover_events_filtered_total", "counter", "Events left out by the route's type_filter/table_filter."),
-    Metric("qmover_batches_moved_total", "counter", "Source batches applied on the target."),
+    Metric("qmover_events_moved_total", "counter", "Events written into the target queue.", "events"),
+    Metric("qmover_events_filtered_total", "counter", "Events left out by the route's type_filter/table_filter.",
+           "filtered"),
+    Metric("qmover_batches_moved_total", "counter", "Source batches applied on the target.", "batches"),
     Metric("qmover_batches_skipped_total", "counter",
-           "Source batches found already applied on the target (after a crash or by another mover)."),
-    Metric("qmover_errors_total", "counter", "Failed moves (the cause is in the log)."),
-    Metric("qmover_last_success_timestamp_seconds", "gauge", "Unix time of the last move that succeeded."),
+           "Source batches found already applied on the target (after a crash or by another mover).", "skipped"),
+    Metric("qmover_errors_total", "counter", "Failed moves (the cause is in the log).", "errors"),
+    Metric("qmover_last_success_timestamp_seconds", "gauge", "Unix time of the last move that succeeded.",
+           "last_success"),
 )
 GAUGES = (
     Metric("qmover_source_lag_seconds", "gauge", "Age of the last tick the consumer finished on the source."),
     Metric("qmover_pending_events", "gauge", "Events ticked on the source and not yet moved."),
     Metric("qmover_route_up", "gauge", "1 when both databases answer and the route is set up, else 0."),
 )
-FIELDS = {"qmover_events_moved_total": "events", "qmover_events_filtered_total": "filtered",
-          "qmover_batches_moved_total": "batches",
-          "qmover_batches_skipped_total": "skipped", "qmover_errors_total": "errors",
-          "qmover_last_success_timestamp_seconds": "last_success"}
 
 
 def _key(route: Route) -> str:
@@ -116,7 +115,7 @@ def render(routes: Iterable[Route], counters: Counters) -> str:
         label = f'{{route="{_escape(route.name)}"}}'
         stored = counters.read(route)
         for metric in COUNTERS:
-            value = stored.get(FIELDS[metric.name])
+            value = stored.get(metric.field)
             if value is not None or metric.kind == "counter":
                 samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
         found = admin.status(route)

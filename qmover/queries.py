@@ -123,8 +123,8 @@ def split_values(field: str) -> sql.Composed:
     return sql.SQL("select {}, count(*) from qmover_incoming group by 1").format(sql.Identifier(field))
 
 
-EXISTING_QUEUES = "select queue_name from pgq.queue where queue_name = any(%s)"
-CURRENT_EVENT_TABLE = "select pgq.current_event_table(%s)"
+# Which of the candidate names are queues, with the table each writes to now.
+QUEUE_TABLES = "select queue_name, pgq.current_event_table(queue_name) from pgq.queue where queue_name = any(%s)"
 
 
 def split_insert(field: str, event_table: str) -> sql.Composed:

@@ -29,13 +29,14 @@ def distribute(route: Route, dst: connection, batch_id: int) -> tuple[int, int]:
     with dst.cursor() as cur:
         cur.execute(queries.split_values(split.field))
         counts = dict(cur.fetchall())
-        cur.execute(queries.EXISTING_QUEUES, ([value for value in counts if value is not None],))
-        existing = {row[0] for row in cur.fetchall()}
+        candidates = {value for value in counts if value is not None} | set(split.known_queues)
+        cur.execute(queries.QUEUE_TABLES, (list(candidates),))
+        tables = dict(cur.fetchall())
     plan: dict[str, list[str | None]] = {}
     left_out = 0
     for value, count in counts.items():
         try:
-            queue = split.queue_for(value, existing)
+            queue = split.queue_for(value, set(tables))
         except LookupError:
             raise QmoverError(
                 f"route {route.name}: batch {batch_id}: {split.field} {value!r} names no target queue "
@@ -48,9 +49,7 @@ def distribute(route: Route, dst: connection, batch_id: int) -> tuple[int, int]:
     moved = 0
     with dst.cursor() as cur:
         for queue, values in plan.items():
-            cur.execute(queries.CURRENT_EVENT_TABLE, (queue,))
-            table = cur.fetchone()[0]
-            cur.execute(queries.split_insert(split.field, table),
+            cur.execute(queries.split_insert(split.field, tables[queue]),
                         {"values": [v for v in values if v is not None], "with_null": None in values})
             moved += cur.rowcount
     return moved, left_out

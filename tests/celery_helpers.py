@@ -7,12 +7,13 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from qmover.processes import start_celery, stop as stop_celery
 
 
 def free_port() -> int:
@@ -73,17 +74,16 @@ class Processes:
 
     def __init__(self, config: Path, logdir: Path, cwd: Path | None = None, app: str = "qmover.tasks",
                  env: dict[str, str] | None = None):
+        self.config = config
         self.logdir = logdir
         self.cwd = cwd
         self.app = app
-        self.env = {**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = dict(env or {})  # on top of the test's environment and QMOVER_CONFIG
         self.running: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = (self.logdir / f"{name}.log").open("a")
-        process = subprocess.Popen([sys.executable, "-m", "celery", "-A", self.app, *args],
-                                   stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                   start_new_session=True)
+        process = start_celery(self.config, self.logdir / f"{name}.log", *args, app=self.app, env=self.env,
+                               cwd=self.cwd)
         self.running[name] = process
         return process
 
@@ -105,15 +105,7 @@ class Processes:
         process.wait()
 
     def stop(self, timeout: float = 30) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.running.values():
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_celery(self.running.values(), timeout)
         self.running.clear()
 
     def log(self, name: str) -> str:

@@ -65,3 +65,15 @@ def test_kept_ids_on_a_shared_target_queue_are_refused(route):
         f"qmover: error: {route.config}: [queue_mover3] keep_event_id: [second] and [queue_mover3] write to the "
         "same target queue 'copy_of_eventlog', where kept event ids would collide; give the route a target "
         "queue of its own or set keep_event_id = 0"]
+
+
+def test_kept_ids_in_a_queue_a_split_route_maps_to_are_refused(route):
+    split = (f"\n[splitter]\nsrc_db = {route.src.dsn}\ndst_db = {route.dst.dsn}\npgq_queue_name = eventlog\n"
+             "split_field = ev_type\nsplit_map = order:copy_of_eventlog\n")
+    route.config.write_text(route.config.read_text() + "keep_event_id = 1\n" + split)
+
+    result = run_qmover("run", "--once", str(route.config))
+
+    assert result.returncode == 2
+    assert "[queue_mover3] keep_event_id: [splitter] and [queue_mover3] write to the same target queue " \
+           "'copy_of_eventlog'" in result.stderr

@@ -246,11 +246,12 @@ def _check_kept_ids_alone(path: Path, section: str, route: Route, routes: dict[s
     for other in routes.values():
         if not (route.keep_event_id or other.keep_event_id):
             continue
-        if (_database(other.dst_dsn), other.dst_queue) == (_database(route.dst_dsn), route.dst_queue):
+        shared = set(route.target_queues) & set(other.target_queues)  # a split route's mapped queues too
+        if shared and _database(other.dst_dsn) == _database(route.dst_dsn):
             keeper = section if route.keep_event_id else sections[other.name]
             raise ConfigError(
                 f"{path}: [{keeper}] keep_event_id: [{section}] and [{sections[other.name]}] write to the "
-                f"same target queue {route.dst_queue!r}, where kept event ids would collide; give the "
+                f"same target queue {min(shared)!r}, where kept event ids would collide; give the "
                 f"route a target queue of its own or set keep_event_id = 0")
 
 

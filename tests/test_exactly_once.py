@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from celery_helpers import wait_until
 from conftest import multiset
 from qmover import move
 from qmover.errors import QmoverError, TransientError
@@ -82,18 +83,32 @@ def test_crash_after_target_commit_skips_redelivery(route):
 
 
 def test_sigkill_during_run_loses_and_doubles_nothing(route):
+    """Each mover is killed once the target holds a few more batches, plus a
+    random moment: tied to progress, not to the clock, so the kills land
+    mid-run on a fast machine and a slow one alike."""
     produce_batches(route, 600, per_batch=5)
     kills_mid_run = 0
     rng = random.Random(20261127)
+    target = route.dst.connect()
+
+    def moved() -> int:
+        with target.cursor() as cur:
+            cur.execute("select count(*) from pgq.event_1")
+            return cur.fetchone()[0]
+
     for _ in range(25):
         if active_batch(route) is None and pending(route) == 0:
             break
+        wanted = moved() + 5 * rng.randint(3, 15)
         mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 1.0))
+        wait_until(lambda: moved() >= wanted or pending(route) == 0, 60, "the mover to move a few batches",
+                   every=0.005)
+        time.sleep(rng.uniform(0, 0.02))
         mover.send_signal(signal.SIGKILL)
         mover.wait()
-        kills_mid_run += 1
+        kills_mid_run += pending(route) > 0
+    target.close()
 
     route.qmover("run", "--once", check=True)
 

@@ -6,6 +6,7 @@ is reported as a cause and a fix instead of a driver error half-way through.
 
 from __future__ import annotations
 
+import psycopg2.extensions
 from psycopg2.extensions import connection
 
 from qmover import queries
@@ -53,6 +54,15 @@ def require_pgq_ext(conn: connection, route: Route) -> None:
             raise QmoverError(
                 f"{where(route, 'target')}: pgq_ext has no get_last_tick(text)/set_last_tick(text, "
                 f"bigint); upgrade it to pgq_ext 3.x (qmover does not alter an existing pgq_ext)")
+
+
+def require_blocking_driver() -> None:
+    """COPY, which moves the events, cannot run while psycopg2 has a wait
+    callback: eventlet's monkey patching registers one, so does psycogreen."""
+    if psycopg2.extensions.get_wait_callback() is not None:
+        raise QmoverError(
+            "psycopg2 has a wait callback (eventlet's monkey patching or psycogreen set it), and COPY cannot "
+            "run then; run qmover's tasks on the prefork, threads, solo or gevent pool, without psycogreen")
 
 
 def check_route(src: connection, dst: connection, route: Route) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from qmover import admin, metrics, runner
+from qmover import admin, loops, metrics, runner
 from qmover.config import Config, load_config
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -88,8 +88,11 @@ def main(verbose: bool) -> None:
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
     loaded, routes = selected_routes(config, route_names)
+    loops.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
     stop = runner.Stop()
     counters = metrics.Counters(loaded.metrics_url)
+    if loaded.metrics_url is None:
+        log.warning("%s", metrics.OFF_NOTICE)
     try:
         with runner.stop_on_signals(stop):
             code = runner.run(routes, once=once, stop=stop, counters=counters)
@@ -114,9 +117,10 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
         return
     rows = []
     for route in routes:
-        counted = counters.read(route)
-        rows.append({**admin.status(route), "events_moved": int(counted.get("events", 0)),
-                     "events_filtered": int(counted.get("filtered", 0))})
+        counted = counters.read(route)  # None: counters off or unreachable, shown as "-"
+        rows.append({**admin.status(route),
+                     **{key: None if counted is None else int(counted.get(field, 0))
+                        for key, field in (("events_moved", "events"), ("events_filtered", "filtered"))}})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -134,6 +138,8 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
 def serve_metrics(config: str, route_names: tuple[str, ...], port: int, address: str) -> None:
     """Serve the routes' metrics at http://ADDRESS:PORT/metrics until stopped."""
     loaded, routes = selected_routes(config, route_names)
+    if loaded.metrics_url is None:
+        log.warning("%s", metrics.OFF_NOTICE)
     server = metrics.serve(routes, metrics.Counters(loaded.metrics_url), port, address)
     log.info("metrics of %d route(s) at http://%s:%d/metrics", len(routes), address, server.server_port)
     try:
@@ -159,20 +165,25 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def route_command(action: Callable[[Route], str]) -> None:
-    """Register an admin action as `qmover NAME CONFIG [--route NAME]...`; its docstring is the help."""
+def route_command(action: Callable[[Route], str], refuse_loops: bool = False) -> None:
+    """Register an admin action as `qmover NAME CONFIG [--route NAME]...`; its docstring is the help.
+
+    refuse_loops: first refuse a file whose routes feed a queue back into itself.
+    """
 
     @main.command(name=action.__name__, help=action.__doc__)
     @config_argument
     @route_option
     @expected_errors
     def command(config: str, route_names: tuple[str, ...]) -> None:
+        if refuse_loops:
+            loops.check_routes(load_config(config).select())
         for_each_route(config, route_names, action)
 
 
-for _action in (admin.install, admin.rewind, admin.reset, admin.unregister):
+route_command(admin.install, refuse_loops=True)
+for _action in (admin.rewind, admin.reset, admin.unregister):
     route_command(_action)
-
 
 
 def celery_command(name: str, help_text: str) -> None:

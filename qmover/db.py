@@ -6,6 +6,7 @@ and the database (never the password).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -41,7 +42,8 @@ def where(route: Route, side: Side) -> str:
 def connect(route: Route, side: Side, *, autocommit: bool) -> connection:
     """Open one side of a route with the session settings the COPY relies on."""
     dsn = route.src_dsn if side == "source" else route.dst_dsn
-    extra: dict[str, Any] = {"application_name": f"qmover {route.name}"}
+    # Shared by the routes that use this database: named after the process, not a route.
+    extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}"}
     if "connect_timeout" not in parse_dsn(dsn):
         extra["connect_timeout"] = CONNECT_TIMEOUT
     key = "src_db" if side == "source" else "dst_db"

@@ -60,20 +60,27 @@ def _key(route: Route) -> str:
     return f"qmover:metrics:{route.name}:{hashlib.sha1(where.encode()).hexdigest()[:12]}"
 
 
+OFF_NOTICE = ("metrics counters are off: the broker is not Redis and [qmover] metrics_url is not set; "
+              "set metrics_url = redis://HOST:PORT/DB (or QMOVER_METRICS_URL) to count events, batches and errors")
+
+
 class Counters:
-    """A route's counters in Redis.  After a failure, recording pauses for
-    PAUSE seconds, so an unreachable Redis costs a move at most one timeout."""
+    """A route's counters in Redis (url None: counters off, nothing recorded).
+
+    A failing store never fails a move: after any failure, recording pauses
+    for PAUSE seconds with one warning, so an unreachable Redis costs a move
+    at most one timeout."""
 
     PAUSE = 30.0
 
-    def __init__(self, url: str):
-        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    def __init__(self, url: str | None):
+        self.client = None if url is None else redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._paused_until = 0.0
 
     def record(self, route: Route, *, events: int = 0, filtered: int = 0, batches: int = 0, skipped: int = 0,
                errors: int = 0) -> None:
         """Add a task's or a batch's outcome; a success also stamps the time."""
-        if time.monotonic() < self._paused_until:
+        if self.client is None or time.monotonic() < self._paused_until:
             return
         key = _key(route)
         try:
@@ -85,27 +92,31 @@ class Counters:
                 pipe.hset(key, "last_success", time.time())
             pipe.expire(key, KEY_TTL)
             pipe.execute()
-        except redis.RedisError as exc:
+        except Exception as exc:  # whatever the store does, the move it counts has happened
             self._paused_until = time.monotonic() + self.PAUSE
             _warn_once(exc)
 
-    def read(self, route: Route) -> dict[str, float]:
+    def read(self, route: Route) -> dict[str, float] | None:
+        """The route's stored numbers; None when the counters are off or did not answer."""
+        if self.client is None:
+            return None
         try:
             raw = self.client.hgetall(_key(route))
-        except redis.RedisError as exc:
+        except Exception as exc:
             _warn_once(exc)
-            return {}
+            return None
         return {field.decode(): float(value) for field, value in raw.items()}
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
 
 
 def _warn_once(exc: Exception) -> None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning("metrics not recorded: Redis did not answer (%s); moving goes on", exc)
+        log.warning("metrics not recorded: the Redis of metrics_url failed (%s); moving goes on", exc)
 
 
 def render(routes: Iterable[Route], counters: Counters) -> str:
@@ -114,7 +125,7 @@ def render(routes: Iterable[Route], counters: Counters) -> str:
     for route in routes:
         label = f'{{route="{_escape(route.name)}"}}'
         stored = counters.read(route)
-        for metric in COUNTERS:
+        for metric in COUNTERS if stored is not None else ():
             value = stored.get(metric.field)
             if value is not None or metric.kind == "counter":
                 samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")

@@ -19,6 +19,7 @@ out in SQL so that each step is one round trip.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -87,7 +88,8 @@ def move_batch(route: Route, src: connection, dst: connection,
                     return None  # another mover applied and finished it meanwhile
                 raise lost_position(route, position, batch_id, prev_tick, cur_tick)
             if position != cur_tick:
-                copy = copy_spooled if estimate is not None and estimate <= SMALL_BATCH else copy_streamed
+                small = estimate is not None and estimate <= SMALL_BATCH
+                copy = copy_spooled if small or threads_are_green() else copy_streamed
                 events = copy(route, src, dst, select, INCOMING if via_insert_event or route.split else event_table)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
@@ -164,6 +166,13 @@ def copy_streamed(route: Route, src: connection, dst: connection, select: str, e
         with errors(route, "source"):
             raise failure[0]
     return _same_count(counts.get("source"), written)
+
+
+def threads_are_green() -> bool:
+    """Under gevent's monkey patching a thread is a greenlet, which cannot run
+    beside the blocking COPY that feeds it: big batches are spooled then."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
 
 
 def _same_count(sent: int | None, written: int) -> int:

@@ -1,18 +1,19 @@
-"""A route's two connections, kept open across batches.
+"""A route's mover: the move protocol over two connections borrowed from a Connector.
 
-Connections are opened and checked lazily and dropped after any error, so a
-restarted server or a half-finished COPY never leaks into the next batch.
+Connections are borrowed lazily and checked once per connection and route;
+after any error they are closed rather than given back, so a restarted
+server or a half-finished COPY never leaks into the next batch.
 """
 
 from __future__ import annotations
 
 import logging
 
-from psycopg2.extensions import connection
-
 from qmover import db, queries, split
-from qmover.checks import check_route, target_can_copy
+from qmover.checks import check_route, require_blocking_driver, target_can_copy
+from qmover.connector import Connector, Session, database_key
 from qmover.errors import LostPosition, QmoverError, TransientError
+from qmover.loops import Hop, require_no_loops, server_of
 from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
 from qmover.route import Route
 
@@ -21,53 +22,81 @@ _warned_routes: set[str] = set()  # the insert_event fallback is announced once 
 
 
 class RouteMover:
-    """Moves batches of one route; use as a context manager to close on exit."""
+    """Moves batches of one route.  Use as a context manager: on exit the
+    route and the connections go back to the connector (a mover made without
+    one has a private connector, closed on exit)."""
 
-    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint):
+    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint, connector: Connector | None = None):
         self.route = route
         self.checkpoint = checkpoint
-        self._src: connection | None = None
-        self._dst: connection | None = None
-        self._via_insert_event = False
+        self.connector = connector or Connector()
+        self._own_connector = connector is None
+        self._src: Session | None = None
+        self._dst: Session | None = None
+        self._reused = False  # a borrowed connection had been idle: its server may have restarted since
+        self._held = False  # the connector's in-process claim
+        self._claimed = False  # the advisory lock on the target connection
 
     def __enter__(self) -> RouteMover:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.close()  # an interrupted task leaves no connection half-way
+        self.release()
+        if self._own_connector:
+            self.connector.close()
 
     def open(self) -> None:
-        """Connect both sides and check the route, unless already done."""
+        """Borrow both connections and check the route on them, unless already done."""
         if self._src is not None and self._dst is not None:
             return
         try:
-            self._src = db.connect(self.route, "source", autocommit=True)
-            self._dst = db.connect(self.route, "target", autocommit=True)
-            check_route(self._src, self._dst, self.route)
-            if self.route.split:
-                split.prepare(self._dst)  # split routes insert server-side: no insert_event fallback
-                return
-            self._via_insert_event = not target_can_copy(self._dst, self.route)
-            if self._via_insert_event and self.route.keep_event_id:
-                raise QmoverError(
-                    f"route {self.route.name}: keep_event_id needs the target role to write queue "
-                    f"{self.route.dst_queue!r}'s event tables itself (pgq.insert_event cannot keep ids); grant "
-                    f"it INSERT on the event tables and UPDATE on the event sequence, or set keep_event_id = 0")
-            if self._via_insert_event and self.route.name not in _warned_routes:
-                _warned_routes.add(self.route.name)
-                log.warning("route %s: the target role may not COPY into queue %r's event tables; moving "
-                            "through pgq.insert_event instead, still exactly once, but slower and with "
-                            "ev_time set by the target; grant INSERT on the event tables and USAGE on the "
-                            "event sequence to keep it", self.route.name, self.route.dst_queue)
+            if self._src is None:
+                self._src = self.connector.borrow(self.route, "source")
+                self._reused |= self._src.reused
+            if self._dst is None:
+                self._dst = self.connector.borrow(self.route, "target")
+                self._reused |= self._dst.reused
+            self._check(self._src, self._dst)
         except BaseException:
             self.close()
             raise
 
+    def _check(self, src: Session, dst: Session) -> None:
+        """What a move needs, once per connection and route; remembers the write path."""
+        route = self.route
+        if route in src.checked and route in dst.checked:
+            return
+        require_blocking_driver()
+        require_no_loops([Hop(route, server_of(src, route, "source"), server_of(dst, route, "target"))])
+        check_route(src.conn, dst.conn, route)
+        via_insert_event = False
+        if route.split:
+            split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
+        else:
+            via_insert_event = not target_can_copy(dst.conn, route)
+        if via_insert_event and route.keep_event_id:
+            raise QmoverError(
+                f"route {route.name}: keep_event_id needs the target role to write queue "
+                f"{route.dst_queue!r}'s event tables itself (pgq.insert_event cannot keep ids); grant "
+                f"it INSERT on the event tables and UPDATE on the event sequence, or set keep_event_id = 0")
+        if via_insert_event and route.name not in _warned_routes:
+            _warned_routes.add(route.name)
+            log.warning("route %s: the target role may not COPY into queue %r's event tables; moving "
+                        "through pgq.insert_event instead, still exactly once, but slower and with "
+                        "ev_time set by the target; grant INSERT on the event tables and USAGE on the "
+                        "event sequence to keep it", route.name, route.dst_queue)
+        src.checked[route] = True
+        dst.checked[route] = via_insert_event
+
     def move_one(self) -> Moved | None:
         """Move the next batch and log it; None when none is ready."""
         self.open()
+        assert self._src is not None and self._dst is not None
         try:
-            moved = move_batch(self.route, self._src, self._dst, self.checkpoint, self._via_insert_event)
+            moved = move_batch(self.route, self._src.conn, self._dst.conn, self.checkpoint,
+                               self._dst.checked[self.route])
         except QmoverError as exc:
             precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()
             self.close()
@@ -93,8 +122,9 @@ class RouteMover:
     def _diagnose(self) -> QmoverError | None:
         """After a failed move, the route's checks again: a queue dropped or a
         consumer unregistered while running is reported as such, with its fix."""
+        assert self._src is not None and self._dst is not None
         try:
-            check_route(self._src, self._dst, self.route)
+            check_route(self._src.conn, self._dst.conn, self.route)
         except QmoverError as found:
             return found
         return None
@@ -102,45 +132,77 @@ class RouteMover:
     def claim(self) -> bool:
         """Take the route for this mover; False when another mover holds it.
 
-        The claim lives on the target connection until release() or the
-        connection's end (close, or the process dying), so it cannot outlive
-        a killed worker.  Kept connections may have died with a server
-        restart since their last use: both are tried first, and opened
-        afresh once if they fail.
+        Two claims: the connector's, against other tasks of this process, and
+        a session advisory lock on the target connection, against other
+        processes.  The lock ends with release() or with the connection
+        (close, or the process dying), so it cannot outlive a killed worker.
+        Idle connections may have died with a server restart since their
+        last loan: those are dropped and the claim is tried once more afresh.
         """
-        kept = self._src is not None
+        if not self.connector.hold(self.route):
+            return False
+        self._held = True
+        self._reused = False
         try:
-            return self._claim()
-        except TransientError:
-            self.close()
-            if not kept:
-                raise
-            return self._claim()
+            try:
+                self._claimed = self._try_claim()
+            except TransientError:
+                if not self._reused:
+                    raise
+                for dsn in (self.route.src_dsn, self.route.dst_dsn):
+                    self.connector.drop_idle(database_key(dsn))
+                self._claimed = self._try_claim()
+        except BaseException:
+            self.release()
+            raise
+        if not self._claimed:
+            self.release()
+        return self._claimed
 
-    def _claim(self) -> bool:
+    def _try_claim(self) -> bool:
         self.open()
-        with db.errors(self.route, "source"):
-            db.scalar(self._src, queries.PING)
-        with db.errors(self.route, "target"):
-            return bool(db.scalar(self._dst, queries.CLAIM_ROUTE, (self.route.consumer,)))
+        assert self._src is not None and self._dst is not None
+        try:
+            with db.errors(self.route, "source"):
+                db.scalar(self._src.conn, queries.PING)
+            with db.errors(self.route, "target"):
+                return bool(db.scalar(self._dst.conn, queries.CLAIM_ROUTE, (self.route.consumer,)))
+        except BaseException:
+            self.close()
+            raise
 
     def release(self) -> None:
-        """Give the route back while keeping the connections for the next task."""
-        if self._dst is None:
-            return
-        try:
-            with db.errors(self.route, "target"):
-                db.scalar(self._dst, queries.RELEASE_ROUTE, (self.route.consumer,))
-        except QmoverError:
-            self.close()  # closing the connection releases the claim too
+        """Give back the route and the connections, kept open for the next task."""
+        if self._claimed and self._dst is not None:
+            try:
+                with db.errors(self.route, "target"):
+                    db.scalar(self._dst.conn, queries.RELEASE_ROUTE, (self.route.consumer,))
+            except QmoverError:
+                self.close()  # closing the connection releases the lock too
+        self._claimed = False
+        for session in (self._src, self._dst):
+            if session is not None:
+                self.connector.give_back(session)
+        self._src = self._dst = None
+        if self._held:
+            self._held = False
+            self.connector.unhold(self.route)
 
     def source_lag(self) -> float | None:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""
         self.open()
-        with db.errors(self.route, "source"):
-            return db.scalar(self._src, queries.CONSUMER_INFO, (self.route.src_queue, self.route.consumer))
+        assert self._src is not None
+        try:
+            with db.errors(self.route, "source"):
+                return db.scalar(self._src.conn, queries.CONSUMER_INFO, (self.route.src_queue, self.route.consumer))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        db.close(self._src)
-        db.close(self._dst)
+        """Close both connections instead of giving them back (after an error)."""
+        for session in (self._src, self._dst):
+            if session is not None:
+                db.close(session.conn)
         self._src = self._dst = None
+        self._claimed = False

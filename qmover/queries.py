@@ -24,6 +24,9 @@ HAS_TICK_API = """
        and to_regprocedure('pgq_ext.set_last_tick(text, bigint)') is not null
 """
 IS_REGISTERED = "select exists (select 1 from pgq.get_consumer_info(%s, %s))"
+# Which server and database a connection reached, whatever its DSN says
+# (pg_control_system() is open to every role).
+SERVER_IDENTITY = "select system_identifier::text, current_database() from pg_control_system()"
 
 # --- source side --------------------------------------------------------
 # One round trip: take the next batch and the SELECT over its events.  The

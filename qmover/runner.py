@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 from qmover.errors import QmoverError, TransientError
 from qmover.metrics import Counters
+from qmover.connector import Connector
 from qmover.mover import RouteMover
 from qmover.route import Route
 
@@ -69,7 +70,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
     KeyboardInterrupt when a second signal aborted the batch in hand.
     """
     stop = stop or Stop()
-    movers = [RouteMover(route) for route in routes]
+    connector = Connector()
+    movers = [RouteMover(route, connector=connector) for route in routes]
     failed: set[str] = set()
     retry_at: dict[str, float] = {}
     retries: dict[str, int] = {}
@@ -85,6 +87,7 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                     continue
                 try:
                     moved = mover.move_one()
+                    mover.release()  # its connections may serve the next route of the same database
                 except QmoverError as exc:
                     if stop.abort:  # the driver turned our interrupt into an error
                         raise KeyboardInterrupt from None
@@ -111,4 +114,5 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
     finally:
         for mover in movers:
             mover.close()
+        connector.close()
     return 1 if failed else 0

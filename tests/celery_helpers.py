@@ -31,6 +31,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, every: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]
+
+
 class Redis:
     """A Redis database of the machine's server, emptied before and after a test."""
 

@@ -29,6 +29,9 @@ COPY_RUNNING = ("select count(*) from pg_stat_activity where datname = %s"
 
 
 EVENT_FIELDS = "ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"
+# (queue, tag, size, count): count events with ~size bytes of data each.
+PRODUCE_SERIES = ("select count(pgq.insert_event(%s, 'type_' || (i %% 7), %s || i || ':' || repeat('x', %s),"
+                  " 'public.t' || (i %% 3), 'extra2', null, i::text)) from generate_series(1, %s) i")
 
 
 @dataclass
@@ -70,10 +73,7 @@ class PgqDatabase:
 
     def produce_series(self, queue: str, count: int, size: int = 150, tag: str = "e") -> None:
         """count events with ~size bytes of data, generated server-side."""
-        self.execute(
-            "select count(pgq.insert_event(%s, 'type_' || (i %% 7), %s || i || ':' || repeat('x', %s),"
-            " 'public.t' || (i %% 3), 'extra2', null, i::text)) from generate_series(1, %s) i",
-            (queue, tag, size, count))
+        self.execute(PRODUCE_SERIES, (queue, tag, size, count))
 
     def tick(self, queue: str, force: bool = True) -> int | None:
         """Close a batch now.
@@ -259,6 +259,24 @@ class Pipeline:
                     part.tick("events")
         return rounds * per_tick * len(self.parts)
 
+    def produce_ticks(self, ticks: int, per_tick: int = 10) -> int:
+        """ticks batches of per_tick events into every partition, over one connection
+        each: fast enough (hundreds of batches a second) to keep workers busy."""
+        conns = [part.connect() for part in self.parts]
+        try:
+            for conn in conns:
+                with conn.cursor() as cur:
+                    cur.execute("select pgq.set_queue_config('events', 'ticker_max_count', '1')")
+            for t in range(ticks):
+                for n, conn in enumerate(conns):
+                    with conn.cursor() as cur:
+                        cur.execute(PRODUCE_SERIES, ("events", f"p{n}t{t}-", 40, per_tick))
+                        cur.execute("select pgq.ticker('events')")  # a statement of its own: a tick of its own
+        finally:
+            for conn in conns:
+                conn.close()
+        return ticks * per_tick * len(self.parts)
+
     def run_with_flower(self, rounds: int) -> tuple[int, int]:
         """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced)."""
         port = free_port()
@@ -290,10 +308,13 @@ def redis_db():
 
 @pytest.fixture
 def pipeline(make_db, tmp_path, redis_db):
-    """factory(routes, interval=..., first_extra=..., password=...) -> Pipeline, stopped after."""
+    """factory(routes, interval=..., first_extra=..., extra=..., password=..., broker=...) -> Pipeline,
+    stopped after.  first_extra: lines for the first route; extra: for every route; broker: its URL
+    (default: a Redis database of the test's own)."""
     made: list[Pipeline] = []
 
-    def build(routes: int, interval: float = 0.5, first_extra: str = "", password: str | None = None) -> Pipeline:
+    def build(routes: int, interval: float = 0.5, first_extra: str = "", extra: str = "",
+              password: str | None = None, broker: str | None = None) -> Pipeline:
         parts = [make_db() for _ in range(routes)]
         central = make_db()
         for part in parts:
@@ -301,10 +322,10 @@ def pipeline(make_db, tmp_path, redis_db):
         central.create_queue("central_events")
         secret = f" password={password}" if password else ""
         text = "".join(ROUTE.format(n=n, src=part.dsn + secret, dst=central.dsn + secret, interval=interval,
-                                    extra=first_extra if n == 0 else "")
+                                    extra=(first_extra if n == 0 else "") + "\n" + extra)
                        for n, part in enumerate(parts))
         config = tmp_path / "pipeline.ini"
-        config.write_text(text + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
+        config.write_text(text + f"\n[qmover]\nbroker_url = {broker or redis_db.url}\n")
         run_qmover("install", str(config), check=True)
         logdir = tmp_path / "logs"
         logdir.mkdir(exist_ok=True)

@@ -12,12 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from celery_helpers import Processes, wait_until
+from celery_helpers import Processes, error_lines, wait_until
 from conftest import run_qmover
 from servers import RedisServer
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]
 
 
 def test_worker_and_beat_move_two_routes_exactly_once(pipeline):

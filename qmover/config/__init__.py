@@ -59,8 +59,8 @@ class Config:
     path: Path
     routes: dict[str, Route]
     broker_url: str = DEFAULT_BROKER
-    result_backend: str = DEFAULT_BROKER
-    metrics_url: str = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.metrics
+    result_backend: str | None = DEFAULT_BROKER  # None: no result backend
+    metrics_url: str | None = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.metrics; None: off
 
     def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
         """The named routes (all when none are named); unknown names are an error."""
@@ -206,17 +206,33 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         routes[route.name] = route
         sections[route.name] = name
 
-    broker, backend, metrics = DEFAULT_BROKER, None, None
+    settings = _Section(parser, path, GLOBAL_SECTION)
     if parser.has_section(GLOBAL_SECTION):
-        section = _Section(parser, path, GLOBAL_SECTION)
-        section.check_keys(GLOBAL_KEYS)
-        broker = section.get("broker_url") or DEFAULT_BROKER
-        backend = section.get("result_backend")
-        metrics = section.get("metrics_url")
-    broker = os.environ.get("QMOVER_BROKER_URL") or broker
-    backend = os.environ.get("QMOVER_RESULT_BACKEND") or backend or broker
-    metrics = os.environ.get("QMOVER_METRICS_URL") or metrics or broker
+        settings.check_keys(GLOBAL_KEYS)
+    broker = os.environ.get("QMOVER_BROKER_URL") or settings.get("broker_url") or DEFAULT_BROKER
+    # A Redis broker doubles as result backend and counter store; any other
+    # broker (RabbitMQ) gets neither unless asked: Flower reads results from
+    # task events, and the counters need Redis.
+    redis_broker = broker if _is_redis(broker) else None
+    backend = _setting(settings, "result_backend", redis_broker)
+    metrics = _setting(settings, "metrics_url", redis_broker)
+    if metrics is not None and not _is_redis(metrics):
+        where = "QMOVER_METRICS_URL" if os.environ.get("QMOVER_METRICS_URL") else f"[{GLOBAL_SECTION}] metrics_url"
+        raise ConfigError(f"{path}: {where}: not a Redis URL; the counters live in Redis: give "
+                          f"redis://HOST:PORT/DB (or rediss://), or 'none' to turn them off")
     return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics)
+
+
+def _is_redis(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("redis", "rediss")
+
+
+def _setting(settings: _Section, key: str, default: str | None) -> str | None:
+    """A [qmover] URL, overridden by QMOVER_<KEY>; 'none' means none."""
+    value = os.environ.get(f"QMOVER_{key.upper()}") or settings.get(key)
+    if not value:
+        return default
+    return None if value.lower() == "none" else value
 
 
 def _database(dsn: str) -> tuple:

@@ -1,8 +1,10 @@
 """The tasks: move a route's ready batches; tick a database that has no pgqd.
 
-Arguments are route names only, never a DSN.  Each worker process keeps a
-route's connections from task to task.  Connection errors retry with
-backoff; config and position errors fail at once, as one logged line.
+Arguments are route names only, never a DSN.  Each worker process keeps its
+connections from task to task, per database, and lends them to one task at
+a time, so every Celery pool (prefork, threads, solo, gevent) is safe.
+Connection errors retry with backoff; config and position errors fail at
+once, as one logged line.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
-from qmover import metrics, ticker
+from qmover import loops, metrics, ticker
+from qmover.checks import require_blocking_driver
 from qmover.config import Config, load_config
 from qmover.errors import QmoverError, TransientError
+from qmover.connector import Connector
 from qmover.mover import RouteMover
 from qmover.route import Route
-from qmover.tasks.schedule import MOVE_TASK, TICK_TASK, config_path_from_env
+from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, TICK_TASK, config_path_from_env
 
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
@@ -50,35 +54,51 @@ def route_for(task: Task, name: str) -> Route:
 
 
 @lru_cache(maxsize=2)
-def counters_at(url: str) -> metrics.Counters:
-    """One Redis client per worker process for the route counters."""
+def counters_at(url: str | None) -> metrics.Counters:
+    """One Redis client per worker process for the route counters (none when they are off)."""
     return metrics.Counters(url)
 
 
+def _has_config(app: Celery) -> bool:
+    """Whether this worker's app carries qmover's routes (its own app, or one attach()ed)."""
+    return bool(app.conf.get("qmover_config") or os.environ.get(CONFIG_ENV))
+
+
+@worker_init.connect
+def refuse_what_cannot_work(sender: Any, **_kwargs: Any) -> None:
+    """Stop the worker at start, with one line, on a pool where COPY cannot
+    run or with routes that feed a queue back into itself."""
+    if not _has_config(sender.app):
+        return
+    pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls)).rsplit(".", 1)[-1]  # "eventlet", ...
+    try:
+        try:
+            require_blocking_driver()
+        except QmoverError as exc:
+            raise QmoverError(f"qmover cannot run on the {pool} pool: {exc}") from None
+        loops.check_routes(config_for(sender.app).routes.values())
+    except QmoverError as exc:
+        raise SystemExit(f"qmover: error: {exc}") from None
+
+
 @worker_ready.connect
-def serve_metrics(sender: Any, **_kwargs: Any) -> None:
-    """With QMOVER_METRICS_PORT set, the worker serves /metrics for its config's routes."""
+def announce_and_serve_metrics(sender: Any, **_kwargs: Any) -> None:
+    """Say once when the counters are off; with QMOVER_METRICS_PORT set, serve /metrics."""
+    if not _has_config(sender.app):
+        return
+    config = config_for(sender.app)
+    if config.metrics_url is None:
+        log.warning("%s", metrics.OFF_NOTICE)
     port = os.environ.get(METRICS_PORT_ENV)
     if not port:
         return
-    config = config_for(sender.app)
     server = metrics.serve(list(config.routes.values()), counters_at(config.metrics_url), int(port),
                            os.environ.get("QMOVER_METRICS_ADDRESS", "127.0.0.1"))
     log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
 
 
-_movers: dict[str, RouteMover] = {}
-
-
-def mover_for(route: Route) -> RouteMover:
-    """This worker process's mover for the route: connections and checks are
-    kept from task to task (a changed route gets a new mover)."""
-    mover = _movers.get(route.name)
-    if mover is None or mover.route != route:
-        if mover is not None:
-            mover.close()
-        mover = _movers[route.name] = RouteMover(route)
-    return mover
+# This process's connections, lent to one task at a time (see qmover.connector).
+connector = Connector()
 
 
 def _move_while_ready(mover: RouteMover, result: dict[str, Any], started: float) -> None:
@@ -123,16 +143,11 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
     route = None
     try:
         route = route_for(self, route_name)
-        mover = mover_for(route)
-        try:
-            if not mover.claim():
-                result["busy"] = True
-            else:
+        with RouteMover(route, connector=connector) as mover:
+            if mover.claim():
                 _move_while_ready(mover, result, started)
-                mover.release()
-        except BaseException:
-            mover.close()  # a failed or interrupted task leaves no connection half-way
-            raise
+            else:
+                result["busy"] = True
     except QmoverError as exc:
         if route is not None:
             _count(self, route, result, errors=1)

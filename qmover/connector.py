@@ -1,0 +1,126 @@
+"""One process's database connections, lent to one mover at a time.
+
+A Connector owns every connection of a worker process (or of `qmover run`)
+and keeps them per database, not per route: routes that share a database
+share its idle connections.  A mover borrows a connection for the length of
+a task and gives it back; a connection is never in two movers' hands at once,
+whatever the Celery pool (prefork, threads, solo, gevent).  What was checked
+on a connection for a route is remembered with it, so checks run once per
+connection, not once per task.
+
+The Connector also keeps the in-process half of the route claim: two tasks of
+one process never move the same route at once (the advisory lock in
+PostgreSQL keeps other processes out, but a session can take its own lock
+twice).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg2.extensions import connection, parse_dsn
+
+from qmover import db
+from qmover.db import Side
+from qmover.route import Route
+
+DEFAULT_MAX_IDLE = 64
+
+
+def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
+    """The same connection settings, however the DSN text spells them."""
+    return tuple(sorted(parse_dsn(dsn).items()))
+
+
+@dataclass(eq=False)
+class Session:
+    """A borrowed connection and what has been learnt on it."""
+
+    key: tuple[tuple[str, str], ...]
+    conn: connection
+    checked: dict[Route, Any] = field(default_factory=dict)  # route -> what its check found here
+    server: tuple[str, str] | None = None  # (system identifier, database), asked once
+    reused: bool = False  # it sat idle before this loan: the server may have gone since
+
+
+class Connector:
+    """Lends connections per database; closes the least recently used idle
+    ones beyond max_idle.  Thread- and greenlet-safe; after a fork the child
+    starts empty (it never touches the parent's sockets)."""
+
+    def __init__(self, max_idle: int = DEFAULT_MAX_IDLE):
+        self.max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[int, Session] = OrderedDict()  # id(session) -> session, oldest first
+        self._held: set[tuple] = set()
+        self._pid = os.getpid()
+        self._inherited: list[Session] = []
+
+    def borrow(self, route: Route, side: Side) -> Session:
+        """An idle connection to the side's database, or a new one."""
+        key = database_key(route.src_dsn if side == "source" else route.dst_dsn)
+        with self._lock:
+            self._forget_after_fork()
+            for ident, session in reversed(self._idle.items()):  # the most recently used first
+                if session.key == key:
+                    del self._idle[ident]
+                    session.reused = True
+                    return session
+        return Session(key, db.connect(route, side, autocommit=True))  # outside the lock: connecting is slow
+
+    def give_back(self, session: Session) -> None:
+        """Return a connection that is idle (no transaction, no claim)."""
+        if session.conn.closed:
+            return
+        with self._lock:
+            self._forget_after_fork()
+            self._idle[id(session)] = session
+            surplus = [self._idle.popitem(last=False)[1] for _ in range(len(self._idle) - self.max_idle)]
+        for old in surplus:
+            db.close(old.conn)
+
+    def drop_idle(self, key: tuple) -> None:
+        """Close the idle connections to one database (its server restarted, say)."""
+        with self._lock:
+            gone = [ident for ident, session in self._idle.items() if session.key == key]
+            sessions = [self._idle.pop(ident) for ident in gone]
+        for session in sessions:
+            db.close(session.conn)
+
+    def hold(self, route: Route) -> bool:
+        """The in-process claim on a route; False when another task of this process has it."""
+        key = (database_key(route.dst_dsn), route.consumer)
+        with self._lock:
+            if key in self._held:
+                return False
+            self._held.add(key)
+            return True
+
+    def unhold(self, route: Route) -> None:
+        with self._lock:
+            self._held.discard((database_key(route.dst_dsn), route.consumer))
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def close(self) -> None:
+        """Close every idle connection (borrowed ones are their borrowers' to close)."""
+        with self._lock:
+            sessions = list(self._idle.values())
+            self._idle.clear()
+        for session in sessions:
+            db.close(session.conn)
+
+    def _forget_after_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            # The parent's connections: kept referenced and never closed here,
+            # since closing (or collecting) one would end the parent's session.
+            self._inherited += self._idle.values()
+            self._idle.clear()
+            self._held.clear()

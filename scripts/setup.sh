@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make this machine ready for qmover: PgQ installed, PostgreSQL and Redis
-# running, .venv holding qmover with its test tools.  Safe to run again;
+# Make this machine ready for qmover: PgQ installed, PostgreSQL, Redis and
+# RabbitMQ running, .venv holding qmover with its test tools.  Safe to run again;
 # each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ missing=()
 [ -x "/usr/lib/postgresql/$PG_VERSION/bin/postgres" ] || missing+=("postgresql-$PG_VERSION")
 [ -f "/usr/share/postgresql/$PG_VERSION/extension/pgq.control" ] || missing+=("postgresql-$PG_VERSION-pgq3")
 command -v redis-server >/dev/null || missing+=("redis-server")
+command -v rabbitmq-server >/dev/null || missing+=("rabbitmq-server")  # the RabbitMQ broker tests
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
@@ -28,6 +29,12 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     echo "setup: starting Redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
     for _ in $(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    echo "setup: starting RabbitMQ"
+    $SUDO rabbitmq-server -detached >/dev/null 2>&1 || true
+    $SUDO timeout 120 rabbitmqctl await_startup >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -73,6 +73,26 @@ class Redis:
         self.client.close()
 
 
+class RabbitVhost:
+    """A virtual host of the machine's RabbitMQ (127.0.0.1:5672, guest), deleted after a test."""
+
+    def __init__(self) -> None:
+        self.name = f"qmt_{random.getrandbits(48):012x}"
+        self._ctl("add_vhost", self.name)
+        self._ctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:5672/{self.name}"
+
+    @staticmethod
+    def _ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    def close(self) -> None:
+        self._ctl("delete_vhost", self.name)
+
+
 class Processes:
     """Celery processes for one config; each logs to its own file."""
 

@@ -1,4 +1,8 @@
-"""A Celery project of its own that adds qmover's tasks and beat entries."""
+"""A Celery project of its own that adds qmover's tasks and beat entries.
+
+SHOP_BROKER_URL: its broker (Redis or RabbitMQ); SHOP_RESULT_BACKEND: its
+result backend, none when unset.
+"""
 
 import os
 
@@ -6,7 +10,7 @@ from celery import Celery
 
 import qmover.tasks
 
-app = Celery("shop", broker=os.environ["SHOP_BROKER_URL"], backend=os.environ["SHOP_BROKER_URL"])
+app = Celery("shop", broker=os.environ["SHOP_BROKER_URL"], backend=os.environ.get("SHOP_RESULT_BACKEND"))
 app.conf.beat_schedule = {}
 qmover.tasks.attach(app, os.environ["SHOP_QMOVER_CONFIG"])
 

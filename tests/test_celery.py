@@ -153,7 +153,8 @@ def test_flower_shows_each_route_succeeding(pipeline):
 def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
     pipe = pipeline(2)
     shop = Processes(pipe.config, pipe.procs.logdir, cwd=Path(__file__).parent, app="shop_app",
-                     env={"SHOP_BROKER_URL": redis_db.url, "SHOP_QMOVER_CONFIG": str(pipe.config)})
+                     env={"SHOP_BROKER_URL": redis_db.url, "SHOP_RESULT_BACKEND": redis_db.url,
+                          "SHOP_QMOVER_CONFIG": str(pipe.config)})
     try:
         shop.worker("shop", 2, "-B", "-s", str(pipe.procs.logdir / "shop-beat"))
         produced = pipe.produce(3)

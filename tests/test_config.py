@@ -71,6 +71,38 @@ anything = goes
     assert route.src_display == "dbname=part2"  # never the password
 
 
+ROUTE_ONLY = "[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n"
+
+
+@pytest.mark.parametrize("settings, backend, metrics", [
+    ("", DEFAULT_BROKER, DEFAULT_BROKER),  # a Redis broker doubles as both
+    ("broker_url = rediss://r:6380/2\n", "rediss://r:6380/2", "rediss://r:6380/2"),
+    ("broker_url = amqp://guest:guest@127.0.0.1:5672//\n", None, None),  # RabbitMQ alone: neither
+    ("broker_url = amqp://h//\nresult_backend = rpc://\nmetrics_url = redis://m/1\n", "rpc://", "redis://m/1"),
+    ("result_backend = none\nmetrics_url = none\n", None, None),
+])
+def test_result_backend_and_metrics_follow_the_broker_only_when_it_is_redis(tmp_path, monkeypatch, settings,
+                                                                           backend, metrics):
+    for name in ("QMOVER_BROKER_URL", "QMOVER_RESULT_BACKEND", "QMOVER_METRICS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config(write(tmp_path, ROUTE_ONLY + "[qmover]\n" + settings))
+    assert (config.result_backend, config.metrics_url) == (backend, metrics)
+
+    from qmover.tasks.schedule import celery_settings
+    assert celery_settings(config)["result_backend"] == backend
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("QMOVER_BROKER_URL", "amqp://h//")
+    monkeypatch.setenv("QMOVER_METRICS_URL", "redis://m/3")
+    monkeypatch.delenv("QMOVER_RESULT_BACKEND", raising=False)
+    config = load_config(write(tmp_path, ROUTE_ONLY + "[qmover]\nbroker_url = redis://r/1\n"))
+    assert (config.broker_url, config.result_backend, config.metrics_url) == ("amqp://h//", None, "redis://m/3")
+    monkeypatch.setenv("QMOVER_METRICS_URL", "http://m/3")
+    with pytest.raises(ConfigError, match="QMOVER_METRICS_URL: not a Redis URL"):
+        load_config(write(tmp_path, ROUTE_ONLY))
+
+
 @pytest.mark.parametrize("text, seconds", [
     ("30", 30.0), ("1.5", 1.5), ("2 s", 2.0), ("5 minutes", 300.0), ("1 hour", 3600.0),
     ("2 days", 172800.0), ("00:05:00", 300.0), ("1:00:00.5", 3600.5), ("soon", None), ("5 parsecs", None),
@@ -102,6 +134,8 @@ def test_durations(text, seconds):
      "[b]\nsrc_db = dbname=a\ndst_db = dbname=t2\nqueue_name = q\nconsumer_name = c\n",
      "[b] consumer_name: consumer 'c' is also used by [a] on the same source queue"),
     ("[qmover]\nbroker = redis://x\n", "[qmover] broker: unknown key; did you mean 'broker_url'?"),
+    ("[qmover]\nbroker_url = amqp://guest:hunter2@h//\nmetrics_url = amqp://guest:hunter2@h//\n",
+     "[qmover] metrics_url: not a Redis URL"),
     ("src_db = dbname=a\n", "not a valid INI file"),
     ("[r]\nsrc_db = dbname=a\n[r]\n", "not a valid INI file"),
 ])

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from celery_helpers import Redis, free_port, wait_until
+from celery_helpers import Redis, error_lines, free_port, wait_until
 
 SAMPLE = re.compile(r'^(qmover_[a-z_]+)\{route="([^"]+)"\} (\S+)$')
 
@@ -84,6 +84,22 @@ def test_moving_goes_on_when_redis_is_away(route):
 
     assert result.stderr.count("metrics not recorded: the Redis of metrics_url failed") == 1
     assert len(route.target_events()) == 20
+
+
+def test_a_failing_metrics_store_never_fails_a_move_task(pipeline):
+    """metrics_url names a server that is no Redis (RabbitMQ's port): every
+    write fails, yet every task succeeds, with one warning in the log."""
+    pipe = pipeline(2)
+    pipe.config.write_text(pipe.config.read_text() + "metrics_url = redis://127.0.0.1:5672/0\n")
+    pipe.procs.worker(concurrency=1)
+    pipe.procs.beat()
+    produced = pipe.produce(3)
+    pipe.wait_for(produced)
+
+    log = pipe.procs.log("worker")
+    assert log.count("metrics not recorded") == 1
+    assert error_lines(log) == []  # a failed task is logged at ERROR
+    assert re.search(r"succeeded in \S+: \{'route': 'partition_1', 'batches': [1-9]", log)
 
 
 def test_worker_and_metrics_command_serve_the_same_numbers(pipeline):

@@ -13,6 +13,7 @@ import pytest
 
 from celery_helpers import error_lines
 from conftest import run_qmover
+from qmover import move
 
 POOLS = {
     "prefork": ("-P", "prefork"),
@@ -28,15 +29,19 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, pool):
     """Beat every 0.05 s and tasks of at most 0.05 s: tasks for one route
     overlap (within a process on threads, across processes on prefork)."""
     pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05")
+    big = 2 * move.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
+    pipe.parts[0].produce_series("events", big, size=40, tag="big")
+    pipe.parts[0].tick("events")
     worker = pipe.procs.worker("worker", CONCURRENCY[pool], *POOLS[pool])
     pipe.procs.beat()
 
-    produced = pipe.produce_ticks(1000, per_tick=10)  # 2,000 batches while the worker moves
+    produced = big + pipe.produce_ticks(1000, per_tick=10)  # 2,000 batches while the worker moves
     pipe.wait_for(produced, timeout=180)
 
     log = pipe.procs.log("worker")
     applied = re.findall(r"route=(\S+) batch=(\d+) events=\d+", log)
-    assert len(applied) == len(set(applied)) >= 2000  # no batch applied twice
+    assert len(applied) == len(set(applied)) >= 2001  # no batch applied twice
+    assert f"events={big} " in log
     assert error_lines(pipe.procs.logs()) == []
     assert worker.poll() is None, "the worker died"
     busy = log.count("'busy': True")

@@ -41,7 +41,8 @@ def server_of(session: Session, route: Route, side: Side) -> Server:
     if session.server is None:
         with db.errors(route, side), session.conn.cursor() as cur:
             cur.execute(queries.SERVER_IDENTITY)
-            session.server = cur.fetchone()
+            system, database = cur.fetchone()
+        session.server = (system, database)
     return session.server
 
 

@@ -125,10 +125,11 @@ def render(routes: Iterable[Route], counters: Counters) -> str:
     for route in routes:
         label = f'{{route="{_escape(route.name)}"}}'
         stored = counters.read(route)
-        for metric in COUNTERS if stored is not None else ():
-            value = stored.get(metric.field)
-            if value is not None or metric.kind == "counter":
-                samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
+        if stored is not None:  # off or unreachable: no counter rather than a false 0
+            for metric in COUNTERS:
+                value = stored.get(metric.field)
+                if value is not None or metric.kind == "counter":
+                    samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
         found = admin.status(route)
         gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
                   "qmover_pending_events": found["pending_events"],

@@ -31,6 +31,8 @@ from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, TICK_TASK, config_path_
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
 METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
+# This process's connections, lent to one task at a time (see qmover.connector).
+connector = Connector()
 
 
 @lru_cache(maxsize=4)
@@ -95,10 +97,6 @@ def announce_and_serve_metrics(sender: Any, **_kwargs: Any) -> None:
     server = metrics.serve(list(config.routes.values()), counters_at(config.metrics_url), int(port),
                            os.environ.get("QMOVER_METRICS_ADDRESS", "127.0.0.1"))
     log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
-
-
-# This process's connections, lent to one task at a time (see qmover.connector).
-connector = Connector()
 
 
 def _move_while_ready(mover: RouteMover, result: dict[str, Any], started: float) -> None:

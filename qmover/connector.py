@@ -28,9 +28,6 @@ from qmover import db
 from qmover.db import Side
 from qmover.route import Route
 
-DEFAULT_MAX_IDLE = 64
-
-
 def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
     """The same connection settings, however the DSN text spells them."""
     return tuple(sorted(parse_dsn(dsn).items()))
@@ -49,11 +46,12 @@ class Session:
 
 class Connector:
     """Lends connections per database; closes the least recently used idle
-    ones beyond max_idle.  Thread- and greenlet-safe; after a fork the child
-    starts empty (it never touches the parent's sockets)."""
+    ones beyond max_idle (None: keeps them all).  Thread- and greenlet-safe;
+    after a fork the child starts empty (it never touches the parent's sockets)."""
 
-    def __init__(self, max_idle: int = DEFAULT_MAX_IDLE):
+    def __init__(self, max_idle: int | None = None, connect_timeout: int = db.CONNECT_TIMEOUT):
         self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._idle: OrderedDict[int, Session] = OrderedDict()  # id(session) -> session, oldest first
         self._held: set[tuple] = set()
@@ -70,7 +68,7 @@ class Connector:
                     del self._idle[ident]
                     session.reused = True
                     return session
-        return Session(key, db.connect(route, side, autocommit=True))  # outside the lock: connecting is slow
+        return Session(key, db.connect(route, side, autocommit=True, timeout=self.connect_timeout))  # outside the lock: connecting is slow
 
     def give_back(self, session: Session) -> None:
         """Return a connection that is idle (no transaction, no claim)."""
@@ -79,7 +77,8 @@ class Connector:
         with self._lock:
             self._forget_after_fork()
             self._idle[id(session)] = session
-            surplus = [self._idle.popitem(last=False)[1] for _ in range(len(self._idle) - self.max_idle)]
+            over = 0 if self.max_idle is None else len(self._idle) - self.max_idle
+            surplus = [self._idle.popitem(last=False)[1] for _ in range(over)]
         for old in surplus:
             db.close(old.conn)
 

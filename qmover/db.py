@@ -39,13 +39,16 @@ def where(route: Route, side: Side) -> str:
     return f"route {route.name}: {side} database ({display})"
 
 
-def connect(route: Route, side: Side, *, autocommit: bool) -> connection:
-    """Open one side of a route with the session settings the COPY relies on."""
+def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNECT_TIMEOUT) -> connection:
+    """Open one side of a route with the session settings the COPY relies on.
+
+    timeout: seconds to wait for the server, unless the DSN sets connect_timeout.
+    """
     dsn = route.src_dsn if side == "source" else route.dst_dsn
     # Shared by the routes that use this database: named after the process, not a route.
     extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}"}
     if "connect_timeout" not in parse_dsn(dsn):
-        extra["connect_timeout"] = CONNECT_TIMEOUT
+        extra["connect_timeout"] = timeout
     key = "src_db" if side == "source" else "dst_db"
     try:
         conn = psycopg2.connect(make_dsn(dsn, **extra))

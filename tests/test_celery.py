@@ -55,7 +55,9 @@ def test_three_workers_share_four_routes(pipeline):
     assert error_lines(pipe.procs.logs()) == []
 
 
-def test_beat_firing_while_a_route_is_busy(pipeline):
+def test_sweeps_send_no_second_task_for_a_route_being_moved(pipeline):
+    """While a task moves a 300,000-event batch, sweeps every 0.2 s find the
+    route claimed and send nothing more for it."""
     pipe = pipeline(1, interval=0.2)
     pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
     pipe.parts[0].tick("events")
@@ -65,8 +67,11 @@ def test_beat_firing_while_a_route_is_busy(pipeline):
 
     pipe.wait_for(produced, timeout=120)
 
-    log = pipe.procs.log("worker")
-    assert "'busy': True" in log  # beat kept firing while one task held the route
+    log, beat = pipe.procs.log("worker"), pipe.procs.log("beat")
+    sweeps = beat.count("Sending due task qmover sweep")
+    received = len(re.findall(r"Task qmover.move_next_batch\[\S+\] received", log))
+    assert sweeps >= 5 and "'sent': []" in beat
+    assert received <= 2, f"{received} move tasks for {sweeps} sweeps"  # 2: one sent just before the claim
     applied = re.findall(r"batch=(\d+) events=", log)
     assert len(applied) == len(set(applied)) == 4
     assert error_lines(pipe.procs.logs()) == []
@@ -156,7 +161,7 @@ def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
                      env={"SHOP_BROKER_URL": redis_db.url, "SHOP_RESULT_BACKEND": redis_db.url,
                           "SHOP_QMOVER_CONFIG": str(pipe.config)})
     try:
-        shop.worker("shop", 2, "-B", "-s", str(pipe.procs.logdir / "shop-beat"))
+        shop.worker("shop", 2, "-B", "-Q", "celery,qmover", "-s", str(pipe.procs.logdir / "shop-beat"))
         produced = pipe.produce(3)
         pipe.wait_for(produced)
         result = subprocess.run(

@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 
 import pytest
+from celery import Celery
 
 from celery_helpers import error_lines
 from conftest import run_qmover
@@ -25,9 +26,11 @@ CONCURRENCY = {"prefork": 2, "threads": 8, "solo": 1, "gevent": 8}
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, pool):
-    """Beat every 0.05 s and tasks of at most 0.05 s: tasks for one route
-    overlap (within a process on threads, across processes on prefork)."""
+def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool):
+    """Sweeps every 0.05 s, tasks of at most 0.05 s, and move tasks sent
+    directly every 0.02 s beside them (the sweeps alone skip a claimed
+    route): tasks for one route overlap, within a process on threads and
+    gevent, across processes on prefork."""
     pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05")
     big = 2 * move.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
     pipe.parts[0].produce_series("events", big, size=40, tag="big")
@@ -35,8 +38,23 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, pool):
     worker = pipe.procs.worker("worker", CONCURRENCY[pool], *POOLS[pool])
     pipe.procs.beat()
 
-    produced = big + pipe.produce_ticks(1000, per_tick=10)  # 2,000 batches while the worker moves
-    pipe.wait_for(produced, timeout=180)
+    client = Celery(broker=redis_db.url)
+    done = threading.Event()
+
+    def send_directly() -> None:
+        while not done.wait(0.02):
+            for route in ("partition_0", "partition_1"):
+                client.send_task("qmover.move_next_batch", (route,), queue="qmover", expires=1)
+
+    sender = threading.Thread(target=send_directly)
+    sender.start()
+    try:
+        produced = big + pipe.produce_ticks(1000, per_tick=10)  # 2,000 batches while the worker moves
+        pipe.wait_for(produced, timeout=180)
+    finally:
+        done.set()
+        sender.join()
+        client.close()
 
     log = pipe.procs.log("worker")
     applied = re.findall(r"route=(\S+) batch=(\d+) events=\d+", log)

@@ -58,7 +58,7 @@ def test_a_shop_app_on_rabbitmq_without_result_backend_runs_qmover_tasks(pipelin
     shop = Processes(pipe.config, pipe.procs.logdir, cwd=tests, app="shop_app",
                      env={"SHOP_BROKER_URL": rabbit.url, "SHOP_QMOVER_CONFIG": str(pipe.config)})
     try:
-        shop.worker("shop", 2, "-B", "-s", str(pipe.procs.logdir / "shop-beat"))
+        shop.worker("shop", 2, "-B", "-Q", "celery,qmover", "-s", str(pipe.procs.logdir / "shop-beat"))
         produced = pipe.produce(3)
         pipe.wait_for(produced)
         subprocess.run([sys.executable, "-c", "import shop_app; shop_app.add.delay(2, 3)"],

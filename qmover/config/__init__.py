@@ -39,7 +39,12 @@ SKYTOOLS_IGNORED_KEYS = frozenset({
     "tcp_keepintvl", "tcp_keepcnt", "pgq_lazy_fetch", "pgq_autocommit",
     "service_name", "config_dir", "config_file",
 })
-GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url"})
+GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url", "celery_queue", "max_idle_connections"})
+DEFAULT_QUEUE = "qmover"
+# Per worker process.  Few, so that many worker processes do not multiply a
+# fan-in's connections (the central one and the latest source stay open);
+# raise it to keep more source connections between tasks.
+DEFAULT_MAX_IDLE = 3
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
@@ -61,6 +66,8 @@ class Config:
     broker_url: str = DEFAULT_BROKER
     result_backend: str | None = DEFAULT_BROKER  # None: no result backend
     metrics_url: str | None = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.metrics; None: off
+    celery_queue: str = DEFAULT_QUEUE  # the Celery queue qmover's tasks go to
+    max_idle_connections: int = DEFAULT_MAX_IDLE  # per worker process, beyond them the least recently used close
 
     def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
         """The named routes (all when none are named); unknown names are an error."""
@@ -220,7 +227,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = "QMOVER_METRICS_URL" if os.environ.get("QMOVER_METRICS_URL") else f"[{GLOBAL_SECTION}] metrics_url"
         raise ConfigError(f"{path}: {where}: not a Redis URL; the counters live in Redis: give "
                           f"redis://HOST:PORT/DB (or rediss://), or 'none' to turn them off")
-    return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics)
+    idle = settings.number("max_idle_connections", int, 0)
+    return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics,
+                  celery_queue=settings.get("celery_queue") or DEFAULT_QUEUE,
+                  max_idle_connections=DEFAULT_MAX_IDLE if idle is None else int(idle))
 
 
 def _is_redis(url: str) -> bool:

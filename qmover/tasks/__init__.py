@@ -6,7 +6,7 @@ Celery app takes the same tasks and beat entries with attach().
 """
 
 from qmover.tasks.app import app
-from qmover.tasks.jobs import move_next_batch, tick_database
+from qmover.tasks.jobs import move_next_batch, sweep, tick_database
 from qmover.tasks.schedule import attach, beat_schedule
 
-__all__ = ["app", "attach", "beat_schedule", "move_next_batch", "tick_database"]
+__all__ = ["app", "attach", "beat_schedule", "move_next_batch", "sweep", "tick_database"]

@@ -1,4 +1,4 @@
-"""The tasks: move a route's ready batches; tick a database that has no pgqd.
+"""The tasks: sweep for ready routes; move a route's ready batches; tick a database that has no pgqd.
 
 Arguments are route names only, never a DSN.  Each worker process keeps its
 connections from task to task, per database, and lends them to one task at
@@ -26,13 +26,16 @@ from qmover.errors import QmoverError, TransientError
 from qmover.connector import Connector
 from qmover.mover import RouteMover
 from qmover.route import Route
-from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, TICK_TASK, config_path_from_env
+from qmover.sweep import Sweeper
+from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, SWEEP_TASK, TICK_TASK, config_path_from_env
 
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
 METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
 # This process's connections, lent to one task at a time (see qmover.connector).
 connector = Connector()
+# The readiness sweep's connections, one per database (used where sweeps run: beat).
+sweeper = Sweeper()
 
 
 @lru_cache(maxsize=4)
@@ -140,7 +143,9 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
                               "busy": False, "source_lag": None}
     route = None
     try:
-        route = route_for(self, route_name)
+        config = config_for(self.app)
+        route = config.select([route_name])[0]
+        connector.max_idle = config.max_idle_connections
         with RouteMover(route, connector=connector) as mover:
             if mover.claim():
                 _move_while_ready(mover, result, started)
@@ -154,6 +159,38 @@ def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
         _count(self, route, result)
     result["seconds"] = round(time.monotonic() - started, 3)
     return result
+
+
+class RunsInBeat(Task):
+    """A task that beat runs in its own process instead of sending it.
+
+    Beat is the one process of a deployment that schedules: sweeping there
+    keeps one connection per database for the whole deployment, where a
+    sweep in every worker process would keep one per database per process.
+    Sent by anyone else, it runs on a worker like any task.
+    """
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        if options.get("headers", {}).get("celery_beat_task"):  # beat marks what it sends
+            return self.apply(args, kwargs, throw=True)  # a bug shows in beat's log
+        return super().apply_async(args, kwargs, **options)
+
+
+@shared_task(bind=True, base=RunsInBeat, name=SWEEP_TASK)
+def sweep(self: Task, interval: float) -> dict[str, Any]:
+    """Send a move task for each route of this move_interval that has a batch
+    ready and no mover; idle routes cost a query per database, no task."""
+    try:
+        config = config_for(self.app)
+    except QmoverError as exc:
+        log.error("%s", exc)
+        return {"routes": 0, "sent": []}
+    routes = [route for route in config.routes.values() if route.move_interval == interval]
+    ready = sweeper.ready(routes)
+    move = self.app.tasks[MOVE_TASK]
+    for route in ready:
+        move.apply_async((route.name,), queue=config.celery_queue, expires=route.move_interval)
+    return {"routes": len(routes), "sent": [route.name for route in ready]}
 
 
 @shared_task(bind=True, name=TICK_TASK, throws=(QmoverError,))

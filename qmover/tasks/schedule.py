@@ -9,10 +9,12 @@ from typing import Any
 from celery import Celery
 
 from qmover.config import Config, load_config
+from qmover.connector import database_key
 from qmover.errors import ConfigError
 
 CONFIG_ENV = "QMOVER_CONFIG"
 MOVE_TASK = "qmover.move_next_batch"
+SWEEP_TASK = "qmover.sweep"
 TICK_TASK = "qmover.tick_database"
 
 
@@ -25,21 +27,32 @@ def config_path_from_env() -> Path:
 
 
 def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
-    """One move entry per route, plus ticker entries where a route asks for them.
+    """A readiness sweep per move_interval in use, and a tick per database
+    that a route asks beat to tick (named after its first route there).
 
-    Each task expires after one interval: a stalled worker lets beat queue
-    at most one pending task per entry, not a backlog.
+    Tasks expire after one interval: a stalled worker lets beat queue at
+    most one pending task per entry, not a backlog.
     """
+    options = {"queue": config.celery_queue}
     schedule: dict[str, dict[str, Any]] = {}
+    for interval in sorted({route.move_interval for route in config.routes.values()}):
+        schedule[f"qmover sweep every {interval:g}s"] = {
+            "task": SWEEP_TASK, "schedule": interval, "args": (interval,),
+            "options": {**options, "expires": interval}}
+    ticked: dict[tuple, dict[str, Any]] = {}
     for route in config.routes.values():
-        schedule[f"qmover move {route.name}"] = {
-            "task": MOVE_TASK, "schedule": route.move_interval, "args": (route.name,),
-            "options": {"expires": route.move_interval}}
         for side in route.ticker:
-            schedule[f"qmover tick {route.name} {side}"] = {
-                "task": TICK_TASK, "schedule": route.ticker_interval, "args": (route.name, side),
-                "options": {"expires": route.ticker_interval}}
+            entry = ticked.setdefault((side, database_key(route.src_dsn if side == "source" else route.dst_dsn)), {
+                "name": f"qmover tick {side} {route.src_display if side == 'source' else route.dst_display}",
+                "task": TICK_TASK, "schedule": route.ticker_interval, "args": (route.name, side)})
+            entry["schedule"] = min(entry["schedule"], route.ticker_interval)
+    for entry in ticked.values():
+        schedule[entry.pop("name")] = {**entry, "options": {**options, "expires": entry["schedule"]}}
     return schedule
+
+
+def task_routes(config: Config) -> dict[str, dict[str, str]]:
+    return {"qmover.*": {"queue": config.celery_queue}}
 
 
 def celery_settings(config: Config) -> dict[str, Any]:
@@ -49,6 +62,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "result_backend": config.result_backend,
         "qmover_config": str(config.path),
         "beat_schedule": beat_schedule(config),
+        "task_default_queue": config.celery_queue,  # so a plain `celery -A qmover.tasks worker` consumes it
+        "task_routes": task_routes(config),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -65,9 +80,13 @@ def celery_settings(config: Config) -> dict[str, Any]:
 
 
 def attach(app: Celery, config_path: str | os.PathLike[str]) -> None:
-    """Add qmover's tasks and its routes' beat entries to an existing Celery app."""
+    """Add qmover's tasks and beat entries to an existing Celery app; its
+    tasks go to their own queue (celery_queue), for `-Q qmover` workers."""
     config = load_config(config_path)
     import qmover.tasks.jobs  # noqa: F401  (registers the shared tasks)
 
     app.conf.qmover_config = str(config.path)
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **beat_schedule(config)}
+    theirs = app.conf.task_routes
+    theirs = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs] if theirs else []
+    app.conf.task_routes = [task_routes(config), *theirs]

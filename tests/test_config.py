@@ -71,6 +71,54 @@ anything = goes
     assert route.src_display == "dbname=part2"  # never the password
 
 
+TEMPLATE = """\
+[part]
+partitions = {spec}
+src_db = host=db%(partition)s dbname=part_%(partition)s password=secret
+dst_db = dbname=central
+pgq_queue_name = events
+dst_queue_name = central_events
+pidfile = %(job_name)s.pid
+"""
+
+
+def test_a_template_expands_into_one_route_per_partition(tmp_path):
+    config = load_config(write(tmp_path, TEMPLATE.format(spec="00-02, 7,eu") + "move_interval = 0.5\n"))
+    assert list(config.routes) == ["part_00", "part_01", "part_02", "part_7", "part_eu"]
+    route = config.routes["part_7"]
+    assert (route.consumer, route.src_dsn) == ("part_7", "host=db7 dbname=part_7 password=secret")
+    assert (route.dst_queue, route.move_interval) == ("central_events", 0.5)
+    named = load_config(write(tmp_path, TEMPLATE.format(spec="1-2") + "job_name = mover_%(partition)s\n"))
+    assert [r.consumer for r in named.select()] == ["mover_1", "mover_2"]
+
+
+@pytest.mark.parametrize("spec, extra, message", [
+    ("", "", "[part] partitions: '' is not a partition"),
+    ("5-3", "", "[part] partitions: '5-3' runs backwards"),
+    ("1-", "", "[part] partitions: '1-' is not a partition"),
+    ("1,,2", "", "[part] partitions: '' is not a partition"),
+    ("1-3,2", "", "[part] partitions: partition '2' is listed twice"),
+    ("1-3", "type_filter = t_%(partiton)s\n", "[part] type_filter (partition 1): bad %(...)s reference"),
+    ("1-3", "job_name = mover\n", "[part] job_name (partition 2): route name 'mover' is also used by [part] "
+                                   "partition 1; put %(partition)s in it"),
+    ("1-3", "loop_delay = -%(partition)s\n", "[part] loop_delay (partition 1): must be at least 0"),
+])
+def test_template_errors_name_file_section_key_and_partition(tmp_path, spec, extra, message):
+    path = write(tmp_path, TEMPLATE.format(spec=spec) + extra)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_status_lists_every_route_of_a_template(tmp_path):
+    path = write(tmp_path, TEMPLATE.format(spec="1-3").replace("host=db%(partition)s", "host=127.0.0.1 port=1"))
+    result = run_qmover("status", str(path))
+    assert result.returncode == 1  # nothing answers on port 1
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:4]] == ["part_1", "part_2", "part_3"]
+
+
 ROUTE_ONLY = "[r]\nsrc_db = dbname=a\ndst_db = dbname=b\nqueue_name = q\n"
 
 

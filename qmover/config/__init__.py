@@ -8,6 +8,7 @@ database, so a bad file fails before anything moves.
 from __future__ import annotations
 
 import configparser
+from collections import Counter
 import difflib
 import os
 import re
@@ -28,6 +29,7 @@ ROUTE_KEYS = frozenset({
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
     "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
+    "partitions",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -82,19 +84,30 @@ class Config:
 
 
 class _Section:
-    """One section's values, with errors that name file, section and key."""
+    """One section's values, with errors that name file, section and key.
 
-    def __init__(self, parser: configparser.ConfigParser, path: Path, name: str):
-        self.parser, self.path, self.name = parser, path, name
+    partition: one partition of a route template; %(partition)s is then
+    its value in every key, and errors name it too.
+    """
+
+    def __init__(self, parser: configparser.ConfigParser, path: Path, name: str, partition: str | None = None):
+        self.parser, self.path, self.name, self.partition = parser, path, name, partition
+
+    @property
+    def label(self) -> str:
+        """How messages name this section: [name], or [name] partition P."""
+        return f"[{self.name}]" + (f" partition {self.partition}" if self.partition is not None else "")
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.path}: [{self.name}] {key}: {problem}")
+        within = f" (partition {self.partition})" if self.partition is not None else ""
+        return ConfigError(f"{self.path}: [{self.name}] {key}{within}: {problem}")
 
     def get(self, key: str) -> str | None:
         if not self.parser.has_option(self.name, key):
             return None
         try:
-            value = self.parser.get(self.name, key)
+            value = self.parser.get(self.name, key,
+                                    vars=None if self.partition is None else {"partition": self.partition})
         except configparser.InterpolationError as exc:
             raise self.fail(key, f"bad %(...)s reference ({exc.message.splitlines()[0]})") from None
         return value.strip()
@@ -197,21 +210,26 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: not a valid INI file ({first})") from None
 
     routes: dict[str, Route] = {}
-    sections: dict[str, str] = {}
+    sections: dict[str, str] = {}  # route name -> how messages name its section
     for name in parser.sections():
         if name == GLOBAL_SECTION or not parser.has_option(name, "src_db"):
             continue
+        partitions = _partitions(_Section(parser, path, name))
         if not parser.has_option(name, "job_name"):
-            parser.set(name, "job_name", name)  # so %(job_name)s works as in skytools
-        route = _read_route(_Section(parser, path, name))
-        if route.name in routes:
-            raise ConfigError(
-                f"{path}: [{name}] job_name: route name {route.name!r} is also used by "
-                f"[{sections[route.name]}]; give each route its own job_name")
-        _check_consumer_is_free(path, name, route, routes, sections)
-        _check_kept_ids_alone(path, name, route, routes, sections)
-        routes[route.name] = route
-        sections[route.name] = name
+            # so %(job_name)s works as in skytools; a template's routes are named per partition
+            parser.set(name, "job_name", name if partitions == [None] else f"{name}_%(partition)s")
+        for partition in partitions:
+            section = _Section(parser, path, name, partition)
+            route = _read_route(section)
+            if route.name in routes:
+                hint = ("put %(partition)s in it" if sections[route.name].startswith(f"[{name}] partition")
+                        else "give each route its own job_name")
+                raise section.fail("job_name", f"route name {route.name!r} is also used by "
+                                               f"{sections[route.name]}; {hint}")
+            _check_consumer_is_free(path, section.label, route, routes, sections)
+            _check_kept_ids_alone(path, section.label, route, routes, sections)
+            routes[route.name] = route
+            sections[route.name] = section.label
 
     settings = _Section(parser, path, GLOBAL_SECTION)
     if parser.has_section(GLOBAL_SECTION):
@@ -261,8 +279,8 @@ def _check_consumer_is_free(path: Path, section: str, route: Route, routes: dict
         if same_source or _database(other.dst_dsn) == _database(route.dst_dsn):
             shared = "source queue" if same_source else "target database"
             raise ConfigError(
-                f"{path}: [{section}] consumer_name: consumer {route.consumer!r} is also used by "
-                f"[{sections[other.name]}] on the same {shared}; give each route its own consumer_name")
+                f"{path}: {section} consumer_name: consumer {route.consumer!r} is also used by "
+                f"{sections[other.name]} on the same {shared}; give each route its own consumer_name")
 
 
 def _check_kept_ids_alone(path: Path, section: str, route: Route, routes: dict[str, Route],
@@ -276,9 +294,40 @@ def _check_kept_ids_alone(path: Path, section: str, route: Route, routes: dict[s
         if shared and _database(other.dst_dsn) == _database(route.dst_dsn):
             keeper = section if route.keep_event_id else sections[other.name]
             raise ConfigError(
-                f"{path}: [{keeper}] keep_event_id: [{section}] and [{sections[other.name]}] write to the "
+                f"{path}: {keeper} keep_event_id: {section} and {sections[other.name]} write to the "
                 f"same target queue {min(shared)!r}, where kept event ids would collide; give the "
                 f"route a target queue of its own or set keep_event_id = 0")
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _partitions(section: _Section) -> list[str | None]:
+    """A template's partitions ('0-63', '1,3,8-11', '00-15' keeps the width,
+    'eu,us'); [None] for a section that is one route."""
+    spec = section.get("partitions")
+    if spec is None:
+        return [None]
+    values: list[str] = []
+    for entry in spec.split(","):
+        entry = entry.strip()
+        bounds = _RANGE.match(entry)
+        if bounds:
+            first, last = bounds.groups()
+            if int(last) < int(first):
+                raise section.fail("partitions", f"{entry!r} runs backwards; write low-high, e.g. 0-63")
+            width = len(first) if first.startswith("0") and len(first) > 1 else 0
+            values += [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+        elif _NAME.match(entry):
+            values.append(entry)
+        else:
+            raise section.fail("partitions", f"{entry!r} is not a partition; write ranges and names separated "
+                                             f"by commas, e.g. 0-63 or 1,3,8-11")
+    repeated = sorted(value for value, times in Counter(values).items() if times > 1)
+    if repeated:
+        raise section.fail("partitions", f"partition {repeated[0]!r} is listed twice")
+    return list(values)
 
 
 def _or_default(value: float | int | None, default: float) -> float:

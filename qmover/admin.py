@@ -6,8 +6,9 @@ QmoverError with the cause and the fix when it cannot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -15,7 +16,9 @@ import psycopg2
 from psycopg2.extensions import connection
 
 from qmover import db, queries
-from qmover.checks import has_schema, require_pgq_ext, require_queue, require_registered
+from qmover.checks import (has_schema, not_registered, pgq_ext_missing, pgq_ext_too_old, pgq_missing,
+                           queue_missing, require_pgq_ext, require_queue, require_registered)
+from qmover.connector import Connector, by_database, database_key
 from qmover.db import Side, errors, first_line, scalar, where
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -66,33 +69,132 @@ def install(route: Route) -> str:
             f"pgq_ext {'created' if created else 'present'}")
 
 
-def status(route: Route) -> dict[str, Any]:
-    """Source position and lag, target position; problems go in 'error'."""
+STATUS_CONNECT_TIMEOUT = 3  # a database that does not answer costs its own routes this, not the others
+
+
+@dataclass
+class _SourceState:
+    pgq: bool
+    queues: set[str] = field(default_factory=set)
+    consumers: dict[tuple[str, str], tuple] = field(default_factory=dict)  # (queue, consumer) -> info
+
+
+@dataclass
+class _TargetState:
+    pgq: bool
+    pgq_ext: bool
+    tick_api: bool
+    queues: set[str] = field(default_factory=set)
+    ticks: dict[str, int | None] = field(default_factory=dict)  # consumer -> pgq_ext last tick
+
+
+def _read_source(conn: connection, _group: list[Route]) -> _SourceState:
+    if not has_schema(conn, "pgq"):
+        return _SourceState(pgq=False)
+    state = _SourceState(pgq=True)
+    with conn.cursor() as cur:
+        cur.execute(queries.SOURCE_STATE)
+        for queue, consumer, *info in cur.fetchall():
+            state.queues.add(queue)
+            if consumer is not None:
+                state.consumers[(queue, consumer)] = tuple(info)
+    return state
+
+
+def _read_target(conn: connection, group: list[Route]) -> _TargetState:
+    with conn.cursor() as cur:
+        cur.execute(queries.TARGET_SCHEMAS)
+        state = _TargetState(*cur.fetchone())
+        if state.pgq:
+            cur.execute(queries.QUEUE_NAMES)
+            state.queues = {queue for (queue,) in cur.fetchall()}
+        if state.pgq_ext and state.tick_api:
+            cur.execute(queries.LAST_TICKS, ([route.consumer for route in group],))
+            state.ticks = dict(cur.fetchall())
+    return state
+
+
+def _read_each(routes: list[Route], side: Side, connector: Connector,
+               read: Callable[[connection, list[Route]], Any]) -> dict[tuple, Any]:
+    """read() once per database of the side; a failure is kept as the QmoverError."""
+    found: dict[tuple, Any] = {}
+    for group in by_database(routes, side):
+        try:
+            found[database_key(group[0].dsn(side))] = connector.run(group[0], side, lambda conn: read(conn, group))
+        except QmoverError as exc:
+            found[database_key(group[0].dsn(side))] = (group[0], exc)
+    return found
+
+
+def _failure(route: Route, found: tuple[Route, QmoverError]) -> str:
+    """A database's failure as the route would have met it (messages start 'route NAME:')."""
+    first, exc = found
+    return str(exc).replace(f"route {first.name}:", f"route {route.name}:", 1)
+
+
+def statuses(routes: list[Route], connector: Connector | None = None) -> list[dict[str, Any]]:
+    """Per route: source position and lag, target position; problems go in 'error'.
+
+    Each database is asked once, whatever the number of routes on it; one
+    that does not answer within STATUS_CONNECT_TIMEOUT marks only its own
+    routes.  connector: kept connections (qmover metrics keeps them between
+    scrapes); without one, connections are opened and closed here.
+    """
+    own = connector is None
+    connector = connector or Connector(connect_timeout=STATUS_CONNECT_TIMEOUT)
+    try:
+        sources = _read_each(routes, "source", connector, _read_source)
+        targets = _read_each(routes, "target", connector, _read_target)
+    finally:
+        if own:
+            connector.close()
+    return [_status(route, sources[database_key(route.src_dsn)], targets[database_key(route.dst_dsn)])
+            for route in routes]
+
+
+def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
         "route": route.name, "consumer": route.consumer,
         "source": route.src_display, "source_queue": route.src_queue,
         "target": route.dst_display, "target_queue": route.dst_queue,
         "lag_seconds": None, "last_seen_seconds": None, "pending_events": None,
         "source_last_tick": None, "current_batch": None, "target_last_tick": None,
-        "error": None,
+        "error": _source_problem(route, source) or _target_problem(route, target),
     }
-    try:
-        with _opened(route, "source") as src:
-            require_queue(src, route, "source")
-            require_registered(src, route)
-            with errors(route, "source"), src.cursor() as cur:
-                cur.execute(queries.CONSUMER_INFO, (route.src_queue, route.consumer))
-                lag, seen, last_tick, batch, _next_tick, pending = cur.fetchone()
-            info.update(lag_seconds=lag, last_seen_seconds=seen, pending_events=pending,
-                        source_last_tick=last_tick, current_batch=batch)
-        with _opened(route, "target") as dst:
-            require_queue(dst, route, "target")
-            require_pgq_ext(dst, route)
-            with errors(route, "target"):
-                info["target_last_tick"] = scalar(dst, queries.GET_LAST_TICK, (route.consumer,))
-    except QmoverError as exc:
-        info["error"] = str(exc)
+    if not isinstance(source, tuple) and (route.src_queue, route.consumer) in source.consumers:
+        lag, seen, last_tick, batch, pending = source.consumers[(route.src_queue, route.consumer)]
+        info.update(lag_seconds=lag, last_seen_seconds=seen, pending_events=pending,
+                    source_last_tick=last_tick, current_batch=batch)
+    if info["error"] is None:
+        info["target_last_tick"] = target.ticks.get(route.consumer)
     return info
+
+
+def _source_problem(route: Route, source: Any) -> str | None:
+    if isinstance(source, tuple):
+        return _failure(route, source)
+    if not source.pgq:
+        return str(pgq_missing(route, "source"))
+    if route.src_queue not in source.queues:
+        return str(queue_missing(route, "source", route.src_queue))
+    if (route.src_queue, route.consumer) not in source.consumers:
+        return str(not_registered(route))
+    return None
+
+
+def _target_problem(route: Route, target: Any) -> str | None:
+    if isinstance(target, tuple):
+        return _failure(route, target)
+    if not target.pgq:
+        return str(pgq_missing(route, "target"))
+    for queue in route.target_queues:
+        if queue not in target.queues:
+            return str(queue_missing(route, "target", queue))
+    if not target.pgq_ext:
+        return str(pgq_ext_missing(route))
+    if not target.tick_api:
+        return str(pgq_ext_too_old(route))
+    return None
 
 
 def rewind(route: Route) -> str:

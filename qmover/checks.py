@@ -22,38 +22,54 @@ def has_schema(conn: connection, name: str) -> bool:
     return bool(scalar(conn, queries.HAS_SCHEMA, (name,)))
 
 
+def pgq_missing(route: Route, side: Side) -> QmoverError:
+    return QmoverError(f"{where(route, side)}: PgQ is not installed; {PGQ_FIX}")
+
+
+def queue_missing(route: Route, side: Side, queue: str) -> QmoverError:
+    literal = "'" + queue.replace("'", "''") + "'"
+    return QmoverError(f"{where(route, side)}: queue {queue!r} does not exist; "
+                       f"create it with: select pgq.create_queue({literal})")
+
+
+def not_registered(route: Route) -> QmoverError:
+    return QmoverError(f"{where(route, 'source')}: consumer {route.consumer!r} is not registered "
+                       f"on queue {route.src_queue!r}; run: qmover install CONFIG --route {route.name}")
+
+
+def pgq_ext_missing(route: Route) -> QmoverError:
+    return QmoverError(f"{where(route, 'target')}: schema pgq_ext is missing, so positions cannot be "
+                       f"recorded; run: qmover install CONFIG --route {route.name}")
+
+
+def pgq_ext_too_old(route: Route) -> QmoverError:
+    return QmoverError(f"{where(route, 'target')}: pgq_ext has no get_last_tick(text)/set_last_tick(text, "
+                       f"bigint); upgrade it to pgq_ext 3.x (qmover does not alter an existing pgq_ext)")
+
+
 def require_queue(conn: connection, route: Route, side: Side) -> None:
     """pgq installed and the route's queues created on this side."""
     queues = (route.src_queue,) if side == "source" else route.target_queues
     with errors(route, side):
         if not has_schema(conn, "pgq"):
-            raise QmoverError(f"{where(route, side)}: PgQ is not installed; {PGQ_FIX}")
+            raise pgq_missing(route, side)
         for queue in queues:
             if not scalar(conn, queries.HAS_QUEUE, (queue,)):
-                literal = "'" + queue.replace("'", "''") + "'"
-                raise QmoverError(
-                    f"{where(route, side)}: queue {queue!r} does not exist; "
-                    f"create it with: select pgq.create_queue({literal})")
+                raise queue_missing(route, side, queue)
 
 
 def require_registered(conn: connection, route: Route) -> None:
     with errors(route, "source"):
         if not scalar(conn, queries.IS_REGISTERED, (route.src_queue, route.consumer)):
-            raise QmoverError(
-                f"{where(route, 'source')}: consumer {route.consumer!r} is not registered "
-                f"on queue {route.src_queue!r}; run: qmover install CONFIG --route {route.name}")
+            raise not_registered(route)
 
 
 def require_pgq_ext(conn: connection, route: Route) -> None:
     with errors(route, "target"):
         if not has_schema(conn, "pgq_ext"):
-            raise QmoverError(
-                f"{where(route, 'target')}: schema pgq_ext is missing, so positions cannot be "
-                f"recorded; run: qmover install CONFIG --route {route.name}")
+            raise pgq_ext_missing(route)
         if not scalar(conn, queries.HAS_TICK_API):
-            raise QmoverError(
-                f"{where(route, 'target')}: pgq_ext has no get_last_tick(text)/set_last_tick(text, "
-                f"bigint); upgrade it to pgq_ext 3.x (qmover does not alter an existing pgq_ext)")
+            raise pgq_ext_too_old(route)
 
 
 def require_blocking_driver() -> None:

@@ -116,11 +116,9 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
         click.echo(metrics.render(routes, counters), nl=False)
         return
     rows = []
-    for route in routes:
-        counted = counters.read(route)  # None: counters off or unreachable, shown as "-"
-        rows.append({**admin.status(route),
-                     **{key: None if counted is None else int(counted.get(field, 0))
-                        for key, field in (("events_moved", "events"), ("events_filtered", "filtered"))}})
+    for found, counted in zip(admin.statuses(routes), counters.read(routes)):  # counted None: shown as "-"
+        rows.append({**found, **{key: None if counted is None else int(counted.get(field, 0))
+                                 for key, field in (("events_moved", "events"), ("events_filtered", "filtered"))}})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

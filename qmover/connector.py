@@ -19,18 +19,30 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg2.extensions import connection, parse_dsn
 
 from qmover import db
 from qmover.db import Side
+from qmover.errors import QmoverError, TransientError
 from qmover.route import Route
+
+T = TypeVar("T")
 
 def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
     """The same connection settings, however the DSN text spells them."""
     return tuple(sorted(parse_dsn(dsn).items()))
+
+
+def by_database(routes: Iterable[Route], side: Side) -> list[list[Route]]:
+    """The routes grouped by the database of one side, in first-seen order."""
+    groups: dict[tuple, list[Route]] = {}
+    for route in routes:
+        groups.setdefault(database_key(route.dsn(side)), []).append(route)
+    return list(groups.values())
 
 
 @dataclass(eq=False)
@@ -60,7 +72,7 @@ class Connector:
 
     def borrow(self, route: Route, side: Side) -> Session:
         """An idle connection to the side's database, or a new one."""
-        key = database_key(route.src_dsn if side == "source" else route.dst_dsn)
+        key = database_key(route.dsn(side))
         with self._lock:
             self._forget_after_fork()
             for ident, session in reversed(self._idle.items()):  # the most recently used first
@@ -102,6 +114,34 @@ class Connector:
     def unhold(self, route: Route) -> None:
         with self._lock:
             self._held.discard((database_key(route.dst_dsn), route.consumer))
+
+    def run(self, route: Route, side: Side, work: Callable[[connection], T]) -> T:
+        """work(conn) on a borrowed connection, errors turned into QmoverErrors.
+
+        A kept connection that fails with a connection error (its server
+        restarted since) is replaced once at once; after a statement error
+        the connection (in autocommit) goes back as it is.
+        """
+        for attempt in range(2):
+            session = self.borrow(route, side)
+            try:
+                with db.errors(route, side):
+                    result = work(session.conn)
+            except TransientError:
+                db.close(session.conn)
+                if session.reused and attempt == 0:
+                    self.drop_idle(session.key)
+                    continue
+                raise
+            except QmoverError:
+                self.give_back(session)
+                raise
+            except BaseException:
+                db.close(session.conn)
+                raise
+            self.give_back(session)
+            return result
+        raise AssertionError("unreachable")
 
     def idle_count(self) -> int:
         with self._lock:

@@ -16,7 +16,7 @@ import psycopg2.errors
 from psycopg2.extensions import connection, make_dsn, parse_dsn
 
 from qmover import queries
-from qmover.errors import QmoverError, TransientError
+from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.route import Route
 
 Side = Literal["source", "target"]
@@ -35,7 +35,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def where(route: Route, side: Side) -> str:
-    display = route.src_display if side == "source" else route.dst_display
+    display = route.display(side)
     return f"route {route.name}: {side} database ({display})"
 
 
@@ -44,7 +44,7 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
 
     timeout: seconds to wait for the server, unless the DSN sets connect_timeout.
     """
-    dsn = route.src_dsn if side == "source" else route.dst_dsn
+    dsn = route.dsn(side)
     # Shared by the routes that use this database: named after the process, not a route.
     extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}"}
     if "connect_timeout" not in parse_dsn(dsn):
@@ -55,7 +55,7 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
     except psycopg2.Error as exc:
         reason = first_line(exc)
         if any(refusal in reason for refusal in LOGIN_REFUSED):
-            raise QmoverError(
+            raise LoginRefused(
                 f"{where(route, side)}: login refused: {reason}; check the user and password in {key} "
                 f"(or PGPASSWORD / ~/.pgpass) and the server's pg_hba.conf") from None
         raise TransientError(

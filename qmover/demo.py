@@ -140,9 +140,9 @@ def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, route
     moved = per_route(args.workdir)
     print()
     print(f"{'route':24} {'events':>8} {'batches':>8} {'lag_s':>6}")
-    for route in routes:
+    for route, found in zip(routes, admin.statuses(routes)):
         events, batches = moved.get(route.name, (0, 0))
-        lag = admin.status(route)["lag_seconds"]
+        lag = found["lag_seconds"]
         print(f"{route.name:24} {events:>8} {batches:>8} {lag:>6.1f}")
     print()
     print(f"central queue: {sum(target.values())} events, produced: {produced}, "

@@ -23,3 +23,7 @@ class TransientError(QmoverError):
 
 class LostPosition(QmoverError):
     """The target's position matches neither end of the source batch."""
+
+
+class LoginRefused(QmoverError):
+    """The server answered and refused the login (password, pg_hba.conf): waiting will not cure it."""

@@ -14,13 +14,13 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 
 from qmover import admin
+from qmover.connector import Connector
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
@@ -96,16 +96,19 @@ class Counters:
             self._paused_until = time.monotonic() + self.PAUSE
             _warn_once(exc)
 
-    def read(self, route: Route) -> dict[str, float] | None:
-        """The route's stored numbers; None when the counters are off or did not answer."""
+    def read(self, routes: list[Route]) -> list[dict[str, float]] | list[None]:
+        """Each route's stored numbers, in one round trip; Nones when the counters are off or did not answer."""
         if self.client is None:
-            return None
+            return [None] * len(routes)
         try:
-            raw = self.client.hgetall(_key(route))
+            pipe = self.client.pipeline(transaction=False)
+            for route in routes:
+                pipe.hgetall(_key(route))
+            found = pipe.execute()
         except Exception as exc:
             _warn_once(exc)
-            return None
-        return {field.decode(): float(value) for field, value in raw.items()}
+            return [None] * len(routes)
+        return [{field.decode(): float(value) for field, value in raw.items()} for raw in found]
 
     def close(self) -> None:
         if self.client is not None:
@@ -119,18 +122,20 @@ def _warn_once(exc: Exception) -> None:
         log.warning("metrics not recorded: the Redis of metrics_url failed (%s); moving goes on", exc)
 
 
-def render(routes: Iterable[Route], counters: Counters) -> str:
-    """The Prometheus text exposition of every route's counters and gauges."""
+def render(routes: list[Route], counters: Counters, connector: Connector | None = None) -> str:
+    """The Prometheus text exposition of every route's counters and gauges.
+
+    Gauges ask each database once (admin.statuses); connector: connections
+    kept between scrapes.
+    """
     samples: dict[str, list[str]] = {metric.name: [] for metric in (*COUNTERS, *GAUGES)}
-    for route in routes:
+    for route, stored, found in zip(routes, counters.read(routes), admin.statuses(routes, connector)):
         label = f'{{route="{_escape(route.name)}"}}'
-        stored = counters.read(route)
         if stored is not None:  # off or unreachable: no counter rather than a false 0
             for metric in COUNTERS:
                 value = stored.get(metric.field)
                 if value is not None or metric.kind == "counter":
                     samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
-        found = admin.status(route)
         gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
                   "qmover_pending_events": found["pending_events"],
                   "qmover_route_up": 0 if found["error"] else 1}
@@ -153,14 +158,18 @@ def _number(value: float) -> str:
 
 
 def serve(routes: list[Route], counters: Counters, port: int, address: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve /metrics from a daemon thread; returns the server (shutdown() stops it)."""
+    """Serve /metrics from a daemon thread; returns the server (shutdown() stops it).
+
+    Its connections are kept between scrapes, one per database.
+    """
+    connector = Connector(connect_timeout=admin.STATUS_CONNECT_TIMEOUT)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics here")
                 return
-            body = render(routes, counters).encode()
+            body = render(routes, counters, connector).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))

@@ -65,6 +65,19 @@ FINISH_BATCH = "begin; set local synchronous_commit to off; select pgq.finish_ba
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
+# status, once per source database: every queue, with each of its consumers.
+SOURCE_STATE = """
+    select q.queue_name, i.consumer_name,
+           extract(epoch from i.lag)::float8, extract(epoch from i.last_seen)::float8,
+           i.last_tick, i.current_batch, i.pending_events
+      from pgq.queue q left join pgq.get_consumer_info() i on i.queue_name = q.queue_name
+"""
+# status, once per target database: what is installed, then queues and positions.
+TARGET_SCHEMAS = f"""
+    select to_regnamespace('pgq') is not null, to_regnamespace('pgq_ext') is not null, ({HAS_TICK_API})
+"""
+QUEUE_NAMES = "select queue_name from pgq.queue"
+LAST_TICKS = "select consumer, pgq_ext.get_last_tick(consumer) from unnest(%s::text[]) consumer"
 # lag_seconds first: scalar() on it is the consumer's lag.
 CONSUMER_INFO = """
     select extract(epoch from lag)::float8 as lag_seconds,

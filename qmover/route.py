@@ -90,6 +90,14 @@ class Route:
     def filtered(self) -> bool:
         return bool(self.type_filter or self.table_filter)
 
+    def dsn(self, side: str) -> str:
+        """The DSN of one side, "source" or "target"."""
+        return self.src_dsn if side == "source" else self.dst_dsn
+
+    def display(self, side: str) -> str:
+        """One side's DSN without password, for messages."""
+        return describe_dsn(self.dsn(side))
+
     @property
     def src_display(self) -> str:
         return describe_dsn(self.src_dsn)

@@ -18,10 +18,12 @@ import threading
 import time
 from collections.abc import Iterable
 
+from psycopg2.extensions import connection
+
 from qmover import db, queries
-from qmover.connector import Connector, database_key
+from qmover.connector import Connector, by_database, database_key
 from qmover.db import Side
-from qmover.errors import QmoverError, TransientError
+from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
@@ -41,47 +43,35 @@ class Sweeper:
     def ready(self, routes: Iterable[Route]) -> list[Route]:
         """The routes to move now: maybe a batch ready, and no mover on them."""
         candidates = []
-        for group in _by_database(routes, "source"):
+        for group in by_database(routes, "source"):
             idle = self._ask(group, "source", queries.IDLE_CONSUMERS)
             if idle is not None:
                 candidates += [route for route in group if (route.src_queue, route.consumer) not in idle]
         ready = []
-        for group in _by_database(candidates, "target"):
+        for group in by_database(candidates, "target"):
             claimed = self._ask(group, "target", queries.CLAIMED_CONSUMERS)
             if claimed is not None:
                 ready += [route for route in group if (route.consumer,) not in claimed]
         return ready
 
     def _ask(self, group: list[Route], side: Side, query: str) -> set[tuple] | None:
-        """The query's rows for the group's consumers; None when the database does not answer.
-
-        A kept connection that fails (its server restarted since the last
-        sweep) is replaced once at once, before the database counts as down.
-        """
+        """The query's rows for the group's consumers; None when the database does not answer."""
         route = group[0]
-        key = database_key(route.src_dsn if side == "source" else route.dst_dsn)
+        key = database_key(route.dsn(side))
         if key in self._down:
             return None
-        for _ in range(2):
-            try:
-                session = self.connector.borrow(route, side)
-            except QmoverError as exc:
-                return self._went_down(key, route, side, exc, len(group))
-            try:
-                with db.errors(route, side), session.conn.cursor() as cur:
-                    cur.execute(query, ([r.consumer for r in group],))
-                    rows = set(cur.fetchall())
-            except TransientError as exc:
-                db.close(session.conn)
-                if session.reused:
-                    self.connector.drop_idle(key)
-                    continue
-                return self._went_down(key, route, side, exc, len(group))
-            except QmoverError:  # it answered, but not as PgQ should (no pgq schema, say): the movers will say why
-                rows = set()
-            self.connector.give_back(session)
-            return rows
-        return None
+
+        def rows(conn: connection) -> set[tuple]:
+            with conn.cursor() as cur:
+                cur.execute(query, ([r.consumer for r in group],))
+                return set(cur.fetchall())
+
+        try:
+            return self.connector.run(route, side, rows)
+        except (TransientError, LoginRefused) as exc:
+            return self._went_down(key, route, side, exc, len(group))
+        except QmoverError:
+            return set()  # it answered, but not as PgQ should (no pgq schema, say): the movers will say why
 
     def _went_down(self, key: tuple, route: Route, side: Side, exc: QmoverError, routes: int) -> None:
         log.warning("sweep: %s; its %d route(s) wait until it answers (asked every %g s)", exc, routes,
@@ -103,26 +93,11 @@ class Sweeper:
                     return
             for key, (route, side) in list(self._down.items()):
                 try:
-                    session = self.connector.borrow(route, side)
+                    self.connector.run(route, side, lambda conn: db.scalar(conn, queries.PING))
                 except QmoverError:
                     continue
-                try:
-                    with db.errors(route, side):
-                        db.scalar(session.conn, queries.PING)
-                except QmoverError:
-                    db.close(session.conn)
-                    continue
-                self.connector.give_back(session)
                 del self._down[key]
-                log.info("sweep: %s database (%s) answers again", side,
-                         route.src_display if side == "source" else route.dst_display)
+                log.info("sweep: %s database (%s) answers again", side, route.display(side))
 
     def close(self) -> None:
         self.connector.close()
-
-
-def _by_database(routes: Iterable[Route], side: Side) -> list[list[Route]]:
-    groups: dict[tuple, list[Route]] = {}
-    for route in routes:
-        groups.setdefault(database_key(route.src_dsn if side == "source" else route.dst_dsn), []).append(route)
-    return list(groups.values())

@@ -42,8 +42,8 @@ def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     ticked: dict[tuple, dict[str, Any]] = {}
     for route in config.routes.values():
         for side in route.ticker:
-            entry = ticked.setdefault((side, database_key(route.src_dsn if side == "source" else route.dst_dsn)), {
-                "name": f"qmover tick {side} {route.src_display if side == 'source' else route.dst_display}",
+            entry = ticked.setdefault((side, database_key(route.dsn(side))), {
+                "name": f"qmover tick {side} {route.display(side)}",
                 "task": TICK_TASK, "schedule": route.ticker_interval, "args": (route.name, side)})
             entry["schedule"] = min(entry["schedule"], route.ticker_interval)
     for entry in ticked.values():

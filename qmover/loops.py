@@ -10,11 +10,12 @@ database many ways.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import closing
 from dataclasses import dataclass
 
+from psycopg2.extensions import connection
+
 from qmover import db, queries
-from qmover.connector import Connector, Session
+from qmover.connector import Connector, Session, database_key
 from qmover.db import Side
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -39,36 +40,33 @@ class Hop:
 def server_of(session: Session, route: Route, side: Side) -> Server:
     """The server and database behind a connection, asked once per connection."""
     if session.server is None:
-        with db.errors(route, side), session.conn.cursor() as cur:
-            cur.execute(queries.SERVER_IDENTITY)
-            system, database = cur.fetchone()
-        session.server = (system, database)
+        with db.errors(route, side):
+            session.server = _identity(session.conn)
     return session.server
+
+
+CONNECT_TIMEOUT = 3
 
 
 def check_routes(routes: Iterable[Route]) -> None:
     """require_no_loops over a config's routes, asking each database once.
 
-    A database that does not answer is left out: its routes are checked
-    again, alone, when a mover opens them.
+    One connection at a time, each closed at once (a worker checks at start,
+    beside beat's sweeps: it must not double the connections on a server).
+    A database that does not answer within CONNECT_TIMEOUT is left out: its
+    routes are checked again, alone, when a mover opens them.
     """
-    with closing(Connector()) as connector:
-        _check_routes(routes, connector)
+    connector = Connector(max_idle=0, connect_timeout=CONNECT_TIMEOUT)
+    servers: dict[tuple, Server | None] = {}
 
-
-def _check_routes(routes: Iterable[Route], connector: Connector) -> None:
     def server(route: Route, side: Side) -> Server | None:
-        try:
-            session = connector.borrow(route, side)
-        except QmoverError:
-            return None
-        try:
-            found = server_of(session, route, side)
-        except QmoverError:
-            db.close(session.conn)
-            return None
-        connector.give_back(session)
-        return found
+        key = database_key(route.dsn(side))
+        if key not in servers:
+            try:
+                servers[key] = connector.run(route, side, _identity)
+            except QmoverError:
+                servers[key] = None
+        return servers[key]
 
     found = []
     for route in routes:
@@ -76,6 +74,13 @@ def _check_routes(routes: Iterable[Route], connector: Connector) -> None:
         if source is not None and target is not None:
             found.append(Hop(route, source, target))
     require_no_loops(found)
+
+
+def _identity(conn: connection) -> Server:
+    with conn.cursor() as cur:
+        cur.execute(queries.SERVER_IDENTITY)
+        system, database = cur.fetchone()
+    return (system, database)
 
 
 def require_no_loops(found: list[Hop]) -> None:

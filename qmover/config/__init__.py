@@ -46,7 +46,7 @@ DEFAULT_QUEUE = "qmover"
 # Per worker process.  Few, so that many worker processes do not multiply a
 # fan-in's connections (the central one and the latest source stay open);
 # raise it to keep more source connections between tasks.
-DEFAULT_MAX_IDLE = 3
+DEFAULT_MAX_IDLE = 2
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,

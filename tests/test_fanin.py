@@ -1,0 +1,216 @@
+"""Fan-in at scale (30 partitions into one central queue): bounded connections,
+no tasks for idle routes, and a dead partition that holds up nobody."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from celery_helpers import Processes, error_lines, wait_until
+from conftest import PgqDatabase, run_qmover
+
+PARTITIONS = 30
+INTERVAL = 0.5
+TEMPLATE = """
+[part]
+partitions = {names}
+src_db = host=127.0.0.1 dbname=%(partition)s
+dst_db = host=127.0.0.1 dbname={central}
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = {interval}
+
+[qmover]
+broker_url = {broker}
+"""
+# qmover's own connections, per database (the test's are not named 'qmover ...').
+CONNECTIONS = ("select datname, count(*) from pg_stat_activity"
+               " where application_name like 'qmover %' group by datname")
+
+
+@dataclass
+class FanIn:
+    parts: list[PgqDatabase]
+    central: PgqDatabase
+    config: Path
+    procs: Processes
+
+    def produce_everywhere(self, per_part: int, tag: str) -> int:
+        for part in self.parts:
+            part.produce_series("events", per_part, size=40, tag=tag)
+            part.tick("events")
+        return per_part * len(self.parts)
+
+    def central_count(self) -> int:
+        return self.central.value("select count(*) from pgq.event_1")
+
+    def exactly_once(self) -> None:
+        source = Counter(event for part in self.parts for event in part.events("events"))
+        assert Counter(self.central.events("central_events")) == source
+
+    def move_tasks_received(self) -> int:
+        return len(re.findall(r"Task qmover.move_next_batch\[\S+\] received", self.procs.logs()))
+
+
+@pytest.fixture
+def fan_in(make_db, tmp_path, redis_db):
+    made: list[FanIn] = []
+
+    def build(partitions: int = PARTITIONS) -> FanIn:
+        parts = [make_db() for _ in range(partitions)]
+        central = make_db()
+        for part in parts:
+            part.create_queue("events")
+        central.create_queue("central_events")
+        config = tmp_path / "fan-in.ini"
+        config.write_text(TEMPLATE.format(names=", ".join(part.name for part in parts), central=central.name,
+                                          interval=INTERVAL, broker=redis_db.url))
+        run_qmover("install", str(config), check=True)
+        logdir = tmp_path / "logs"
+        logdir.mkdir(exist_ok=True)
+        made.append(FanIn(parts, central, config, Processes(config, logdir)))
+        return made[-1]
+
+    yield build
+    for built in made:
+        built.procs.stop()
+
+
+class Peak:
+    """The most connections qmover held, on the central database and on the
+    whole server, sampled every 20 ms while running."""
+
+    def __init__(self, admin: PgqDatabase, central: str):
+        self.central_name, self.central, self.server = central, 0, 0
+        self._conn = admin.connect()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            with self._conn.cursor() as cur:
+                cur.execute(CONNECTIONS)
+                counts = dict(cur.fetchall())
+            self.central = max(self.central, counts.get(self.central_name, 0))
+            self.server = max(self.server, sum(counts.values()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._conn.close()
+
+
+def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fan_in):
+    fan = fan_in()
+    peak = Peak(fan.central, fan.central.name)
+    try:
+        fan.procs.worker("worker", 2)  # 2 pool processes
+        fan.procs.beat()
+        produced = fan.produce_everywhere(1000, "drain")
+        wait_until(lambda: fan.central_count() >= produced, 120, "every partition drained into central")
+        time.sleep(2 * INTERVAL)
+
+        # Idle: sweeps go on, move tasks do not.
+        received, sweeps = fan.move_tasks_received(), fan.procs.log("beat").count("Sending due task qmover sweep")
+        time.sleep(6 * INTERVAL)
+        assert fan.move_tasks_received() == received
+        assert fan.procs.log("beat").count("Sending due task qmover sweep") >= sweeps + 4
+
+        # One ticked partition: its events are in central within two intervals.
+        for part in (fan.parts[7], fan.parts[-1]):
+            before = fan.central_count()
+            part.produce_series("events", 5, size=20, tag="late")
+            part.tick("events")
+            ticked = time.monotonic()
+            wait_until(lambda: fan.central_count() == before + 5, 10, "the ticked partition's events", every=0.02)
+            assert time.monotonic() - ticked <= 2 * INTERVAL
+    finally:
+        peak.stop()
+
+    fan.exactly_once()
+    assert error_lines(fan.procs.logs()) == []
+    print(f"peak qmover connections: central {peak.central}, server {peak.server} ({PARTITIONS} partitions)")
+    assert peak.central <= 2 + 2  # worker processes + 2
+    assert peak.server <= PARTITIONS + 10
+
+
+HUNG = """
+[hung]
+job_name = part_{name}
+src_db = host=127.0.0.1 port={port} dbname={name}
+dst_db = host=127.0.0.1 dbname={central}
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = {interval}
+"""
+
+
+class Blackhole:
+    """A TCP port that accepts connections and never says a word: a hung host."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_partition_that_hangs_holds_up_only_its_own_route(fan_in):
+    fan = fan_in(6)
+    hung, others = fan.parts[0], fan.parts[1:]
+    hole = Blackhole()
+    try:
+        # The hung partition's route, as installed (same consumer), now reached through the blackhole.
+        fan.config.write_text(HUNG.format(name=hung.name, port=hole.port, central=fan.central.name,
+                                          interval=INTERVAL)
+                              + fan.config.read_text().replace(f"{hung.name}, ", "", 1))
+        fan.procs.worker("worker", 2)
+        fan.procs.beat()
+        hung.produce_series("events", 10, tag="stuck")
+        hung.tick("events")
+        others[0].produce_series("events", 5, size=20, tag="warm-up")
+        others[0].tick("events")
+        wait_until(lambda: fan.central_count() == 5, 60, "the worker and beat to be up")
+        for round_no in range(4):
+            before = fan.central_count()
+            part = others[1 + round_no % (len(others) - 1)]
+            part.produce_series("events", 5, size=20, tag=f"r{round_no}")
+            part.tick("events")
+            ticked = time.monotonic()
+            wait_until(lambda: fan.central_count() == before + 5, 10, "a healthy partition's events", every=0.02)
+            assert time.monotonic() - ticked <= 2 * INTERVAL
+        beat = fan.procs.log("beat")
+        assert "sweep: route part_" in beat and "its 1 route(s) wait until it answers" in beat
+        assert beat.count("wait until it answers") == 1  # said once, not every sweep
+    finally:
+        hole.close()
+    assert fan.central_count() == 25  # nothing of the hung partition
+
+
+def test_kill_9_of_beat_and_worker_while_sweeping_loses_and_doubles_nothing(fan_in):
+    fan = fan_in(10)
+    fan.procs.worker("worker", 2)
+    fan.procs.beat()
+    produced = 0
+    for round_no in range(6):
+        produced += fan.produce_everywhere(200, f"k{round_no}-")
+        time.sleep(0.3 + 0.1 * round_no)
+        fan.procs.kill("beat" if round_no % 2 else "worker")  # SIGKILL, whatever it was doing
+        if round_no % 2:
+            fan.procs.beat()
+        else:
+            fan.procs.worker("worker", 2)
+    wait_until(lambda: fan.central_count() >= produced, 90, "every event after the kills")
+    time.sleep(3 * INTERVAL)  # a duplicate would show now
+    fan.exactly_once()

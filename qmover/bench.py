@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -229,6 +230,18 @@ def pool_children(pid: int) -> list[int]:
     return [int(child) for child in children.read_text().split()] if children.exists() else []
 
 
+def wait_for_celery(logs: list[Path], workers: int, timeout: float = 60) -> None:
+    """Until the workers say ready and beat has swept once (idle routes get no task to wait for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = "".join(log.read_text() for log in logs if log.exists())
+        if text.count(" ready.") >= workers and re.search(r"Task qmover.sweep\[\S+\] succeeded", text):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"Celery did not start; see {', '.join(map(str, logs))}")
+        time.sleep(0.1)
+
+
 def run_celery(server: str, config: Path, workdir: Path, workload: Workload, ticks: list[int]) -> Result:
     """Worker and beat run idle first; the clock starts when the consumer is
     moved back to before the loaded ticks, and stops when the target holds the
@@ -239,11 +252,7 @@ def run_celery(server: str, config: Path, workdir: Path, workload: Workload, tic
     worker = start_celery(config, log, "worker", "-c", "1", "-l", "info", "--without-mingle", "--without-gossip")
     beat = start_celery(config, log, "beat", "-l", "info", "-s", str(workdir / "beat-schedule"))
     try:
-        deadline = time.monotonic() + 60
-        while "succeeded" not in (workdir / "celery.log").read_text():  # an idle task went through
-            if time.monotonic() > deadline:
-                raise SystemExit(f"Celery never ran a task; see {workdir / 'celery.log'}")
-            time.sleep(0.1)
+        wait_for_celery([log], workers=1)
         first_tick = ticks[0] - 1
         with closing(connect(server, SOURCE)) as src, closing(connect(server, TARGET_CELERY)) as dst:
             with src.cursor() as cur:
@@ -389,7 +398,8 @@ def svg_plot(results: list[Result], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default=SERVER, help="libpq settings of the PostgreSQL server to use")
+    parser.add_argument("--server", help=f"libpq settings of the PostgreSQL server to use (default {SERVER!r}; "
+                                         "with --routes, a throwaway cluster of its own)")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="broker for the Celery mode")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--svg", type=Path, help="write the batch-size plot here")
@@ -399,11 +409,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="TEXT", help="run only workloads whose name contains TEXT")
     parser.add_argument("--pgoptions", metavar="OPTIONS",
                         help="PGOPTIONS for every mode, e.g. '-c synchronous_commit=off' to see the cost of flushes")
+    parser.add_argument("--routes", type=int, nargs="?", const=100, metavar="N",
+                        help="the fan-in benchmark instead: N partitions into one central queue (N default 100)")
+    parser.add_argument("--idle-seconds", type=float, default=20, help="with --routes: how long idle CPU is sampled")
     parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.move:
         move_all(*args.move)
         return 0
+    if args.routes is not None:
+        from qmover import bench_fanin
+
+        return bench_fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds,
+                               args.json if args.json != Path("bench-results.json") else None)
+    args.server = args.server or SERVER
 
     if args.pgoptions:
         os.environ["PGOPTIONS"] = args.pgoptions  # libpq in this process and in every child reads it

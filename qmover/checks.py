@@ -92,8 +92,8 @@ def check_route(src: connection, dst: connection, route: Route) -> None:
 def target_can_copy(conn: connection, route: Route) -> bool:
     """Whether the target role may COPY into the queue's event tables.
 
-    If not, it needs at least pgq_writer (pgq.insert_event); then the session
-    gets the temporary table that path copies into.
+    If not, it needs at least pgq_writer (pgq.insert_event), whose path
+    copies into a temporary table first (split.prepare).
     """
     with errors(route, "target"):
         if not scalar(conn, queries.IS_QUEUE_WRITER):
@@ -101,8 +101,4 @@ def target_can_copy(conn: connection, route: Route) -> bool:
                 f"{where(route, 'target')}: the role may not write to queue {route.dst_queue!r}; "
                 f"grant it pgq_writer, and to keep ev_time also INSERT on the queue's event tables "
                 f"and USAGE on its event sequence (the rights of pgq_admin)")
-        if scalar(conn, queries.CAN_COPY_INTO_QUEUE, (route.dst_queue,)):
-            return True
-        with conn.cursor() as cur:
-            cur.execute(queries.CREATE_INCOMING)
-        return False
+        return bool(scalar(conn, queries.CAN_COPY_INTO_QUEUE, (route.dst_queue,)))

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from psycopg2.extensions import connection, parse_dsn
 
@@ -51,7 +51,7 @@ class Session:
 
     key: tuple[tuple[str, str], ...]
     conn: connection
-    checked: dict[Route, Any] = field(default_factory=dict)  # route -> what its check found here
+    checked: dict[Route, bool] = field(default_factory=dict)  # routes prepared here -> via pgq.insert_event
     server: tuple[str, str] | None = None  # (system identifier, database), asked once
     reused: bool = False  # it sat idle before this loan: the server may have gone since
 
@@ -67,6 +67,8 @@ class Connector:
         self._lock = threading.Lock()
         self._idle: OrderedDict[int, Session] = OrderedDict()  # id(session) -> session, oldest first
         self._held: set[tuple] = set()
+        # Routes whose checks passed in this process: route -> moves through pgq.insert_event
+        self.checked: dict[Route, bool] = {}
         self._pid = os.getpid()
         self._inherited: list[Session] = []
 

@@ -64,18 +64,27 @@ class RouteMover:
             raise
 
     def _check(self, src: Session, dst: Session) -> None:
-        """What a move needs, once per connection and route; remembers the write path."""
+        """What a move needs: the route's checks once per process (again after
+        any failure), the target session's temporary table once per connection."""
         route = self.route
-        if route in src.checked and route in dst.checked:
+        if route in dst.checked:
             return
+        via_insert_event = self.connector.checked.get(route)
+        if via_insert_event is None:
+            via_insert_event = self._check_route(src, dst)
+            self.connector.checked[route] = via_insert_event
+        if route.split or via_insert_event:
+            split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
+        dst.checked[route] = via_insert_event
+
+    def _check_route(self, src: Session, dst: Session) -> bool:
+        """Raise the first thing that keeps the route from moving; returns
+        whether it must move through pgq.insert_event."""
+        route = self.route
         require_blocking_driver()
         require_no_loops([Hop(route, server_of(src, route, "source"), server_of(dst, route, "target"))])
         check_route(src.conn, dst.conn, route)
-        via_insert_event = False
-        if route.split:
-            split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
-        else:
-            via_insert_event = not target_can_copy(dst.conn, route)
+        via_insert_event = not route.split and not target_can_copy(dst.conn, route)
         if via_insert_event and route.keep_event_id:
             raise QmoverError(
                 f"route {route.name}: keep_event_id needs the target role to write queue "
@@ -87,8 +96,7 @@ class RouteMover:
                         "through pgq.insert_event instead, still exactly once, but slower and with "
                         "ev_time set by the target; grant INSERT on the event tables and USAGE on the "
                         "event sequence to keep it", route.name, route.dst_queue)
-        src.checked[route] = True
-        dst.checked[route] = via_insert_event
+        return via_insert_event
 
     def move_one(self) -> Moved | None:
         """Move the next batch and log it; None when none is ready."""
@@ -98,6 +106,7 @@ class RouteMover:
             moved = move_batch(self.route, self._src.conn, self._dst.conn, self.checkpoint,
                                self._dst.checked[self.route])
         except QmoverError as exc:
+            self.connector.checked.pop(self.route, None)  # the next open checks the route afresh
             precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()
             self.close()
             if precise is None:

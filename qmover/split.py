@@ -17,7 +17,8 @@ from qmover.route import Route
 
 
 def prepare(dst: connection) -> None:
-    """The temporary table a batch lands in; its rows vanish at commit or rollback."""
+    """The session's temporary table a batch lands in first, on the split path and
+    the pgq.insert_event path; its rows vanish at commit or rollback."""
     with dst.cursor() as cur:
         cur.execute(queries.CREATE_INCOMING)
 

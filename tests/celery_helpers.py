@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,12 +13,7 @@ from pathlib import Path
 import redis
 
 from qmover.processes import start_celery, stop as stop_celery
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from qmover.sandbox import free_port  # noqa: F401 (the tests import it from here)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:

@@ -1,0 +1,370 @@
+"""`qmover bench --routes N`: a fan-in of N partition databases into one central queue.
+
+It makes N partition databases (1,000 events each), one central database,
+and one more source database that carries the same N x 1,000 events through
+a single route, then runs a real Celery beat and worker(s) twice: one worker
+with two pool processes, and two workers of one process started separately.
+For each it measures:
+
+- drain: all partitions ticked at once, until central holds every event;
+  then the same events through the one route;
+- connections qmover holds (pg_stat_activity, application_name 'qmover ...'),
+  at their peak on the central database and on the whole server;
+- CPU with nothing to move, for the machine and per process (beat, workers,
+  PostgreSQL, Redis, and RabbitMQ, which this machine runs for the tests
+  though the benchmark does not use it), and the memory of beat and workers;
+- latency: partitions ticked at random, each second, until their event is
+  in central (p50, p99, max);
+- a status scrape of every route (admin.statuses), cold and with kept
+  connections (as `qmover metrics` keeps them).
+Every database it made is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from psycopg2 import sql
+
+from qmover import admin
+from qmover.bench import wait_for_celery
+from qmover.config import load_config
+from qmover.connector import Connector
+from qmover.processes import start_celery, stop as stop_celery
+from qmover.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
+
+PREFIX = "qmover_fanin"
+PER_PARTITION = 1000
+INTERVAL = 1.0
+CONFIG = """
+[qmover]
+broker_url = {broker}
+
+[part]
+partitions = {partitions}
+src_db = {server} dbname={prefix}_p%(partition)s
+dst_db = {server} dbname={prefix}_central
+pgq_queue_name = events
+dst_queue_name = central_events
+move_interval = {interval}
+
+[one]
+src_db = {server} dbname={prefix}_one
+dst_db = {server} dbname={prefix}_central
+pgq_queue_name = events
+dst_queue_name = one_events
+move_interval = {interval}
+"""
+PRODUCE = ("select count(pgq.insert_event('events', 'order', %s || i || ':' || repeat('x', 120),"
+           " 'public.orders', i::text, null, null)) from generate_series(1, %s) i")
+# force_tick marks the queue as due, ticker then ticks it (in a statement of its own).
+TICK_NOW = "select pgq.force_tick('events'); select pgq.ticker('events')"
+CONNECTIONS = ("select datname, count(*) from pg_stat_activity where application_name like 'qmover %%'"
+               " group by datname")
+
+
+class Peaks(threading.Thread):
+    """Samples qmover's connections every 50 ms; keeps the peaks."""
+
+    def __init__(self, server: str, central: str):
+        super().__init__(daemon=True)
+        self.server, self.central_name = server, central
+        self.central = self.total = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
+            while not self.done.wait(0.05):
+                cur.execute(CONNECTIONS)
+                counts = dict(cur.fetchall())
+                self.central = max(self.central, counts.get(self.central_name, 0))
+                self.total = max(self.total, sum(counts.values()))
+
+    def stop(self) -> tuple[int, int]:
+        self.done.set()
+        self.join()
+        return self.central, self.total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(name: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip().startswith(name):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def family(pid: int) -> list[int]:
+    """A process and its children (a worker's pool)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+
+
+def machine_busy() -> tuple[int, int]:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def central_count(server: str, queue: str) -> int:
+    table = run_sql(server, f"{PREFIX}_central", sql.SQL(
+        "select queue_data_pfx from pgq.queue where queue_name = {}").format(sql.Literal(queue)))[0][0]
+    schema, _, name = table.partition(".")
+    return run_sql(server, f"{PREFIX}_central",
+                   sql.SQL("select count(*) from {}").format(sql.Identifier(schema, name)))[0][0]
+
+
+def wait_count(server: str, queue: str, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while central_count(server, queue) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"central queue {queue} never reached {count} events")
+        time.sleep(0.02)
+
+
+def drain(server: str, databases: list[str], per_database: int, queue: str, tag: str) -> float:
+    """Load events untouched by any tick, tick every database at once; seconds until central holds them."""
+    before = central_count(server, queue)
+    for database in databases:
+        with closing(connect(server, database)) as conn, conn.cursor() as cur:
+            cur.execute(PRODUCE, (f"{tag}-", per_database))
+    conns = [connect(server, database) for database in databases]
+    try:
+        started = time.monotonic()
+        for conn in conns:
+            with conn.cursor() as cur:
+                cur.execute(TICK_NOW)
+        wait_count(server, queue, before + per_database * len(databases))
+        return time.monotonic() - started
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def latency(server: str, partitions: list[str], seconds: float) -> dict[str, float]:
+    """Each second, one event into each of ten random partitions, then a tick there (as pgqd
+    ticks); the time from each tick to its event being in central."""
+    central = connect(server, f"{PREFIX}_central")
+    table = run_sql(server, f"{PREFIX}_central",
+                    "select queue_data_pfx from pgq.queue where queue_name = 'central_events'")[0][0]
+    schema, _, name = table.partition(".")
+    query = sql.SQL("select ev_id, ev_type, ev_data from {} where ev_id > %s").format(sql.Identifier(schema, name))
+    last_id = sql.SQL("select coalesce(max(ev_id), 0) from {}").format(sql.Identifier(schema, name))
+    ticked: dict[str, float] = {}
+    delays: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with central.cursor() as cur:
+            cur.execute(last_id)
+            last = cur.fetchone()[0]
+            while not done.wait(0.01):
+                cur.execute(query, (last,))
+                now = time.monotonic()
+                for ev_id, ev_type, marker in cur.fetchall():
+                    last = max(last, ev_id)
+                    if ev_type == "latency" and marker in ticked:
+                        delays.append(now - ticked[marker])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    conns = {name: connect(server, name) for name in partitions}
+    rng = random.Random(7)
+    try:
+        ended = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < ended:
+            second = time.monotonic()
+            for offset, name in sorted(zip((rng.random() for _ in partitions),
+                                           rng.sample(partitions, min(10, len(partitions))))):
+                time.sleep(max(0.0, second + offset - time.monotonic()))  # at random moments of the second
+                marker = f"lat-{n}"
+                n += 1
+                with conns[name].cursor() as cur:
+                    cur.execute("select pgq.insert_event('events', 'latency', %s)", (marker,))
+                    cur.execute(TICK_NOW)
+                ticked[marker] = time.monotonic()
+            time.sleep(max(0.0, second + 1.0 - time.monotonic()))
+        time.sleep(3)  # the last ticks arrive
+    finally:
+        done.set()
+        watcher.join()
+        for conn in conns.values():
+            conn.close()
+        central.close()
+    delays.sort()
+    lost = len(ticked) - len(delays)
+    return {"events": len(delays), "not_arrived": lost, "p50_s": delays[len(delays) // 2],
+            "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))], "max_s": delays[-1]}
+
+
+def scrape_seconds(config: Path) -> dict[str, float]:
+    routes = load_config(config).select()
+    started = time.monotonic()
+    admin.statuses(routes)
+    cold = time.monotonic() - started
+    with closing(Connector()) as kept:
+        admin.statuses(routes, kept)
+        started = time.monotonic()
+        admin.statuses(routes, kept)
+        warm = time.monotonic() - started
+    return {"cold_s": round(cold, 3), "kept_connections_s": round(warm, 3)}
+
+
+def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: list[list[str]],
+              partitions: list[str], idle_seconds: float, latency_seconds: float) -> dict[str, Any]:
+    print(f"-- {name}", flush=True)
+    logs = [workdir / f"{name}-worker{n}.log" for n in range(len(worker_args))]
+    beat_log = workdir / f"{name}-beat.log"
+    peaks = Peaks(server, f"{PREFIX}_central")
+    peaks.start()
+    workers = [start_celery(config, log, "worker", "-l", "info", "--without-mingle", "--without-gossip",
+                            "-n", f"w{n}@%h", *args, mode="w") for n, (log, args) in enumerate(zip(logs, worker_args))]
+    beat = start_celery(config, beat_log, "beat", "-l", "info", "-s", str(workdir / f"{name}-beat"), mode="w")
+    result: dict[str, Any] = {"setup": name}
+    try:
+        wait_for_celery([*logs, beat_log], workers=len(workers))
+        result["worker_processes"] = sum(len(family(worker.pid)) - 1 for worker in workers)
+        result["drain_s"] = round(drain(server, partitions, PER_PARTITION, "central_events", name), 2)
+        result["one_route_drain_s"] = round(drain(server, [f"{PREFIX}_one"], PER_PARTITION * len(partitions),
+                                                  "one_events", name), 2)
+        result["drain_ratio"] = round(result["drain_s"] / result["one_route_drain_s"], 2)
+        time.sleep(3)
+        pids = {"beat": [beat.pid], "workers": [pid for worker in workers for pid in family(worker.pid)],
+                "postgres": pids_named("postgres"), "redis": pids_named("redis-server"),
+                "rabbitmq (idle, not used)": pids_named("beam.smp")}
+        before = {part: cpu_seconds(found) for part, found in pids.items()}
+        busy0, total0 = machine_busy()
+        time.sleep(idle_seconds)
+        busy1, total1 = machine_busy()
+        result["idle_machine_busy_pct"] = round(100 * (busy1 - busy0) / (total1 - total0), 1)
+        result["idle_core_pct"] = {part: round(100 * (cpu_seconds(found) - before[part]) / idle_seconds, 1)
+                                   for part, found in pids.items()}
+        result["memory_mb"] = round(rss_mb(pids["beat"] + pids["workers"]), 1)
+        if latency_seconds > 0:
+            result["latency"] = latency(server, partitions, latency_seconds)
+        result["batches_moved_by_each_worker"] = [
+            len(re.findall(r"route=part_\S+ batch=\d+ events=", log.read_text())) for log in logs]
+    finally:
+        stop_celery([beat, *workers], timeout=30)
+        result["peak_connections_central"], result["peak_connections_server"] = peaks.stop()
+    return result
+
+
+def create_databases(server: str, partitions: list[str]) -> None:
+    for name in (*partitions, f"{PREFIX}_one", f"{PREFIX}_central"):
+        recreate_database(server, name)
+        run_sql(server, name, "create extension pgq")
+    for name in (*partitions, f"{PREFIX}_one"):
+        run_sql(server, name, "select pgq.create_queue('events')")
+    run_sql(server, f"{PREFIX}_central", "select pgq.create_queue('central_events')",
+            "select pgq.create_queue('one_events')")
+
+
+def table(results: list[dict[str, Any]], routes: int) -> str:
+    def row(label: str, goal: str, value: Any) -> str:
+        return f"| {label} | {goal} | " + " | ".join(str(value(r)) for r in results) + " |"
+
+    lines = ["| figure | goal | " + " | ".join(r["setup"] for r in results) + " |",
+             "|---|---|" + "---:|" * len(results),
+             row(f"drain {routes} x {PER_PARTITION:,} events (s)", "", lambda r: r["drain_s"]),
+             row(f"the same events through one route (s)", "", lambda r: r["one_route_drain_s"]),
+             row("ratio", "<= 1.5", lambda r: r["drain_ratio"]),
+             row("peak connections on the central database", "<= processes + 2",
+                 lambda r: f"{r['peak_connections_central']} ({r['worker_processes']} processes)"),
+             row("peak connections on the server", f"<= {routes + 10}", lambda r: r["peak_connections_server"]),
+             row("machine busy, nothing to move", "<= 4 %", lambda r: f"{r['idle_machine_busy_pct']} %"),
+             row("  beat / workers / PostgreSQL / Redis / RabbitMQ (% of a core)", "",
+                 lambda r: " / ".join(str(v) for v in r["idle_core_pct"].values())),
+             row("memory of beat and workers (MB)", "", lambda r: r["memory_mb"]),
+             row("batches moved by each worker", "", lambda r: r["batches_moved_by_each_worker"])]
+    if all("latency" in r for r in results):
+        lines += [row("tick on a partition -> in central, p50 / p99 / max (ms)", "p99 <= 1500",
+                      lambda r: " / ".join(f"{r['latency'][k] * 1000:.0f}" for k in ("p50_s", "p99_s", "max_s")))]
+    return "\n".join(lines)
+
+
+def run(server: str | None, broker: str, routes: int, idle_seconds: float, latency_seconds: float,
+        json_path: Path | None) -> int:
+    """The benchmark on server, or on a throwaway cluster with room for the connections."""
+    if server is not None:
+        allowed = int(run_sql(server, "postgres", "show max_connections")[0][0])
+        if allowed < routes + 30:
+            raise SystemExit(f"qmover bench: the server allows {allowed} connections; {routes} routes need about "
+                             f"{routes + 30}: raise max_connections, or leave out --server to use a cluster of "
+                             f"its own")
+        return _run(server, broker, routes, idle_seconds, latency_seconds, json_path)
+    print(f"-- a throwaway PostgreSQL cluster (max_connections {2 * routes + 50}) ...", flush=True)
+    cluster = Cluster(settings={"max_connections": str(2 * routes + 50)})
+    try:
+        return _run(f"host=127.0.0.1 port={cluster.port} user=postgres", broker, routes, idle_seconds,
+                    latency_seconds, json_path)
+    finally:
+        cluster.close()
+
+
+def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_seconds: float,
+         json_path: Path | None) -> int:
+    width = len(str(routes - 1))
+    names = [f"{n:0{width}d}" for n in range(routes)]
+    partitions = [f"{PREFIX}_p{name}" for name in names]
+    workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-fanin-"))
+    config = workdir / "fanin.ini"
+    config.write_text(CONFIG.format(broker=broker, server=server, prefix=PREFIX, interval=INTERVAL,
+                                    partitions=f"{names[0]}-{names[-1]}"))
+    print(f"-- {routes} partition databases, a central one and a one-route source ...", flush=True)
+    create_databases(server, partitions)
+    try:
+        for route in load_config(config).select():
+            admin.install(route)
+        scrape = scrape_seconds(config)
+        results = [setup_run(name, server, config, workdir, args, partitions, idle_seconds, latency_seconds)
+                   for name, args in (("one worker -c 2", [["-c", "2"]]),
+                                      ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
+    finally:
+        for name in (*partitions, f"{PREFIX}_one", f"{PREFIX}_central"):
+            drop_database(server, name)
+    print()
+    print(table(results, routes))
+    print(f"\nstatus of all {routes + 1} routes, each database asked once: {scrape['cold_s']} s with new "
+          f"connections (qmover status), {scrape['kept_connections_s']} s with kept ones (a qmover metrics scrape)")
+    if json_path:
+        json_path.write_text(json.dumps({"routes": routes, "scrape": scrape, "setups": results}, indent=2))
+        print(f"results written to {json_path}")
+    print(f"logs in {workdir}")
+    return 0

@@ -120,7 +120,7 @@ def _read_each(routes: list[Route], side: Side, connector: Connector,
     found: dict[tuple, Any] = {}
     for group in by_database(routes, side):
         try:
-            found[database_key(group[0].dsn(side))] = connector.run(group[0], side, lambda conn: read(conn, group))
+            found[database_key(group[0].dsn(side))] = connector.run(group[0], side, lambda session: read(session.conn, group))
         except QmoverError as exc:
             found[database_key(group[0].dsn(side))] = (group[0], exc)
     return found

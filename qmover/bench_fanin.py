@@ -73,17 +73,19 @@ CONNECTIONS = ("select datname, count(*) from pg_stat_activity where application
 
 
 class Peaks(threading.Thread):
-    """Samples qmover's connections every 50 ms; keeps the peaks."""
+    """Samples qmover's connections every 50 ms (every 2 s while `quiet`, so as
+    not to count its own queries as idle load); keeps the peaks."""
 
     def __init__(self, server: str, central: str):
         super().__init__(daemon=True)
         self.server, self.central_name = server, central
         self.central = self.total = 0
         self.done = threading.Event()
+        self.quiet = False
 
     def run(self) -> None:
         with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
-            while not self.done.wait(0.05):
+            while not self.done.wait(2.0 if self.quiet else 0.05):
                 cur.execute(CONNECTIONS)
                 counts = dict(cur.fetchall())
                 self.central = max(self.central, counts.get(self.central_name, 0))
@@ -96,13 +98,15 @@ class Peaks(threading.Thread):
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the processes and of their children that ended (PostgreSQL's
+    backends and autovacuum workers, say)."""
     ticks = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -233,6 +237,14 @@ def latency(server: str, partitions: list[str], seconds: float) -> dict[str, flo
             "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))], "max_s": delays[-1]}
 
 
+def busy_percent(seconds: float) -> float:
+    """How busy the whole machine is over the next seconds."""
+    busy0, total0 = machine_busy()
+    time.sleep(seconds)
+    busy1, total1 = machine_busy()
+    return round(100 * (busy1 - busy0) / (total1 - total0), 1)
+
+
 def scrape_seconds(config: Path) -> dict[str, float]:
     routes = load_config(config).select()
     started = time.monotonic()
@@ -265,17 +277,16 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
                                                   "one_events", name), 2)
         result["drain_ratio"] = round(result["drain_s"] / result["one_route_drain_s"], 2)
         time.sleep(3)
+        peaks.quiet = True
         pids = {"beat": [beat.pid], "workers": [pid for worker in workers for pid in family(worker.pid)],
                 "postgres": pids_named("postgres"), "redis": pids_named("redis-server"),
                 "rabbitmq (idle, not used)": pids_named("beam.smp")}
         before = {part: cpu_seconds(found) for part, found in pids.items()}
-        busy0, total0 = machine_busy()
-        time.sleep(idle_seconds)
-        busy1, total1 = machine_busy()
-        result["idle_machine_busy_pct"] = round(100 * (busy1 - busy0) / (total1 - total0), 1)
+        result["idle_machine_busy_pct"] = busy_percent(idle_seconds)
         result["idle_core_pct"] = {part: round(100 * (cpu_seconds(found) - before[part]) / idle_seconds, 1)
                                    for part, found in pids.items()}
         result["memory_mb"] = round(rss_mb(pids["beat"] + pids["workers"]), 1)
+        peaks.quiet = False
         if latency_seconds > 0:
             result["latency"] = latency(server, partitions, latency_seconds)
         result["batches_moved_by_each_worker"] = [
@@ -353,6 +364,8 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
         for route in load_config(config).select():
             admin.install(route)
         scrape = scrape_seconds(config)
+        print("-- the machine with qmover stopped ...", flush=True)
+        stopped = busy_percent(idle_seconds)
         results = [setup_run(name, server, config, workdir, args, partitions, idle_seconds, latency_seconds)
                    for name, args in (("one worker -c 2", [["-c", "2"]]),
                                       ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
@@ -361,10 +374,12 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
             drop_database(server, name)
     print()
     print(table(results, routes))
+    print(f"\nthe machine with qmover stopped (its databases made, nothing running): {stopped} % busy")
     print(f"\nstatus of all {routes + 1} routes, each database asked once: {scrape['cold_s']} s with new "
           f"connections (qmover status), {scrape['kept_connections_s']} s with kept ones (a qmover metrics scrape)")
     if json_path:
-        json_path.write_text(json.dumps({"routes": routes, "scrape": scrape, "setups": results}, indent=2))
+        json_path.write_text(json.dumps({"routes": routes, "scrape": scrape, "machine_busy_qmover_stopped_pct": stopped,
+                                         "setups": results}, indent=2))
         print(f"results written to {json_path}")
     print(f"logs in {workdir}")
     return 0

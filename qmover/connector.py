@@ -53,6 +53,7 @@ class Session:
     conn: connection
     checked: dict[Route, bool] = field(default_factory=dict)  # routes prepared here -> via pgq.insert_event
     server: tuple[str, str] | None = None  # (system identifier, database), asked once
+    prepared: set[str] = field(default_factory=set)  # statements PREPAREd on this connection
     reused: bool = False  # it sat idle before this loan: the server may have gone since
 
 
@@ -117,8 +118,8 @@ class Connector:
         with self._lock:
             self._held.discard((database_key(route.dst_dsn), route.consumer))
 
-    def run(self, route: Route, side: Side, work: Callable[[connection], T]) -> T:
-        """work(conn) on a borrowed connection, errors turned into QmoverErrors.
+    def run(self, route: Route, side: Side, work: Callable[[Session], T]) -> T:
+        """work(session) on a borrowed connection, errors turned into QmoverErrors.
 
         A kept connection that fails with a connection error (its server
         restarted since) is replaced once at once; after a statement error
@@ -128,7 +129,7 @@ class Connector:
             session = self.borrow(route, side)
             try:
                 with db.errors(route, side):
-                    result = work(session.conn)
+                    result = work(session)
             except TransientError:
                 db.close(session.conn)
                 if session.reused and attempt == 0:

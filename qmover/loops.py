@@ -63,7 +63,7 @@ def check_routes(routes: Iterable[Route]) -> None:
         key = database_key(route.dsn(side))
         if key not in servers:
             try:
-                servers[key] = connector.run(route, side, _identity)
+                servers[key] = connector.run(route, side, lambda session: _identity(session.conn))
             except QmoverError:
                 servers[key] = None
         return servers[key]

@@ -47,15 +47,16 @@ NEXT_BATCH = """
                                  %(min_interval)s * interval '1 second')
 """
 ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
-# The readiness sweep, once per source database: which of these consumers
-# have nothing to do (no batch open, no tick past their position).  Every
+# The readiness sweep, once per source database (PREPAREd; $1: the consumers):
+# which of these consumers have nothing to do (no batch open, no tick past
+# their position).  Every
 # other route counts as ready, a broken one too, so its mover says what is wrong.
 IDLE_CONSUMERS = """
     select q.queue_name, c.co_name
       from pgq.subscription s
       join pgq.queue q on q.queue_id = s.sub_queue
       join pgq.consumer c on c.co_id = s.sub_consumer
-     where c.co_name = any(%s)
+     where c.co_name = any($1)
        and s.sub_batch is null
        and not exists (select 1 from pgq.tick t where t.tick_queue = s.sub_queue and t.tick_id > s.sub_last_tick)
 """
@@ -170,10 +171,10 @@ def split_insert(field: str, event_table: str) -> sql.Composed:
 CLAIM_ROUTE = "select pg_try_advisory_lock(hashtextextended('qmover-route:' || %s, 0))"
 RELEASE_ROUTE = "select pg_advisory_unlock(hashtextextended('qmover-route:' || %s, 0))"
 PING = "select 1"
-# The sweep, once per target database: which of these consumers a mover has
+# The sweep, once per target database (PREPAREd: $1): which of these consumers a mover has
 # claimed (CLAIM_ROUTE's lock, whose bigint key pg_locks splits in two halves).
 CLAIMED_CONSUMERS = """
-    select consumer from unnest(%s::text[]) consumer
+    select consumer from unnest($1::text[]) consumer
      where exists (select 1 from pg_locks l
                     where l.locktype = 'advisory' and l.granted and l.objsubid = 1
                       and l.database = (select oid from pg_database where datname = current_database())

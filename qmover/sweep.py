@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Iterable
 
-from psycopg2.extensions import connection
+from psycopg2 import sql
 
 from qmover import db, queries
-from qmover.connector import Connector, by_database, database_key
+from qmover.connector import Connector, Session, by_database, database_key
 from qmover.db import Side
 from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.route import Route
@@ -44,26 +44,29 @@ class Sweeper:
         """The routes to move now: maybe a batch ready, and no mover on them."""
         candidates = []
         for group in by_database(routes, "source"):
-            idle = self._ask(group, "source", queries.IDLE_CONSUMERS)
+            idle = self._ask(group, "source", "qmover_idle_consumers", queries.IDLE_CONSUMERS)
             if idle is not None:
                 candidates += [route for route in group if (route.src_queue, route.consumer) not in idle]
         ready = []
         for group in by_database(candidates, "target"):
-            claimed = self._ask(group, "target", queries.CLAIMED_CONSUMERS)
+            claimed = self._ask(group, "target", "qmover_claimed_consumers", queries.CLAIMED_CONSUMERS)
             if claimed is not None:
                 ready += [route for route in group if (route.consumer,) not in claimed]
         return ready
 
-    def _ask(self, group: list[Route], side: Side, query: str) -> set[tuple] | None:
+    def _ask(self, group: list[Route], side: Side, name: str, query: str) -> set[tuple] | None:
         """The query's rows for the group's consumers; None when the database does not answer."""
         route = group[0]
         key = database_key(route.dsn(side))
         if key in self._down:
             return None
 
-        def rows(conn: connection) -> set[tuple]:
-            with conn.cursor() as cur:
-                cur.execute(query, ([r.consumer for r in group],))
+        def rows(session: Session) -> set[tuple]:
+            with session.conn.cursor() as cur:
+                if name not in session.prepared:  # planned once per connection: sweeps repeat it every interval
+                    cur.execute(sql.SQL("prepare {} as {}").format(sql.Identifier(name), sql.SQL(query)))
+                    session.prepared.add(name)
+                cur.execute(sql.SQL("execute {}(%s)").format(sql.Identifier(name)), ([r.consumer for r in group],))
                 return set(cur.fetchall())
 
         try:
@@ -93,7 +96,7 @@ class Sweeper:
                     return
             for key, (route, side) in list(self._down.items()):
                 try:
-                    self.connector.run(route, side, lambda conn: db.scalar(conn, queries.PING))
+                    self.connector.run(route, side, lambda session: db.scalar(session.conn, queries.PING))
                 except QmoverError:
                     continue
                 del self._down[key]

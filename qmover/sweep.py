@@ -72,7 +72,8 @@ class Sweeper:
         try:
             return self.connector.run(route, side, rows)
         except (TransientError, LoginRefused) as exc:
-            return self._went_down(key, route, side, exc, len(group))
+            self._went_down(key, route, side, exc, len(group))
+            return None
         except QmoverError:
             return set()  # it answered, but not as PgQ should (no pgq schema, say): the movers will say why
 
@@ -84,7 +85,6 @@ class Sweeper:
             if self._prober is None:
                 self._prober = threading.Thread(target=self._probe, name="qmover-sweep-probe", daemon=True)
                 self._prober.start()
-        return None
 
     def _probe(self) -> None:
         """Ask the databases that did not answer until each does; then sweeps take them back."""

@@ -114,22 +114,30 @@ def _read_target(conn: connection, group: list[Route]) -> _TargetState:
     return state
 
 
+@dataclass
+class _Failed:
+    """A database that could not be read, as its first route met it."""
+
+    route: Route
+    side: Side
+    error: QmoverError
+
+    def said_to(self, route: Route) -> str:
+        """The same message, naming another route of that database (messages start with where())."""
+        return where(route, self.side) + str(self.error).removeprefix(where(self.route, self.side))
+
+
 def _read_each(routes: list[Route], side: Side, connector: Connector,
                read: Callable[[connection, list[Route]], Any]) -> dict[tuple, Any]:
-    """read() once per database of the side; a failure is kept as the QmoverError."""
+    """read() once per database of the side; a failure is kept as _Failed."""
     found: dict[tuple, Any] = {}
     for group in by_database(routes, side):
+        key = database_key(group[0].dsn(side))
         try:
-            found[database_key(group[0].dsn(side))] = connector.run(group[0], side, lambda session: read(session.conn, group))
+            found[key] = connector.run(group[0], side, lambda session: read(session.conn, group))
         except QmoverError as exc:
-            found[database_key(group[0].dsn(side))] = (group[0], exc)
+            found[key] = _Failed(group[0], side, exc)
     return found
-
-
-def _failure(route: Route, found: tuple[Route, QmoverError]) -> str:
-    """A database's failure as the route would have met it (messages start 'route NAME:')."""
-    first, exc = found
-    return str(exc).replace(f"route {first.name}:", f"route {route.name}:", 1)
 
 
 def statuses(routes: list[Route], connector: Connector | None = None) -> list[dict[str, Any]]:
@@ -161,7 +169,7 @@ def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
         "source_last_tick": None, "current_batch": None, "target_last_tick": None,
         "error": _source_problem(route, source) or _target_problem(route, target),
     }
-    if not isinstance(source, tuple) and (route.src_queue, route.consumer) in source.consumers:
+    if isinstance(source, _SourceState) and (route.src_queue, route.consumer) in source.consumers:
         lag, seen, last_tick, batch, pending = source.consumers[(route.src_queue, route.consumer)]
         info.update(lag_seconds=lag, last_seen_seconds=seen, pending_events=pending,
                     source_last_tick=last_tick, current_batch=batch)
@@ -171,8 +179,8 @@ def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
 
 
 def _source_problem(route: Route, source: Any) -> str | None:
-    if isinstance(source, tuple):
-        return _failure(route, source)
+    if isinstance(source, _Failed):
+        return source.said_to(route)
     if not source.pgq:
         return str(pgq_missing(route, "source"))
     if route.src_queue not in source.queues:
@@ -183,8 +191,8 @@ def _source_problem(route: Route, source: Any) -> str | None:
 
 
 def _target_problem(route: Route, target: Any) -> str | None:
-    if isinstance(target, tuple):
-        return _failure(route, target)
+    if isinstance(target, _Failed):
+        return target.said_to(route)
     if not target.pgq:
         return str(pgq_missing(route, "target"))
     for queue in route.target_queues:

@@ -30,13 +30,14 @@ import tempfile
 import threading
 import time
 from contextlib import closing
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from psycopg2 import sql
 
 from qmover import admin
-from qmover.bench import wait_for_celery
+from qmover.bench import pool_children, wait_for_celery
 from qmover.config import load_config
 from qmover.connector import Connector
 from qmover.processes import start_celery, stop as stop_celery
@@ -123,8 +124,7 @@ def pids_named(name: str) -> list[int]:
 
 def family(pid: int) -> list[int]:
     """A process and its children (a worker's pool)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+    return [pid, *pool_children(pid)]
 
 
 def machine_busy() -> tuple[int, int]:
@@ -145,12 +145,17 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def central_count(server: str, queue: str) -> int:
+@lru_cache(maxsize=8)
+def queue_table(server: str, queue: str) -> sql.Identifier:
+    """A central queue's event table (its parent: every rotation's rows)."""
     table = run_sql(server, f"{PREFIX}_central", sql.SQL(
         "select queue_data_pfx from pgq.queue where queue_name = {}").format(sql.Literal(queue)))[0][0]
-    schema, _, name = table.partition(".")
+    return sql.Identifier(*table.split("."))
+
+
+def central_count(server: str, queue: str) -> int:
     return run_sql(server, f"{PREFIX}_central",
-                   sql.SQL("select count(*) from {}").format(sql.Identifier(schema, name)))[0][0]
+                   sql.SQL("select count(*) from {}").format(queue_table(server, queue)))[0][0]
 
 
 def wait_count(server: str, queue: str, count: int, timeout: float = 600) -> None:
@@ -184,11 +189,9 @@ def latency(server: str, partitions: list[str], seconds: float) -> dict[str, flo
     """Each second, one event into each of ten random partitions, then a tick there (as pgqd
     ticks); the time from each tick to its event being in central."""
     central = connect(server, f"{PREFIX}_central")
-    table = run_sql(server, f"{PREFIX}_central",
-                    "select queue_data_pfx from pgq.queue where queue_name = 'central_events'")[0][0]
-    schema, _, name = table.partition(".")
-    query = sql.SQL("select ev_id, ev_type, ev_data from {} where ev_id > %s").format(sql.Identifier(schema, name))
-    last_id = sql.SQL("select coalesce(max(ev_id), 0) from {}").format(sql.Identifier(schema, name))
+    table = queue_table(server, "central_events")
+    query = sql.SQL("select ev_id, ev_type, ev_data from {} where ev_id > %s").format(table)
+    last_id = sql.SQL("select coalesce(max(ev_id), 0) from {}").format(table)
     ticked: dict[str, float] = {}
     delays: list[float] = []
     done = threading.Event()
@@ -314,7 +317,7 @@ def table(results: list[dict[str, Any]], routes: int) -> str:
     lines = ["| figure | goal | " + " | ".join(r["setup"] for r in results) + " |",
              "|---|---|" + "---:|" * len(results),
              row(f"drain {routes} x {PER_PARTITION:,} events (s)", "", lambda r: r["drain_s"]),
-             row(f"the same events through one route (s)", "", lambda r: r["one_route_drain_s"]),
+             row("the same events through one route (s)", "", lambda r: r["one_route_drain_s"]),
              row("ratio", "<= 1.5", lambda r: r["drain_ratio"]),
              row("peak connections on the central database", "<= processes + 2",
                  lambda r: f"{r['peak_connections_central']} ({r['worker_processes']} processes)"),

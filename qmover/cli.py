@@ -91,8 +91,7 @@ def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     loops.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
     stop = runner.Stop()
     counters = metrics.Counters(loaded.metrics_url)
-    if loaded.metrics_url is None:
-        log.warning("%s", metrics.OFF_NOTICE)
+    metrics.say_if_off(loaded.metrics_url)
     try:
         with runner.stop_on_signals(stop):
             code = runner.run(routes, once=once, stop=stop, counters=counters)
@@ -136,8 +135,7 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
 def serve_metrics(config: str, route_names: tuple[str, ...], port: int, address: str) -> None:
     """Serve the routes' metrics at http://ADDRESS:PORT/metrics until stopped."""
     loaded, routes = selected_routes(config, route_names)
-    if loaded.metrics_url is None:
-        log.warning("%s", metrics.OFF_NOTICE)
+    metrics.say_if_off(loaded.metrics_url)
     server = metrics.serve(routes, metrics.Counters(loaded.metrics_url), port, address)
     log.info("metrics of %d route(s) at http://%s:%d/metrics", len(routes), address, server.server_port)
     try:

@@ -4,9 +4,8 @@ A Connector owns every connection of a worker process (or of `qmover run`)
 and keeps them per database, not per route: routes that share a database
 share its idle connections.  A mover borrows a connection for the length of
 a task and gives it back; a connection is never in two movers' hands at once,
-whatever the Celery pool (prefork, threads, solo, gevent).  What was checked
-on a connection for a route is remembered with it, so checks run once per
-connection, not once per task.
+whatever the Celery pool (prefork, threads, solo, gevent).  A route's checks
+run once per process (`checked`), not once per task.
 
 The Connector also keeps the in-process half of the route claim: two tasks of
 one process never move the same route at once (the advisory lock in
@@ -32,6 +31,7 @@ from qmover.route import Route
 
 T = TypeVar("T")
 
+
 def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
     """The same connection settings, however the DSN text spells them."""
     return tuple(sorted(parse_dsn(dsn).items()))
@@ -51,8 +51,7 @@ class Session:
 
     key: tuple[tuple[str, str], ...]
     conn: connection
-    checked: dict[Route, bool] = field(default_factory=dict)  # routes prepared here -> via pgq.insert_event
-    server: tuple[str, str] | None = None  # (system identifier, database), asked once
+    routes: set[Route] = field(default_factory=set)  # routes whose temporary table is set up here
     prepared: set[str] = field(default_factory=set)  # statements PREPAREd on this connection
     reused: bool = False  # it sat idle before this loan: the server may have gone since
 
@@ -83,7 +82,8 @@ class Connector:
                     del self._idle[ident]
                     session.reused = True
                     return session
-        return Session(key, db.connect(route, side, autocommit=True, timeout=self.connect_timeout))  # outside the lock: connecting is slow
+        # outside the lock: connecting is slow
+        return Session(key, db.connect(route, side, autocommit=True, timeout=self.connect_timeout))
 
     def give_back(self, session: Session) -> None:
         """Return a connection that is idle (no transaction, no claim)."""

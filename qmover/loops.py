@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from psycopg2.extensions import connection
 
-from qmover import db, queries
-from qmover.connector import Connector, Session, database_key
+from qmover import queries
+from qmover.connector import Connector, database_key
 from qmover.db import Side
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -37,14 +37,6 @@ class Hop:
         return [(start, (self.target, queue)) for queue in self.route.target_queues]
 
 
-def server_of(session: Session, route: Route, side: Side) -> Server:
-    """The server and database behind a connection, asked once per connection."""
-    if session.server is None:
-        with db.errors(route, side):
-            session.server = _identity(session.conn)
-    return session.server
-
-
 CONNECT_TIMEOUT = 3
 
 
@@ -63,7 +55,7 @@ def check_routes(routes: Iterable[Route]) -> None:
         key = database_key(route.dsn(side))
         if key not in servers:
             try:
-                servers[key] = connector.run(route, side, lambda session: _identity(session.conn))
+                servers[key] = connector.run(route, side, lambda session: server_identity(session.conn))
             except QmoverError:
                 servers[key] = None
         return servers[key]
@@ -76,7 +68,8 @@ def check_routes(routes: Iterable[Route]) -> None:
     require_no_loops(found)
 
 
-def _identity(conn: connection) -> Server:
+def server_identity(conn: connection) -> Server:
+    """The server and database a connection reached."""
     with conn.cursor() as cur:
         cur.execute(queries.SERVER_IDENTITY)
         system, database = cur.fetchone()

@@ -64,6 +64,12 @@ OFF_NOTICE = ("metrics counters are off: the broker is not Redis and [qmover] me
               "set metrics_url = redis://HOST:PORT/DB (or QMOVER_METRICS_URL) to count events, batches and errors")
 
 
+def say_if_off(url: str | None) -> None:
+    """The one line at start (worker, run, metrics) when the counters are off."""
+    if url is None:
+        log.warning("%s", OFF_NOTICE)
+
+
 class Counters:
     """A route's counters in Redis (url None: counters off, nothing recorded).
 

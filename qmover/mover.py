@@ -1,6 +1,6 @@
 """A route's mover: the move protocol over two connections borrowed from a Connector.
 
-Connections are borrowed lazily and checked once per connection and route;
+Connections are borrowed lazily; the route is checked once per process;
 after any error they are closed rather than given back, so a restarted
 server or a half-finished COPY never leaks into the next batch.
 """
@@ -13,7 +13,7 @@ from qmover import db, queries, split
 from qmover.checks import check_route, require_blocking_driver, target_can_copy
 from qmover.connector import Connector, Session, database_key
 from qmover.errors import LostPosition, QmoverError, TransientError
-from qmover.loops import Hop, require_no_loops, server_of
+from qmover.loops import Hop, require_no_loops, server_identity
 from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
 from qmover.route import Route
 
@@ -36,6 +36,7 @@ class RouteMover:
         self._reused = False  # a borrowed connection had been idle: its server may have restarted since
         self._held = False  # the connector's in-process claim
         self._claimed = False  # the advisory lock on the target connection
+        self._via_insert_event = False  # the target role may not COPY into the queue's event tables
 
     def __enter__(self) -> RouteMover:
         return self
@@ -67,22 +68,25 @@ class RouteMover:
         """What a move needs: the route's checks once per process (again after
         any failure), the target session's temporary table once per connection."""
         route = self.route
-        if route in dst.checked:
-            return
         via_insert_event = self.connector.checked.get(route)
         if via_insert_event is None:
             via_insert_event = self._check_route(src, dst)
             self.connector.checked[route] = via_insert_event
-        if route.split or via_insert_event:
+        self._via_insert_event = via_insert_event
+        if (route.split or via_insert_event) and route not in dst.routes:
             split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
-        dst.checked[route] = via_insert_event
+            dst.routes.add(route)
 
     def _check_route(self, src: Session, dst: Session) -> bool:
         """Raise the first thing that keeps the route from moving; returns
         whether it must move through pgq.insert_event."""
         route = self.route
         require_blocking_driver()
-        require_no_loops([Hop(route, server_of(src, route, "source"), server_of(dst, route, "target"))])
+        with db.errors(route, "source"):
+            source = server_identity(src.conn)
+        with db.errors(route, "target"):
+            target = server_identity(dst.conn)
+        require_no_loops([Hop(route, source, target)])
         check_route(src.conn, dst.conn, route)
         via_insert_event = not route.split and not target_can_copy(dst.conn, route)
         if via_insert_event and route.keep_event_id:
@@ -104,7 +108,7 @@ class RouteMover:
         assert self._src is not None and self._dst is not None
         try:
             moved = move_batch(self.route, self._src.conn, self._dst.conn, self.checkpoint,
-                               self._dst.checked[self.route])
+                               self._via_insert_event)
         except QmoverError as exc:
             self.connector.checked.pop(self.route, None)  # the next open checks the route afresh
             precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()

@@ -306,6 +306,24 @@ def redis_db():
     db.close()
 
 
+def partitions_and_central(make_db, count: int) -> tuple[list[PgqDatabase], PgqDatabase]:
+    """count partition databases with a queue 'events', and a central one with 'central_events'."""
+    parts = [make_db() for _ in range(count)]
+    central = make_db()
+    for part in parts:
+        part.create_queue("events")
+    central.create_queue("central_events")
+    return parts, central
+
+
+def installed_processes(config: Path, tmp_path: Path) -> Processes:
+    """`qmover install` for the config's routes, then Celery processes that log under tmp_path/logs."""
+    run_qmover("install", str(config), check=True)
+    logdir = tmp_path / "logs"
+    logdir.mkdir(exist_ok=True)
+    return Processes(config, logdir)
+
+
 @pytest.fixture
 def pipeline(make_db, tmp_path, redis_db):
     """factory(routes, interval=..., first_extra=..., extra=..., password=..., broker=...) -> Pipeline,
@@ -315,21 +333,14 @@ def pipeline(make_db, tmp_path, redis_db):
 
     def build(routes: int, interval: float = 0.5, first_extra: str = "", extra: str = "",
               password: str | None = None, broker: str | None = None) -> Pipeline:
-        parts = [make_db() for _ in range(routes)]
-        central = make_db()
-        for part in parts:
-            part.create_queue("events")
-        central.create_queue("central_events")
+        parts, central = partitions_and_central(make_db, routes)
         secret = f" password={password}" if password else ""
         text = "".join(ROUTE.format(n=n, src=part.dsn + secret, dst=central.dsn + secret, interval=interval,
                                     extra=(first_extra if n == 0 else "") + "\n" + extra)
                        for n, part in enumerate(parts))
         config = tmp_path / "pipeline.ini"
         config.write_text(text + f"\n[qmover]\nbroker_url = {broker or redis_db.url}\n")
-        run_qmover("install", str(config), check=True)
-        logdir = tmp_path / "logs"
-        logdir.mkdir(exist_ok=True)
-        made.append(Pipeline(parts, central, config, Processes(config, logdir)))
+        made.append(Pipeline(parts, central, config, installed_processes(config, tmp_path)))
         return made[-1]
 
     yield build

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from celery_helpers import Processes, error_lines, wait_until
-from conftest import PgqDatabase, run_qmover
+from conftest import PgqDatabase, installed_processes, partitions_and_central
+from qmover import sweep
 
 PARTITIONS = 30
 INTERVAL = 0.5
@@ -55,6 +55,21 @@ class FanIn:
         source = Counter(event for part in self.parts for event in part.events("events"))
         assert Counter(self.central.events("central_events")) == source
 
+    def sweeps(self) -> list[tuple[float, str]]:
+        """Each sweep beat ran, in order: (seconds it took, what it sent)."""
+        return [(float(seconds), sent) for seconds, sent in
+                re.findall(r"Task qmover.sweep\[\S+\] succeeded in ([\d.]+)s: (\{.*\})", self.procs.log("beat"))]
+
+    def tick_moves_within_two_sweeps(self, part: PgqDatabase, tag: str) -> None:
+        """Events ticked on part reach central, sent by the first or second
+        sweep that ends after the tick (counted in sweeps, not seconds)."""
+        swept, before = len(self.sweeps()), self.central_count()
+        part.produce_series("events", 5, size=20, tag=tag)
+        part.tick("events")
+        wait_until(lambda: self.central_count() == before + 5, 30, "the ticked partition's events", every=0.02)
+        sent_by = [n for n, (_, sent) in enumerate(self.sweeps()[swept:]) if f"'part_{part.name}'" in sent]
+        assert sent_by and sent_by[0] <= 1, sent_by
+
     def move_tasks_received(self) -> int:
         return len(re.findall(r"Task qmover.move_next_batch\[\S+\] received", self.procs.logs()))
 
@@ -64,18 +79,11 @@ def fan_in(make_db, tmp_path, redis_db):
     made: list[FanIn] = []
 
     def build(partitions: int = PARTITIONS) -> FanIn:
-        parts = [make_db() for _ in range(partitions)]
-        central = make_db()
-        for part in parts:
-            part.create_queue("events")
-        central.create_queue("central_events")
+        parts, central = partitions_and_central(make_db, partitions)
         config = tmp_path / "fan-in.ini"
         config.write_text(TEMPLATE.format(names=", ".join(part.name for part in parts), central=central.name,
                                           interval=INTERVAL, broker=redis_db.url))
-        run_qmover("install", str(config), check=True)
-        logdir = tmp_path / "logs"
-        logdir.mkdir(exist_ok=True)
-        made.append(FanIn(parts, central, config, Processes(config, logdir)))
+        made.append(FanIn(parts, central, config, installed_processes(config, tmp_path)))
         return made[-1]
 
     yield build
@@ -116,22 +124,17 @@ def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fa
         fan.procs.beat()
         produced = fan.produce_everywhere(1000, "drain")
         wait_until(lambda: fan.central_count() >= produced, 120, "every partition drained into central")
-        time.sleep(2 * INTERVAL)
+        drained = len(fan.sweeps())
+        wait_until(lambda: len(fan.sweeps()) >= drained + 2, 30, "two sweeps after the drain")
 
-        # Idle: sweeps go on, move tasks do not.
-        received, sweeps = fan.move_tasks_received(), fan.procs.log("beat").count("Sending due task qmover sweep")
-        time.sleep(6 * INTERVAL)
+        # Idle: four sweeps go by, and no move task.
+        received, swept = fan.move_tasks_received(), len(fan.sweeps())
+        wait_until(lambda: len(fan.sweeps()) >= swept + 4, 30, "four idle sweeps")
         assert fan.move_tasks_received() == received
-        assert fan.procs.log("beat").count("Sending due task qmover sweep") >= sweeps + 4
 
-        # One ticked partition: its events are in central within two intervals.
+        # One ticked partition: its events are sent by the next sweep or the one after.
         for part in (fan.parts[7], fan.parts[-1]):
-            before = fan.central_count()
-            part.produce_series("events", 5, size=20, tag="late")
-            part.tick("events")
-            ticked = time.monotonic()
-            wait_until(lambda: fan.central_count() == before + 5, 10, "the ticked partition's events", every=0.02)
-            assert time.monotonic() - ticked <= 2 * INTERVAL
+            fan.tick_moves_within_two_sweeps(part, "late")
     finally:
         peak.stop()
 
@@ -183,13 +186,9 @@ def test_a_partition_that_hangs_holds_up_only_its_own_route(fan_in):
         others[0].tick("events")
         wait_until(lambda: fan.central_count() == 5, 60, "the worker and beat to be up")
         for round_no in range(4):
-            before = fan.central_count()
-            part = others[1 + round_no % (len(others) - 1)]
-            part.produce_series("events", 5, size=20, tag=f"r{round_no}")
-            part.tick("events")
-            ticked = time.monotonic()
-            wait_until(lambda: fan.central_count() == before + 5, 10, "a healthy partition's events", every=0.02)
-            assert time.monotonic() - ticked <= 2 * INTERVAL
+            fan.tick_moves_within_two_sweeps(others[1 + round_no % (len(others) - 1)], f"r{round_no}")
+        # Not held up: at most the sweep that found it hung waited for the connect timeout (2 s).
+        assert sum(seconds >= sweep.CONNECT_TIMEOUT for seconds, _ in fan.sweeps()) <= 1
         beat = fan.procs.log("beat")
         assert "sweep: route part_" in beat and "its 1 route(s) wait until it answers" in beat
         assert beat.count("wait until it answers") == 1  # said once, not every sweep
@@ -204,13 +203,16 @@ def test_kill_9_of_beat_and_worker_while_sweeping_loses_and_doubles_nothing(fan_
     fan.procs.beat()
     produced = 0
     for round_no in range(6):
+        moved = fan.central_count()
         produced += fan.produce_everywhere(200, f"k{round_no}-")
-        time.sleep(0.3 + 0.1 * round_no)
-        fan.procs.kill("beat" if round_no % 2 else "worker")  # SIGKILL, whatever it was doing
+        # SIGKILL once this round's events have begun to arrive: sweeps and moves are under way
+        wait_until(lambda: fan.central_count() > moved, 60, "this round's events to begin arriving", every=0.01)
+        fan.procs.kill("beat" if round_no % 2 else "worker")
         if round_no % 2:
             fan.procs.beat()
         else:
             fan.procs.worker("worker", 2)
     wait_until(lambda: fan.central_count() >= produced, 90, "every event after the kills")
-    time.sleep(3 * INTERVAL)  # a duplicate would show now
+    swept = len(fan.sweeps())
+    wait_until(lambda: len(fan.sweeps()) >= swept + 3, 30, "three more sweeps, in which a duplicate would show")
     fan.exactly_once()

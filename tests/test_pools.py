@@ -27,10 +27,10 @@ CONCURRENCY = {"prefork": 2, "threads": 8, "solo": 1, "gevent": 8}
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool):
-    """Sweeps every 0.05 s, tasks of at most 0.05 s, and move tasks sent
-    directly every 0.02 s beside them (the sweeps alone skip a claimed
-    route): tasks for one route overlap, within a process on threads and
-    gevent, across processes on prefork."""
+    """Sweeps every 0.05 s, tasks of at most 0.05 s, and beside them move
+    tasks sent directly, two at once for each route every 0.02 s (the sweeps
+    alone skip a claimed route): tasks for one route overlap, within a
+    process on threads and gevent, across processes on prefork."""
     pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05")
     big = 2 * move.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
     pipe.parts[0].produce_series("events", big, size=40, tag="big")
@@ -44,7 +44,8 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
     def send_directly() -> None:
         while not done.wait(0.02):
             for route in ("partition_0", "partition_1"):
-                client.send_task("qmover.move_next_batch", (route,), queue="qmover", expires=1)
+                for _ in range(2):  # two at once for one route, so they overlap however fast the moves are
+                    client.send_task("qmover.move_next_batch", (route,), queue="qmover", expires=1)
 
     sender = threading.Thread(target=send_directly)
     sender.start()

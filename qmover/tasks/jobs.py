@@ -92,8 +92,7 @@ def announce_and_serve_metrics(sender: Any, **_kwargs: Any) -> None:
     if not _has_config(sender.app):
         return
     config = config_for(sender.app)
-    if config.metrics_url is None:
-        log.warning("%s", metrics.OFF_NOTICE)
+    metrics.say_if_off(config.metrics_url)
     port = os.environ.get(METRICS_PORT_ENV)
     if not port:
         return

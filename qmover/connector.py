@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TypeVar
 
 from psycopg2.extensions import connection, parse_dsn
@@ -32,6 +33,7 @@ from qmover.route import Route
 T = TypeVar("T")
 
 
+@lru_cache(maxsize=4096)  # sweeps ask it for every route every interval
 def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
     """The same connection settings, however the DSN text spells them."""
     return tuple(sorted(parse_dsn(dsn).items()))

@@ -46,7 +46,9 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
     """
     dsn = route.dsn(side)
     # Shared by the routes that use this database: named after the process, not a route.
-    extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}"}
+    # Text COPY carries timestamps and text: both ends must agree on their
+    # spelling, whatever the server defaults are (the encoding is set at login).
+    extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}", "client_encoding": "UTF8"}
     if "connect_timeout" not in parse_dsn(dsn):
         extra["connect_timeout"] = timeout
     key = "src_db" if side == "source" else "dst_db"
@@ -62,9 +64,6 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
             f"{where(route, side)}: cannot connect: {reason}; "
             f"check {key} in the config and that the server is up") from None
     with errors(route, side):
-        # Text COPY carries timestamps and text: both ends must agree on
-        # their spelling, whatever the server defaults are.
-        conn.set_client_encoding("UTF8")
         conn.autocommit = autocommit
         with conn.cursor() as cur:
             cur.execute(queries.SESSION_SETUP)

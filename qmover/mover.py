@@ -176,8 +176,9 @@ class RouteMover:
         self.open()
         assert self._src is not None and self._dst is not None
         try:
-            with db.errors(self.route, "source"):
-                db.scalar(self._src.conn, queries.PING)
+            if self._src.reused:  # a connection made just now needs no proof of life
+                with db.errors(self.route, "source"):
+                    db.scalar(self._src.conn, queries.PING)
             with db.errors(self.route, "target"):
                 return bool(db.scalar(self._dst.conn, queries.CLAIM_ROUTE, (self.route.consumer,)))
         except BaseException:
@@ -207,7 +208,7 @@ class RouteMover:
         assert self._src is not None
         try:
             with db.errors(self.route, "source"):
-                return db.scalar(self._src.conn, queries.CONSUMER_INFO, (self.route.src_queue, self.route.consumer))
+                return db.scalar(self._src.conn, queries.SOURCE_LAG, (self.route.src_queue, self.route.consumer))
         except BaseException:
             self.close()
             raise

@@ -79,12 +79,16 @@ TARGET_SCHEMAS = f"""
 """
 QUEUE_NAMES = "select queue_name from pgq.queue"
 LAST_TICKS = "select consumer, pgq_ext.get_last_tick(consumer) from unnest(%s::text[]) consumer"
-# lag_seconds first: scalar() on it is the consumer's lag.
-CONSUMER_INFO = """
-    select extract(epoch from lag)::float8 as lag_seconds,
-           extract(epoch from last_seen)::float8 as last_seen_seconds,
-           last_tick, current_batch, next_tick, pending_events
-      from pgq.get_consumer_info(%s, %s)
+# The consumer's lag as pgq.get_consumer_info() reports it, in plain SQL: a
+# PL/pgSQL function costs a fresh backend milliseconds to compile, and fan-in
+# movers run on fresh source connections.
+SOURCE_LAG = """
+    select extract(epoch from now() - t.tick_time)::float8
+      from pgq.subscription s
+      join pgq.queue q on q.queue_id = s.sub_queue
+      join pgq.consumer c on c.co_id = s.sub_consumer
+      join pgq.tick t on t.tick_queue = s.sub_queue and t.tick_id = s.sub_last_tick
+     where q.queue_name = %s and c.co_name = %s
 """
 
 # --- ticker (for databases without pgqd) --------------------------------

@@ -9,7 +9,8 @@
    target's event sequence, a split route lands the batch in a temporary
    table and hands it out to its queues (split.py).
 4. record the batch's end tick in pgq_ext and commit the target.
-5. source: finish_batch.
+5. source: finish_batch, sent in step 1's round trip for the next batch
+   (or alone, by finish_batch(), when the mover stops).
 A crash before 4 commits leaves nothing applied; after it, step 2 of the
 redelivered batch sees the end tick and skips.  Knows nothing of Celery.
 Both connections are in autocommit mode; the target transaction is spelled
@@ -41,9 +42,11 @@ SPOOL_BYTES = 16 * 1024 * 1024
 
 INCOMING = "qmover_incoming"  # the temporary table of the pgq_writer path
 
-# Called with the name of each step as it completes: "next_batch", "position",
-# "copy", "before_target_commit", "after_target_commit", "finished".  Tests
-# fail or kill the mover there; the benchmark times the steps.
+# Called with the name of each step as it completes: "next_batch" (with the
+# finish of the batch before, when there is one), "position", "copy",
+# "before_target_commit", "after_target_commit", and "finished" from
+# finish_batch().  Tests fail or kill the mover there; the benchmark times
+# the steps.
 Checkpoint = Callable[[str], None]
 
 
@@ -63,16 +66,18 @@ class Moved:
     filtered: int = 0  # events the route's filters left out
 
 
-def move_batch(route: Route, src: connection, dst: connection,
-               checkpoint: Checkpoint = no_checkpoint, via_insert_event: bool = False) -> Moved | None:
+def move_batch(route: Route, src: connection, dst: connection, checkpoint: Checkpoint = no_checkpoint,
+               via_insert_event: bool = False, finish: int | None = None) -> Moved | None:
     """Move the route's next batch; None when no batch is ready.
 
+    The batch moved is left unfinished on the source (step 5): pass its id
+    as `finish` to the next call, or to finish_batch().
     via_insert_event: the target role may not write event tables, so events
     go through a temporary table and pgq.insert_event (which sets ev_time).
     """
     started = time.monotonic()
     with errors(route, "source"):
-        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src)
+        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src, finish)
     if batch_id is None:
         return None
     checkpoint("next_batch")
@@ -108,9 +113,6 @@ def move_batch(route: Route, src: connection, dst: connection,
         _rollback(dst)
         raise
     checkpoint("after_target_commit")
-    with errors(route, "source"):
-        _run(src, queries.FINISH_BATCH, (batch_id,))
-    checkpoint("finished")
     return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None, filtered)
 
 
@@ -181,20 +183,28 @@ def _same_count(sent: int | None, written: int) -> int:
     return written
 
 
-def _next_batch(route: Route, src: connection, attempts: int = 3) -> tuple:
-    """The next batch and its events' SELECT.
+def finish_batch(route: Route, src: connection, batch_id: int, checkpoint: Checkpoint = no_checkpoint) -> None:
+    """Step 5 on its own, for the last batch a mover moved."""
+    with errors(route, "source"):
+        _run(src, queries.FINISH_BATCH, {"finish": batch_id})
+    checkpoint("finished")
+
+
+def _next_batch(route: Route, src: connection, finish: int | None, attempts: int = 3) -> tuple:
+    """Finish the batch before (if any), then the next batch and its events' SELECT.
 
     When another mover of the route finishes the batch while this call is
     reading it, PgQ raises "batch not found"; asking again gets the next one.
     """
     params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
-              "min_count": route.min_count, "min_interval": route.min_interval}
+              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish}
+    query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
     for _ in range(attempts - 1):
         try:
-            return _row(src, queries.NEXT_BATCH, params)
+            return _row(src, query, params)
         except psycopg2.errors.RaiseException:
-            pass
-    return _row(src, queries.NEXT_BATCH, params)
+            query = queries.NEXT_BATCH  # the finish, a transaction of its own, is done
+    return _row(src, query, params)
 
 
 def _still_active(route: Route, src: connection, batch_id: int) -> bool:

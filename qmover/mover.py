@@ -14,7 +14,7 @@ from qmover.checks import check_route, require_blocking_driver, target_can_copy
 from qmover.connector import Connector, Session, database_key
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.loops import Hop, require_no_loops, server_identity
-from qmover.move import Checkpoint, Moved, move_batch, no_checkpoint
+from qmover.move import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
@@ -37,6 +37,7 @@ class RouteMover:
         self._held = False  # the connector's in-process claim
         self._claimed = False  # the advisory lock on the target connection
         self._via_insert_event = False  # the target role may not COPY into the queue's event tables
+        self._unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
 
     def __enter__(self) -> RouteMover:
         return self
@@ -108,7 +109,7 @@ class RouteMover:
         assert self._src is not None and self._dst is not None
         try:
             moved = move_batch(self.route, self._src.conn, self._dst.conn, self.checkpoint,
-                               self._via_insert_event)
+                               self._via_insert_event, finish=self._unfinished)
         except QmoverError as exc:
             self.connector.checked.pop(self.route, None)  # the next open checks the route afresh
             precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()
@@ -119,6 +120,7 @@ class RouteMover:
         except BaseException:
             self.close()
             raise
+        self._unfinished = None if moved is None else moved.batch_id
         if moved is not None and moved.unplaced:
             log.warning("route %s: the target held no position for consumer %r; started from the source's "
                         "(batch %d): expected once on a new route; otherwise the target's pgq_ext was reset, and "
@@ -185,8 +187,23 @@ class RouteMover:
             self.close()
             raise
 
+    def finish(self) -> None:
+        """Finish on the source the last batch moved, if a next request has not."""
+        if self._unfinished is None or self._src is None:
+            return
+        try:
+            finish_batch(self.route, self._src.conn, self._unfinished, self.checkpoint)
+        except BaseException:
+            self.close()  # the batch comes back, and the target's position skips it
+            raise
+        self._unfinished = None
+
     def release(self) -> None:
-        """Give back the route and the connections, kept open for the next task."""
+        """Finish the last batch; give back the route and the connections, kept open for the next task."""
+        try:
+            self.finish()
+        except QmoverError as exc:
+            log.warning("%s; the route's next mover finishes the batch (the target's position skips it)", exc)
         if self._claimed and self._dst is not None:
             try:
                 with db.errors(self.route, "target"):
@@ -220,3 +237,4 @@ class RouteMover:
                 db.close(session.conn)
         self._src = self._dst = None
         self._claimed = False
+        self._unfinished = None

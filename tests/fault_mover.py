@@ -1,7 +1,8 @@
 """Move one batch of the config's first route and die hard at a fault point.
 
-Usage: python fault_mover.py CONFIG POINT, POINT being a name the move
-protocol reports (before_target_commit, after_target_commit).  os._exit
+Usage: python fault_mover.py CONFIG POINT[@N], POINT being a name the move
+protocol reports (before_target_commit, after_target_commit); with @N the
+mover moves batch after batch and dies the Nth time POINT is reported.  os._exit
 skips every cleanup, like a killed process: the servers see the connection
 drop with whatever transaction was open.
 """
@@ -15,15 +16,21 @@ from qmover.mover import RouteMover
 CRASH_EXIT = 17
 
 
-def crash_at(point: str):
+def crash_at(point: str, nth: int = 1):
+    seen = 0
+
     def fault(name: str) -> None:
-        if name == point:
+        nonlocal seen
+        seen += name == point
+        if seen == nth:
             os._exit(CRASH_EXIT)
     return fault
 
 
 if __name__ == "__main__":
     config, point = sys.argv[1], sys.argv[2]
-    with RouteMover(load_config(config).select()[0], crash_at(point)) as mover:
-        mover.move_one()
+    point, _, nth = point.partition("@")
+    with RouteMover(load_config(config).select()[0], crash_at(point, int(nth or 1))) as mover:
+        while mover.move_one() is not None and nth:
+            pass
     sys.exit(0)

@@ -82,6 +82,46 @@ def test_crash_after_target_commit_skips_redelivery(route):
     assert len(route.target_events()) == 20
 
 
+def test_crash_with_the_finish_pending_moves_each_batch_once(route):
+    """A mover finishes batch N in the round trip that takes batch N+1; dying
+    just after that round trip leaves N finished and N+1 open, not applied."""
+    produce_batches(route, 3)
+    route.crash_at("next_batch@2")
+
+    assert len(route.target_events()) == 10  # batch 1 only
+    open_batch = active_batch(route)
+    assert open_batch is not None  # batch 2, taken with batch 1's finish
+
+    result = route.qmover("run", "--once", check=True)
+    assert f"batch={open_batch} events=10" in result.stderr  # batch 2 moved, not skipped
+    assert "skipped" not in result.stderr  # batch 1 was finished before the crash
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 30
+
+
+def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
+    """The source connection dies after batch 1's target commit, before the
+    round trip that would finish it: batch 1 comes back and is skipped."""
+    produce_batches(route, 2)
+    with RouteMover(load_config(route.config).select()[0]) as mover:
+
+        def kill_source(point: str) -> None:
+            if point == "after_target_commit":
+                route.src.value("select pg_terminate_backend(%s)", (mover._src.conn.get_backend_pid(),))
+
+        mover.checkpoint = kill_source
+        assert mover.move_one().events == 10
+        batch = active_batch(route)
+        with pytest.raises(TransientError):
+            mover.move_one()  # finish + next batch, on a dead connection
+    assert active_batch(route) == batch  # applied on the target, still open on the source
+
+    result = route.qmover("run", "--once", check=True)
+    assert f"batch={batch} skipped: already applied" in result.stderr
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 20
+
+
 def test_sigkill_during_run_loses_and_doubles_nothing(route):
     """Each mover is killed once the target holds a few more batches, plus a
     random moment: tied to progress, not to the clock, so the kills land

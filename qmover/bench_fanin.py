@@ -16,7 +16,10 @@ For each it measures:
 - latency: partitions ticked at random, each second, until their event is
   in central (p50, p99, max);
 - a status scrape of every route (admin.statuses), cold and with kept
-  connections (as `qmover metrics` keeps them).
+  connections (as `qmover metrics` keeps them);
+- the server CPU of one move per partition, in this process, on source
+  connections opened for it and on kept ones: what the connection bound
+  costs a move.
 Every database it made is dropped at the end.
 """
 
@@ -41,6 +44,7 @@ from qmover import admin
 from qmover.bench import pool_children, wait_for_celery
 from qmover.config import load_config
 from qmover.connector import Connector
+from qmover.mover import RouteMover
 from qmover.processes import start_celery, stop as stop_celery
 from qmover.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
 
@@ -272,6 +276,27 @@ def scrape_seconds(config: Path) -> dict[str, float]:
     return {"cold_s": round(cold, 3), "kept_connections_s": round(warm, 3)}
 
 
+def server_cpu_per_move(server: str, config: Path, partitions: list[str]) -> dict[str, float]:
+    """Server CPU (ms) of one 1,000-event move per partition, in this process: on a
+    source connection opened for it (as move tasks do at scale), then on kept ones."""
+    routes = [route for route in load_config(config).select() if route.name.startswith("part_")]
+    figures = {}
+    for label, max_idle in (("fresh_source_ms", 1), ("kept_source_ms", None)):
+        with closing(Connector(max_idle=max_idle)) as connector:
+            for warm_up in (True, False):  # checks, the target's session and, when kept, every source
+                for database in partitions:
+                    with closing(connect(server, database)) as conn, conn.cursor() as cur:
+                        cur.execute(PRODUCE, ("cpu-", PER_PARTITION))
+                        cur.execute(TICK_NOW)
+                before = cpu_seconds(pids_named("postgres"))
+                for route in routes:
+                    with RouteMover(route, connector=connector) as mover:
+                        mover.move_one()
+                if not warm_up:
+                    figures[label] = round(1000 * (cpu_seconds(pids_named("postgres")) - before) / len(routes), 1)
+    return figures
+
+
 def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: list[list[str]],
               partitions: list[str], idle_seconds: float, latency_seconds: float) -> dict[str, Any]:
     print(f"-- {name}", flush=True)
@@ -390,6 +415,8 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
         results = [setup_run(name, server, config, workdir, args, partitions, idle_seconds, latency_seconds)
                    for name, args in (("one worker -c 2", [["-c", "2"]]),
                                       ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
+        print("-- server CPU of a move, fresh and kept source connections ...", flush=True)
+        per_move = server_cpu_per_move(server, config, partitions)
     finally:
         for name in (*partitions, f"{PREFIX}_one", f"{PREFIX}_central"):
             drop_database(server, name)
@@ -398,9 +425,11 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
     print(f"\nthe machine with qmover stopped (its databases made, nothing running): {stopped} % busy")
     print(f"\nstatus of all {routes + 1} routes, each database asked once: {scrape['cold_s']} s with new "
           f"connections (qmover status), {scrape['kept_connections_s']} s with kept ones (a qmover metrics scrape)")
+    print(f"\nserver CPU of moving one {PER_PARTITION:,}-event batch: {per_move['fresh_source_ms']} ms on a source "
+          f"connection opened for it (as tasks do at {routes} routes), {per_move['kept_source_ms']} ms on a kept one")
     if json_path:
         json_path.write_text(json.dumps({"routes": routes, "scrape": scrape, "machine_busy_qmover_stopped_pct": stopped,
-                                         "setups": results}, indent=2))
+                                         "server_cpu_per_move": per_move, "setups": results}, indent=2))
         print(f"results written to {json_path}")
     print(f"logs in {workdir}")
     return 0

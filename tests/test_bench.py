@@ -24,7 +24,8 @@ def test_fan_in_bench_prints_every_figure_and_drops_what_it_made(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("drain 3 x 1,000 events", "the same events through one route", "peak connections on the central",
                 "peak connections on the server", "machine busy, nothing to move", "memory of beat and workers",
-                "tick on a partition -> in central", "status of all 4 routes", "with qmover stopped"):
+                "tick on a partition -> in central", "status of all 4 routes", "with qmover stopped",
+                "server CPU of moving one 1,000-event batch"):
         assert row in result.stdout, row
     found = json.loads(out.read_text())
     setups = {setup["setup"]: setup for setup in found["setups"]}
@@ -34,3 +35,4 @@ def test_fan_in_bench_prints_every_figure_and_drops_what_it_made(tmp_path):
         assert setup["worker_processes"] == 2
         assert setup["latency"]["events"] > 0 and setup["latency"]["not_arrived"] == 0
     assert all(moved > 0 for moved in setups["two workers -c 1"]["batches_moved_by_each_worker"])
+    assert set(found["server_cpu_per_move"]) == {"fresh_source_ms", "kept_source_ms"}  # 3 moves: too few to compare

@@ -17,6 +17,8 @@ For each it measures:
   in central (p50, p99, max);
 - a status scrape of every route (admin.statuses), cold and with kept
   connections (as `qmover metrics` keeps them);
+- the machine while only `select 1` goes to every partition once a second
+  (the floor of any once-a-second polling);
 - the server CPU of one move per partition, in this process, on source
   connections opened for it and on kept ones: what the connection bound
   costs a move.
@@ -26,6 +28,7 @@ Every database it made is dropped at the end.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -276,11 +279,36 @@ def scrape_seconds(config: Path) -> dict[str, float]:
     return {"cold_s": round(cold, 3), "kept_connections_s": round(warm, 3)}
 
 
+def polling_floor(server: str, databases: list[str], seconds: float) -> float:
+    """How busy the machine is while this process only asks each database
+    `select 1` once a second over kept connections: what any once-a-second
+    question to every database costs, before the question does anything."""
+    conns = [connect(server, database) for database in databases]
+    done = threading.Event()
+
+    def ask() -> None:
+        while not done.wait(1.0 - time.monotonic() % 1.0):
+            for conn in conns:
+                with conn.cursor() as cur:
+                    cur.execute("select 1")
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        return busy_percent(seconds)
+    finally:
+        done.set()
+        asker.join()
+        for conn in conns:
+            conn.close()
+
+
 def server_cpu_per_move(server: str, config: Path, partitions: list[str]) -> dict[str, float]:
     """Server CPU (ms) of one 1,000-event move per partition, in this process: on a
     source connection opened for it (as move tasks do at scale), then on kept ones."""
     routes = [route for route in load_config(config).select() if route.name.startswith("part_")]
     figures = {}
+    logging.getLogger("qmover").setLevel(logging.WARNING)  # not a line per batch here
     for label, max_idle in (("fresh_source_ms", 1), ("kept_source_ms", None)):
         with closing(Connector(max_idle=max_idle)) as connector:
             for warm_up in (True, False):  # checks, the target's session and, when kept, every source
@@ -412,6 +440,7 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
         scrape = scrape_seconds(config)
         print("-- the machine with qmover stopped ...", flush=True)
         stopped = busy_percent(idle_seconds)
+        floor = polling_floor(server, partitions, idle_seconds)
         results = [setup_run(name, server, config, workdir, args, partitions, idle_seconds, latency_seconds)
                    for name, args in (("one worker -c 2", [["-c", "2"]]),
                                       ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
@@ -422,13 +451,15 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
             drop_database(server, name)
     print()
     print(table(results, routes))
-    print(f"\nthe machine with qmover stopped (its databases made, nothing running): {stopped} % busy")
+    print(f"\nthe machine with qmover stopped (its databases made, nothing running): {stopped} % busy; "
+          f"{floor} % while asking each partition `select 1` once a second (the floor of any polling)")
     print(f"\nstatus of all {routes + 1} routes, each database asked once: {scrape['cold_s']} s with new "
           f"connections (qmover status), {scrape['kept_connections_s']} s with kept ones (a qmover metrics scrape)")
     print(f"\nserver CPU of moving one {PER_PARTITION:,}-event batch: {per_move['fresh_source_ms']} ms on a source "
           f"connection opened for it (as tasks do at {routes} routes), {per_move['kept_source_ms']} ms on a kept one")
     if json_path:
         json_path.write_text(json.dumps({"routes": routes, "scrape": scrape, "machine_busy_qmover_stopped_pct": stopped,
+                                         "machine_busy_select_1_polling_pct": floor,
                                          "server_cpu_per_move": per_move, "setups": results}, indent=2))
         print(f"results written to {json_path}")
     print(f"logs in {workdir}")

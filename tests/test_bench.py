@@ -25,7 +25,7 @@ def test_fan_in_bench_prints_every_figure_and_drops_what_it_made(tmp_path):
     for row in ("drain 3 x 1,000 events", "the same events through one route", "peak connections on the central",
                 "peak connections on the server", "machine busy, nothing to move", "memory of beat and workers",
                 "tick on a partition -> in central", "status of all 4 routes", "with qmover stopped",
-                "server CPU of moving one 1,000-event batch"):
+                "server CPU of moving one 1,000-event batch", "the floor of any polling"):
         assert row in result.stdout, row
     found = json.loads(out.read_text())
     setups = {setup["setup"]: setup for setup in found["setups"]}

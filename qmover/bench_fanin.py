@@ -183,13 +183,20 @@ class Central:
             time.sleep(0.05)
 
 
+def produce(server: str, database: str, tag: str, count: int, tick: bool = False) -> None:
+    """count events into a database's queue, ticked at once when tick is set."""
+    with closing(connect(server, database)) as conn, conn.cursor() as cur:
+        cur.execute(PRODUCE, (f"{tag}-", count))
+        if tick:
+            cur.execute(TICK_NOW)
+
+
 def drain(server: str, databases: list[str], per_database: int, queue: str, tag: str) -> float:
     """Load events untouched by any tick, tick every database at once; seconds until central holds them."""
     central = Central(server, queue)
     before = central.count()
     for database in databases:
-        with closing(connect(server, database)) as conn, conn.cursor() as cur:
-            cur.execute(PRODUCE, (f"{tag}-", per_database))
+        produce(server, database, tag, per_database)
     conns = [connect(server, database) for database in databases]
     try:
         started = time.monotonic()
@@ -245,7 +252,9 @@ def latency(server: str, partitions: list[str], seconds: float) -> dict[str, flo
                     cur.execute(TICK_NOW)
                 ticked[marker] = time.monotonic()
             time.sleep(max(0.0, second + 1.0 - time.monotonic()))
-        time.sleep(3)  # the last ticks arrive
+        deadline = time.monotonic() + 30  # the last ticks arrive; what has not by then counts as not arrived
+        while len(delays) < len(ticked) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         done.set()
         watcher.join()
@@ -308,14 +317,11 @@ def server_cpu_per_move(server: str, config: Path, partitions: list[str]) -> dic
     source connection opened for it (as move tasks do at scale), then on kept ones."""
     routes = [route for route in load_config(config).select() if route.name.startswith("part_")]
     figures = {}
-    logging.getLogger("qmover").setLevel(logging.WARNING)  # not a line per batch here
     for label, max_idle in (("fresh_source_ms", 1), ("kept_source_ms", None)):
         with closing(Connector(max_idle=max_idle)) as connector:
             for warm_up in (True, False):  # checks, the target's session and, when kept, every source
                 for database in partitions:
-                    with closing(connect(server, database)) as conn, conn.cursor() as cur:
-                        cur.execute(PRODUCE, ("cpu-", PER_PARTITION))
-                        cur.execute(TICK_NOW)
+                    produce(server, database, "cpu", PER_PARTITION, tick=True)
                 before = cpu_seconds(pids_named("postgres"))
                 for route in routes:
                     with RouteMover(route, connector=connector) as mover:
@@ -445,7 +451,13 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
                    for name, args in (("one worker -c 2", [["-c", "2"]]),
                                       ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
         print("-- server CPU of a move, fresh and kept source connections ...", flush=True)
-        per_move = server_cpu_per_move(server, config, partitions)
+        qmover_log = logging.getLogger("qmover")
+        level = qmover_log.level
+        qmover_log.setLevel(logging.WARNING)  # not a line per batch moved in this process
+        try:
+            per_move = server_cpu_per_move(server, config, partitions)
+        finally:
+            qmover_log.setLevel(level)
     finally:
         for name in (*partitions, f"{PREFIX}_one", f"{PREFIX}_central"):
             drop_database(server, name)

@@ -1,9 +1,8 @@
 """The readiness sweep: which routes have a batch to move, asking each database once.
 
 Instead of a move task per route per interval, beat sweeps: one query per
-source database finds the consumers with nothing to do; for the others, one
-query to their target database finds the routes a mover holds; only the
-rest get a move task, sent before the next source database is asked.  Errs
+source database finds the consumers with nothing to do, one per target
+database the routes a mover holds; only the rest get a move task.  Errs
 towards ready: a consumer the query does not find (a dropped queue, an
 unregistered consumer) counts as ready, so that its mover says what is
 wrong.  A database that does not answer makes only its own routes wait:
@@ -17,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from psycopg2 import sql
 
@@ -41,19 +40,19 @@ class Sweeper:
         self._prober: threading.Thread | None = None  # runs while any database is down
         self._lock = threading.Lock()
 
-    def ready(self, routes: Iterable[Route]) -> Iterator[Route]:
-        """The routes to move now (maybe a batch ready, no mover on them), each
-        as soon as its source database has answered, so that the first moves
-        start while the sweep still asks the other databases."""
+    def ready(self, routes: Iterable[Route]) -> list[Route]:
+        """The routes to move now: maybe a batch ready, and no mover on them."""
+        candidates = []
         for group in by_database(routes, "source"):
             idle = self._ask(group, "source", "qmover_idle_consumers", queries.IDLE_CONSUMERS)
-            if idle is None:
-                continue
-            candidates = [route for route in group if (route.src_queue, route.consumer) not in idle]
-            for targets in by_database(candidates, "target"):
-                claimed = self._ask(targets, "target", "qmover_claimed_consumers", queries.CLAIMED_CONSUMERS)
-                if claimed is not None:
-                    yield from (route for route in targets if (route.consumer,) not in claimed)
+            if idle is not None:
+                candidates += [route for route in group if (route.src_queue, route.consumer) not in idle]
+        ready = []
+        for group in by_database(candidates, "target"):
+            claimed = self._ask(group, "target", "qmover_claimed_consumers", queries.CLAIMED_CONSUMERS)
+            if claimed is not None:
+                ready += [route for route in group if (route.consumer,) not in claimed]
+        return ready
 
     def _ask(self, group: list[Route], side: Side, name: str, query: str) -> set[tuple] | None:
         """The query's rows for the group's consumers; None when the database does not answer."""

@@ -185,12 +185,11 @@ def sweep(self: Task, interval: float) -> dict[str, Any]:
         log.error("%s", exc)
         return {"routes": 0, "sent": []}
     routes = [route for route in config.routes.values() if route.move_interval == interval]
+    ready = sweeper.ready(routes)
     move = self.app.tasks[MOVE_TASK]
-    sent = []
-    for route in sweeper.ready(routes):
+    for route in ready:
         move.apply_async((route.name,), queue=config.celery_queue, expires=route.move_interval)
-        sent.append(route.name)
-    return {"routes": len(routes), "sent": sent}
+    return {"routes": len(routes), "sent": [route.name for route in ready]}
 
 
 @shared_task(bind=True, name=TICK_TASK, throws=(QmoverError,))

@@ -116,9 +116,13 @@ def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
 # --- target side: one transaction, three round trips ----------------------
 # The advisory lock serializes movers of one consumer; the position is read
 # by the next statement, whose snapshot is taken after the lock is held.
+# txid_current() takes the transaction's id before the event table is chosen.
+# PgQ's readers stop reading a queue's previous event table for ids above its
+# rotation's second step, and a transaction gets its id at its first write:
+# too late when a rotation ran between the choice of table and the COPY.
 BEGIN_AND_READ_POSITION = """
     begin;
-    select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0));
+    select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0)), txid_current();
     select pgq_ext.get_last_tick(%(consumer)s),
            case when %(queue)s <> '' then pgq.current_event_table(%(queue)s) end  -- '': a split route
 """

@@ -140,3 +140,47 @@ def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     print(f"peak RSS: 1k events {small} kB, 200k events {large} kB")
     assert large - small < 4 * 1024, f"peak RSS grew from {small} kB to {large} kB"
     assert len(route.target_events()) == 201_000
+
+
+def read_as_consumer(db, queue: str, consumer: str) -> list[tuple]:
+    """Every event a PgQ consumer of the queue is handed, batch by batch."""
+    events = []
+    with db.connect() as conn, conn.cursor() as cur:
+        while True:
+            cur.execute("select pgq.next_batch(%s, %s)", (queue, consumer))
+            batch = cur.fetchone()[0]
+            if batch is None:
+                return events
+            cur.execute("select ev_type, ev_data from pgq.get_batch_events(%s)", (batch,))
+            events += cur.fetchall()
+            cur.execute("select pgq.finish_batch(%s)", (batch,))
+
+
+def test_a_table_rotation_during_a_batch_hides_no_event_from_target_consumers(route):
+    """PgQ's readers stop reading a queue's previous event table once a rotation
+    is done with it; a batch written there after that would never be read.  Here
+    the rotation runs between the mover's choice of table and its COPY."""
+    route.dst.tick(route.dst_queue)
+    route.dst.execute("select pgq.register_consumer(%s, 'reader')", (route.dst_queue,))
+    route.dst.execute("select pgq.set_queue_config(%s, 'rotation_period', '0')", (route.dst_queue,))
+    route.src.produce_series(route.src_queue, 10)
+    route.src.tick(route.src_queue)
+    rotated = []
+
+    def rotate(point: str) -> None:
+        if point == "position":
+            before = route.dst.value("select queue_cur_table from pgq.queue where queue_name = %s",
+                                     (route.dst_queue,))
+            route.dst.execute("select pgq.maint_rotate_tables_step1(%s)", (route.dst_queue,))
+            route.dst.execute("select pgq.maint_rotate_tables_step2()")
+            route.dst.tick(route.dst_queue)
+            rotated.append(before != route.dst.value(
+                "select queue_cur_table from pgq.queue where queue_name = %s", (route.dst_queue,)))
+
+    with RouteMover(load_config(route.config).select()[0], rotate) as mover:
+        assert mover.move_one().events == 10
+    route.dst.tick(route.dst_queue)
+
+    assert rotated == [True]
+    assert sorted(read_as_consumer(route.dst, route.dst_queue, "reader")) == sorted(
+        route.src.events(route.src_queue, "ev_type, ev_data"))

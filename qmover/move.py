@@ -9,8 +9,8 @@
    target's event sequence, a split route lands the batch in a temporary
    table and hands it out to its queues (split.py).
 4. record the batch's end tick in pgq_ext and commit the target.
-5. source: finish_batch, sent in step 1's round trip for the next batch
-   (or alone, by finish_batch(), when the mover stops).
+5. source: finish_batch, in step 1's transaction for the next batch (or
+   alone, by finish_batch(), when the mover stops).
 A crash before 4 commits leaves nothing applied; after it, step 2 of the
 redelivered batch sees the end tick and skips.  Knows nothing of Celery.
 Both connections are in autocommit mode; the target transaction is spelled
@@ -19,6 +19,7 @@ out in SQL so that each step is one round trip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -200,10 +201,8 @@ def _next_batch(route: Route, src: connection, finish: int | None, attempts: int
               "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish}
     query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
     for _ in range(attempts - 1):
-        try:
+        with contextlib.suppress(psycopg2.errors.RaiseException):
             return _row(src, query, params)
-        except psycopg2.errors.RaiseException:
-            query = queries.NEXT_BATCH  # the finish, a transaction of its own, is done
     return _row(src, query, params)
 
 

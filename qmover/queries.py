@@ -63,9 +63,10 @@ IDLE_CONSUMERS = """
 # Without waiting for the flush: if a source crash loses this commit, the
 # batch comes back and is skipped, since the target recorded its end tick.
 FINISH_BATCH = "begin; set local synchronous_commit to off; select pgq.finish_batch(%(finish)s); commit"
-# The batch moved before, finished in the round trip that takes the next one
-# (two transactions: a failure in the second leaves the first finished).
-FINISH_AND_NEXT_BATCH = FINISH_BATCH + ";" + NEXT_BATCH
+# The batch moved before, finished in the transaction that takes the next one:
+# its commit is flushed anyway, and a rollback leaves the batch to come back
+# and be skipped.  Finishing a batch that is no longer active only warns.
+FINISH_AND_NEXT_BATCH = "select pgq.finish_batch(%(finish)s);" + NEXT_BATCH
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"

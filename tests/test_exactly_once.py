@@ -83,8 +83,8 @@ def test_crash_after_target_commit_skips_redelivery(route):
 
 
 def test_crash_with_the_finish_pending_moves_each_batch_once(route):
-    """A mover finishes batch N in the round trip that takes batch N+1; dying
-    just after that round trip leaves N finished and N+1 open, not applied."""
+    """A mover finishes batch N in the transaction that takes batch N+1; dying
+    just after it leaves N finished and N+1 open, not applied."""
     produce_batches(route, 3)
     route.crash_at("next_batch@2")
 
@@ -101,7 +101,7 @@ def test_crash_with_the_finish_pending_moves_each_batch_once(route):
 
 def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
     """The source connection dies after batch 1's target commit, before the
-    round trip that would finish it: batch 1 comes back and is skipped."""
+    transaction that would finish it: batch 1 comes back and is skipped."""
     produce_batches(route, 2)
     with RouteMover(load_config(route.config).select()[0]) as mover:
 
@@ -114,6 +114,39 @@ def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
         batch = active_batch(route)
         with pytest.raises(TransientError):
             mover.move_one()  # finish + next batch, on a dead connection
+    assert active_batch(route) == batch  # applied on the target, still open on the source
+
+    result = route.qmover("run", "--once", check=True)
+    assert f"batch={batch} skipped: already applied" in result.stderr
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 20
+
+
+def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
+    """Batch N's finish and the taking of batch N+1 are one source transaction:
+    when the taking fails, N is not finished either; it comes back and is skipped."""
+    produce_batches(route, 2)
+    holder = route.src.connect()
+    with RouteMover(load_config(route.config).select()[0]) as mover:
+        assert mover.move_one().events == 10
+        batch = active_batch(route)
+        pid = mover._src.conn.get_backend_pid()
+        holder.autocommit = False
+        with holder.cursor() as cur:  # the lock the next-batch statement queues on, after the finish ran
+            cur.execute("select pg_advisory_xact_lock(hashtextextended('qmover-next:' || %s, 0))", (route.name,))
+
+        def cancel_when_waiting() -> None:
+            wait_until(lambda: route.src.value("select wait_event_type from pg_stat_activity where pid = %s",
+                                               (pid,)) == "Lock", timeout=10, what="the mover to queue on the lock", every=0.02)
+            route.src.value("select pg_cancel_backend(%s)", (pid,))
+
+        canceller = threading.Thread(target=cancel_when_waiting)
+        canceller.start()
+        with pytest.raises(QmoverError):
+            mover.move_one()
+        canceller.join()
+        holder.rollback()
+    holder.close()
     assert active_batch(route) == batch  # applied on the target, still open on the source
 
     result = route.qmover("run", "--once", check=True)

@@ -112,12 +112,15 @@ def multiset(events: list[tuple]) -> Counter:
     return Counter(events)
 
 
-@pytest.fixture(params=["streamed", "spooled"])
+@pytest.fixture(params=["streamed", "spooled", "spilled"])
 def copy_path(request, monkeypatch) -> str:
-    """Run an in-process test through one of the two copy paths, whatever the batch size."""
+    """Run an in-process test through one of the copy paths, whatever the batch size
+    (spilled: spooled, through a temporary file from the first row on)."""
     from qmover import move
 
     monkeypatch.setattr(move, "SMALL_BATCH", -1 if request.param == "streamed" else 10**12)
+    if request.param == "spilled":
+        monkeypatch.setattr(move, "SPOOL_BYTES", 0)
     return request.param
 
 

@@ -115,13 +115,31 @@ def test_statement_timeout_on_the_target(route):
     assert route.src.value("select current_batch from pgq.get_consumer_info()") is not None  # not finished
 
 
-def test_event_the_target_encoding_cannot_hold(make_db, tmp_path):
+def latin1_target(make_db, tmp_path):
+    """A UTF8 source and a LATIN1 target: each server converts text to and from the client's UTF8."""
     src, dst = make_db(), make_db(encoding="LATIN1")
     src.create_queue("eventlog")
     dst.create_queue("copy_of_eventlog")
     config = tmp_path / "mover.ini"
     config.write_text(MANUAL_CONFIG.format(src=src.dsn, dst=dst.dsn))
     run_qmover("install", str(config), check=True)
+    return src, dst, config
+
+
+def test_event_in_another_encoding_arrives_as_the_same_text(make_db, tmp_path):
+    src, dst, config = latin1_target(make_db, tmp_path)
+    src.produce("eventlog", [("ok", "café", "Größe", None, None, "½ µ ÿ")])
+    src.tick("eventlog")
+
+    run_qmover("run", "--once", str(config), check=True)
+
+    # Read back through a UTF8 client: bytes stored unconverted would read as "cafÃ©".
+    assert dst.events("copy_of_eventlog", "ev_type, ev_data, ev_extra1, ev_extra4") == [
+        ("ok", "café", "Größe", "½ µ ÿ")]
+
+
+def test_event_the_target_encoding_cannot_hold(make_db, tmp_path):
+    src, dst, config = latin1_target(make_db, tmp_path)
     src.produce("eventlog", [("ok", "café", None, None, None, None), ("cjk", "日本語", None, None, None, None)])
     src.tick("eventlog")
 

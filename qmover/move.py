@@ -70,10 +70,12 @@ class Moved:
     filtered: int = 0  # events the route's filters left out
 
 
-def move_batch(route: Route, src: connection, dst: connection, checkpoint: Checkpoint = no_checkpoint,
-               via_insert_event: bool = False, finish: int | None = None) -> Moved | None:
+def move_batch(route: Route, src: connection, dst: connection, src_prepared: set[str],
+               checkpoint: Checkpoint = no_checkpoint, via_insert_event: bool = False,
+               finish: int | None = None) -> Moved | None:
     """Move the route's next batch; None when no batch is ready.
 
+    src_prepared: the statements PREPAREd on src so far; this call adds to it.
     The batch moved is left unfinished on the source (step 5): pass its id
     as `finish` to the next call, or to finish_batch().
     via_insert_event: the target role may not write event tables, so events
@@ -81,7 +83,8 @@ def move_batch(route: Route, src: connection, dst: connection, checkpoint: Check
     """
     started = time.monotonic()
     with errors(route, "source"):
-        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src, finish)
+        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src, src_prepared,
+                                                                                      finish)
     if batch_id is None:
         return None
     checkpoint("next_batch")
@@ -229,7 +232,7 @@ def finish_batch(route: Route, src: connection, batch_id: int, checkpoint: Check
     checkpoint("finished")
 
 
-def _next_batch(route: Route, src: connection, finish: int | None, attempts: int = 3) -> tuple:
+def _next_batch(route: Route, src: connection, prepared: set[str], finish: int | None, attempts: int = 3) -> tuple:
     """Finish the batch before (if any), then the next batch and its events' SELECT.
 
     When another mover of the route finishes the batch while this call is
@@ -237,6 +240,9 @@ def _next_batch(route: Route, src: connection, finish: int | None, attempts: int
     """
     params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
               "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish}
+    if queries.NEXT_BATCH_STATEMENT not in prepared:
+        _run(src, queries.PREPARE_NEXT_BATCH, ())
+        prepared.add(queries.NEXT_BATCH_STATEMENT)
     query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
     for _ in range(attempts - 1):
         with contextlib.suppress(psycopg2.errors.RaiseException):

@@ -108,7 +108,7 @@ class RouteMover:
         self.open()
         assert self._src is not None and self._dst is not None
         try:
-            moved = move_batch(self.route, self._src.conn, self._dst.conn, self.checkpoint,
+            moved = move_batch(self.route, self._src.conn, self._dst.conn, self._src.prepared, self.checkpoint,
                                self._via_insert_event, finish=self._unfinished)
         except QmoverError as exc:
             self.connector.checked.pop(self.route, None)  # the next open checks the route afresh

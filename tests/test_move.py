@@ -8,7 +8,9 @@ import sys
 import textwrap
 
 
+from conftest import run_qmover
 from qmover.config import load_config
+from qmover.connector import Connector
 from qmover.mover import RouteMover
 
 
@@ -118,7 +120,9 @@ def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(textwrap.dedent(r"""
         import re, sys
-        from qmover.config import load_config
+        from conftest import run_qmover
+from qmover.config import load_config
+from qmover.connector import Connector
         from qmover.mover import RouteMover
         route = load_config(sys.argv[1]).select()[0]
         with RouteMover(route) as mover:
@@ -184,3 +188,34 @@ def test_a_table_rotation_during_a_batch_hides_no_event_from_target_consumers(ro
     assert rotated == [True]
     assert sorted(read_as_consumer(route.dst, route.dst_queue, "reader")) == sorted(
         route.src.events(route.src_queue, "ev_type, ev_data"))
+
+
+def test_routes_sharing_a_source_connection_take_batches_in_turn(make_db, tmp_path):
+    """Routes of one source database borrow one connection in turn, with what
+    was prepared on it: each moves every event of its own consumer."""
+    src, left, right = make_db(), make_db(), make_db()
+    src.create_queue("eventlog")
+    sections = []
+    for name, dst in (("left", left), ("right", right)):
+        dst.create_queue("copy_of_eventlog")
+        sections.append(f"[{name}]\nsrc_db = {src.dsn}\ndst_db = {dst.dsn}\n"
+                        "pgq_queue_name = eventlog\ndst_queue_name = copy_of_eventlog\n")
+    config = tmp_path / "two.ini"
+    config.write_text("\n".join(sections))
+    run_qmover("install", str(config), check=True)
+    for _ in range(3):
+        src.produce_series("eventlog", 20)
+        src.tick("eventlog")
+
+    connector = Connector()
+    try:
+        for _ in range(2):  # each route twice, one batch a turn
+            for route in load_config(str(config)).select():
+                with RouteMover(route, connector=connector) as mover:
+                    assert mover.move_one() is not None
+            assert connector.idle_count() == 3  # one source connection, one per target
+    finally:
+        connector.close()
+
+    for dst in (left, right):
+        assert len(dst.events("copy_of_eventlog")) == 40

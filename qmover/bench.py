@@ -215,10 +215,12 @@ def move_all(config: str, route_name: str) -> None:
         mover.open()
         started = time.perf_counter()
         clock.start()
-        while (moved := mover.move_one()) is not None:
+        while (moved := mover.move_one()) is not None:  # and give back, as `qmover run` does a batch
+            mover.release(finish=False)
             events += moved.events
             batches += 1
-            clock.start()  # what follows "finished" (logging) is no step of the protocol
+            clock.start()  # what follows the batch's commit (logging, the loan) is no step of the protocol
+        mover.finish_pending()
         seconds = time.perf_counter() - started
     print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
                       "rss_mb": vm_hwm_mb(os.getpid()),

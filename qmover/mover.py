@@ -19,6 +19,7 @@ from qmover.route import Route
 
 log = logging.getLogger("qmover")
 _warned_routes: set[str] = set()  # the insert_event fallback is announced once per process
+UNFINISHED = "the route's next mover finishes the batch (the target's position skips it)"
 
 
 class RouteMover:
@@ -198,12 +199,15 @@ class RouteMover:
             raise
         self._unfinished = None
 
-    def release(self) -> None:
-        """Finish the last batch; give back the route and the connections, kept open for the next task."""
-        try:
-            self.finish()
-        except QmoverError as exc:
-            log.warning("%s; the route's next mover finishes the batch (the target's position skips it)", exc)
+    def release(self, finish: bool = True) -> None:
+        """Give back the route and the connections, kept open for the next task.
+
+        finish: finish the last batch moved now.  Without, the finish goes with
+        this mover's next request for a batch (`qmover run`, back at this route
+        within a loop), or with finish_pending().
+        """
+        if finish:
+            self._finish_or_warn()
         if self._claimed and self._dst is not None:
             try:
                 with db.errors(self.route, "target"):
@@ -218,6 +222,23 @@ class RouteMover:
         if self._held:
             self._held = False
             self.connector.unhold(self.route)
+
+    def finish_pending(self) -> None:
+        """Finish the last batch moved, if release() left it, on borrowed connections."""
+        if self._unfinished is None:
+            return
+        try:
+            self.open()
+        except QmoverError as exc:
+            self._unfinished = None
+            log.warning("%s; %s", exc, UNFINISHED)
+        self.release()
+
+    def _finish_or_warn(self) -> None:
+        try:
+            self.finish()
+        except QmoverError as exc:
+            log.warning("%s; %s", exc, UNFINISHED)
 
     def source_lag(self) -> float | None:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""

@@ -87,7 +87,9 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                     continue
                 try:
                     moved = mover.move_one()
-                    mover.release()  # its connections may serve the next route of the same database
+                    # Its connections may serve the next route of the same database; the
+                    # batch's finish goes with the route's next turn.
+                    mover.release(finish=False)
                 except QmoverError as exc:
                     if stop.abort:  # the driver turned our interrupt into an error
                         raise KeyboardInterrupt from None
@@ -111,6 +113,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                 if once:
                     break
                 stop.sleep(min(m.route.loop_delay for m in active))
+        for mover in movers:
+            mover.finish_pending()
     finally:
         for mover in movers:
             mover.close()

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-
 from conftest import run_qmover
 from qmover.config import load_config
 from qmover.connector import Connector
@@ -120,9 +119,7 @@ def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(textwrap.dedent(r"""
         import re, sys
-        from conftest import run_qmover
-from qmover.config import load_config
-from qmover.connector import Connector
+        from qmover.config import load_config
         from qmover.mover import RouteMover
         route = load_config(sys.argv[1]).select()[0]
         with RouteMover(route) as mover:

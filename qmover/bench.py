@@ -33,6 +33,7 @@ from psycopg2 import sql
 
 from qmover import admin
 from qmover.config import load_config
+from qmover.connector import Connector
 from qmover.mover import RouteMover
 from qmover.processes import start_celery, stop as stop_celery
 from qmover.sandbox import connect, drop_database, recreate_database, run_sql
@@ -110,6 +111,7 @@ class Result:
     seconds: float
     peak_rss_mb: float | None
     step_ms: dict[str, float] | None = None  # qmover: mean time of each protocol step
+    cpu_ms: dict[str, float] | None = None  # CPU time a batch, per process: the floor's backend; qmover's two and its own
 
     @property
     def rate(self) -> float:
@@ -133,6 +135,19 @@ def vm_hwm_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the processes and of their children that ended (PostgreSQL's
+    backends and autovacuum workers, say)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def prepare(server: str, workload: Workload) -> list[int]:
@@ -170,11 +185,14 @@ def run_floor(server: str, workload: Workload) -> Result:
     with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
         cur.execute("select pg_backend_pid()")
         backend = cur.fetchone()[0]
+        cpu = cpu_seconds([backend])
         started = time.perf_counter()
         cur.execute(FLOOR)
         seconds = time.perf_counter() - started
+        cpu = cpu_seconds([backend]) - cpu
         rss = vm_hwm_mb(backend)
-    return Result(workload.name, "floor", workload.events, workload.batches, seconds, rss)
+    return Result(workload.name, "floor", workload.events, workload.batches, seconds, rss,
+                  cpu_ms={"server": cpu * 1000 / workload.batches})
 
 
 def run_qmover(config: Path, workload: Workload) -> Result:
@@ -186,8 +204,10 @@ def run_qmover(config: Path, workload: Workload) -> Result:
         raise SystemExit(f"qmover moved {moved['events']} of {workload.events} events")
     steps = ", ".join(f"{step} {ms:.2f}" for step, ms in moved["step_ms"].items())
     print(f"   qmover steps, ms a batch: {steps}", flush=True)
+    cpu = ", ".join(f"{process} {ms:.2f}" for process, ms in moved["cpu_ms"].items())
+    print(f"   qmover CPU, ms a batch: {cpu}", flush=True)
     return Result(workload.name, "qmover", workload.events, moved["batches"], moved["seconds"], moved["rss_mb"],
-                  moved["step_ms"])
+                  moved["step_ms"], moved["cpu_ms"])
 
 
 class StepClock:
@@ -211,8 +231,15 @@ def move_all(config: str, route_name: str) -> None:
     route = load_config(config).select([route_name])[0]
     events = batches = 0
     clock = StepClock()
-    with RouteMover(route, clock) as mover:
+    connector = Connector()
+    backends = []
+    for side in ("source", "target"):  # the connections the mover then borrows: one per database
+        session = connector.borrow(route, side)
+        backends.append(session.conn.get_backend_pid())
+        connector.give_back(session)
+    with RouteMover(route, clock, connector) as mover:
         mover.open()
+        cpu = [cpu_seconds([pid]) for pid in backends] + [time.process_time()]
         started = time.perf_counter()
         clock.start()
         while (moved := mover.move_one()) is not None:  # and give back, as `qmover run` does a batch
@@ -222,9 +249,14 @@ def move_all(config: str, route_name: str) -> None:
             clock.start()  # what follows the batch's commit (logging, the loan) is no step of the protocol
         mover.finish_pending()
         seconds = time.perf_counter() - started
+        cpu = [after - before for before, after in
+               zip(cpu, [cpu_seconds([pid]) for pid in backends] + [time.process_time()])]
+    connector.close()
     print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
                       "rss_mb": vm_hwm_mb(os.getpid()),
-                      "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()}}))
+                      "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()},
+                      "cpu_ms": {process: seconds * 1000 / max(1, batches)
+                                 for process, seconds in zip(("source", "target", "client"), cpu)}}))
 
 
 def pool_children(pid: int) -> list[int]:
@@ -292,7 +324,9 @@ def run_workload(server: str, config: Path, workdir: Path, workload: Workload, c
         if content(server, database, queue) != expected:
             raise SystemExit(f"{workload.name}: {mode} target differs from the source; benchmark invalid")
     for result in results:
-        print(f"   {result.mode:7} {result.seconds:8.3f} s  {result.rate:10,.0f} events/s", flush=True)
+        cpu = "".join(f", {process} {ms:.2f}" for process, ms in (result.cpu_ms or {}).items())
+        print(f"   {result.mode:7} {result.seconds:8.3f} s  {result.rate:10,.0f} events/s"
+              + (f"  (CPU, ms a batch{cpu})" if cpu else ""), flush=True)
     return results
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from psycopg2 import sql
 
 from qmover import admin
-from qmover.bench import pool_children, wait_for_celery
+from qmover.bench import cpu_seconds, pool_children, wait_for_celery
 from qmover.config import load_config
 from qmover.connector import Connector
 from qmover.mover import RouteMover
@@ -105,19 +105,6 @@ class Peaks(threading.Thread):
         self.done.set()
         self.join()
         return self.central, self.total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time of the processes and of their children that ended (PostgreSQL's
-    backends and autovacuum workers, say)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def pids_named(name: str) -> list[int]:

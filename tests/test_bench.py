@@ -1,4 +1,4 @@
-"""The fan-in benchmark runs end to end (small: 3 routes), prints every figure and cleans up.
+"""The benchmarks run end to end (small: 3 routes; one workload), print every figure and clean up.
 
 Its figures are not judged here: goals live in the benchmark's own output.
 """
@@ -36,3 +36,22 @@ def test_fan_in_bench_prints_every_figure_and_drops_what_it_made(tmp_path):
         assert setup["latency"]["events"] > 0 and setup["latency"]["not_arrived"] == 0
     assert all(moved > 0 for moved in setups["two workers -c 1"]["batches_moved_by_each_worker"])
     assert set(found["server_cpu_per_move"]) == {"fresh_source_ms", "kept_source_ms"}  # 3 moves: too few to compare
+
+
+def test_throughput_bench_times_each_step_and_process(tmp_path):
+    """One small workload, floor and qmover: the run checks the copies itself
+    (it fails when a target differs from the source) and prints each figure."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "qmover", "bench", "--no-sweep", "--no-celery",
+                             "--latency-seconds", "0", "--only", "10 batches", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "qmover steps, ms a batch: next_batch" in result.stdout
+    assert "qmover CPU, ms a batch: source" in result.stdout
+    modes = {row["mode"]: row for row in json.loads(out.read_text())["workloads"]}
+    assert set(modes) == {"floor", "qmover"}
+    assert modes["floor"]["events"] == modes["qmover"]["events"] == 200_000
+    assert set(modes["floor"]["cpu_ms"]) == {"server"}
+    assert set(modes["qmover"]["cpu_ms"]) == {"source", "target", "client"}
+    assert modes["qmover"]["cpu_ms"]["source"] > 0 and modes["qmover"]["cpu_ms"]["target"] > 0
+    assert set(modes["qmover"]["step_ms"]) >= {"next_batch", "position", "copy", "after_target_commit"}

@@ -21,6 +21,7 @@ import click
 from qmover import admin, loops, metrics, runner
 from qmover.config import Config, load_config
 from qmover.errors import QmoverError
+from qmover.flower_access import flower_args
 from qmover.route import Route
 
 log = logging.getLogger("qmover")
@@ -182,8 +183,12 @@ for _action in (admin.rewind, admin.reset, admin.unregister):
     route_command(_action)
 
 
-def celery_command(name: str, help_text: str) -> None:
-    """Register `qmover NAME CONFIG [CELERY ARGS]...` as `celery -A qmover.tasks NAME ...`."""
+def celery_command(name: str, help_text: str,
+                   checked_args: Callable[[list[str]], list[str]] = list) -> None:
+    """Register `qmover NAME CONFIG [CELERY ARGS]...` as `celery -A qmover.tasks NAME ...`.
+
+    checked_args: the extra arguments as they are to be passed on; raises to refuse them.
+    """
 
     @main.command(name=name, help=help_text,
                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -192,14 +197,17 @@ def celery_command(name: str, help_text: str) -> None:
     @expected_errors
     def command(config: str, celery_args: tuple[str, ...]) -> None:
         load_config(config)  # a bad file fails here with its one line, before Celery starts
+        args = checked_args(list(celery_args))
         os.environ["QMOVER_CONFIG"] = str(Path(config).resolve())
-        argv = [sys.executable, "-m", "celery", "-A", "qmover.tasks", name, *celery_args]
+        argv = [sys.executable, "-m", "celery", "-A", "qmover.tasks", name, *args]
         os.execv(sys.executable, argv)
 
 
 celery_command("worker", "Start a Celery worker for the routes of CONFIG (extra args go to celery).")
 celery_command("beat", "Start Celery beat with one move entry per route of CONFIG.")
-celery_command("flower", "Start Flower for qmover's Celery app.")
+celery_command("flower", "Start Flower for qmover's Celery app: on 127.0.0.1 unless --address is given, "
+               "and on any other address only with --basic-auth (or FLOWER_BASIC_AUTH) or --auth.",
+               flower_args)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -6,11 +6,13 @@ No Docker engine runs here, so the file is checked, not started.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from psycopg2.extensions import parse_dsn
 
@@ -18,11 +20,64 @@ from qmover.cli import main as qmover_cli
 from qmover.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-KNOWN_ENV = {"QMOVER_BROKER_URL", "QMOVER_RESULT_BACKEND", "PGHOST", "PGUSER", "PGPASSWORD", "POSTGRES_PASSWORD"}
+KNOWN_ENV = {"QMOVER_BROKER_URL", "QMOVER_RESULT_BACKEND", "PGHOST", "PGUSER", "PGPASSWORD", "POSTGRES_PASSWORD",
+             "FLOWER_BASIC_AUTH"}
+SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "FLOWER_BASIC_AUTH": "ops:flower-secret"}
 
 
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+class Refused(Exception):
+    """What compose prints when a required variable is unset."""
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message} (unset or empty alike)."""
+    def value(match: re.Match) -> str:
+        name, kind, word = match.group(1), match.group(2), match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise Refused(f"{name}: {word}")
+        return word
+
+    return re.sub(r"\$\{(\w+)(?::([-?])([^}]*))?\}", value, text)
+
+
+def compose(env: dict[str, str] | None = None) -> dict:
+    return yaml.safe_load(interpolate((ROOT / "docker-compose.yml").read_text(), SECRETS if env is None else env))
+
+
+@pytest.mark.parametrize("unset", sorted(SECRETS))
+def test_no_default_secret_compose_refuses_without_it(unset):
+    env = {name: value for name, value in SECRETS.items() if name != unset}
+    with pytest.raises(Refused) as refused:
+        compose(env)
+    assert str(refused.value).startswith(f"{unset}: set {unset}")
+    assert "change-me" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_published_ports_bind_to_loopback_unless_an_address_is_set():
+    published = [port for service in compose()["services"].values() for port in service.get("ports", [])]
+    assert sorted(published) == ["127.0.0.1:5555:5555", "127.0.0.1:9187:9187"]
+    wider = compose({**SECRETS, "QMOVER_FLOWER_ADDRESS": "192.0.2.7"})["services"]["flower"]["ports"]
+    assert wider == ["192.0.2.7:5555:5555"]
+
+
+def test_flower_in_compose_asks_for_a_login(tmp_path):
+    """The container's Flower listens on every address, so `qmover flower` there
+    must find the login the compose file passes, and refuse without it."""
+    flower = compose()["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
+    config = tmp_path / "qmover.ini"
+    shutil.copy(ROOT / "docker" / "qmover.ini", config)
+    args = [str(config) if arg == "/etc/qmover/qmover.ini" else arg for arg in flower["command"][1:]]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWER_")}
+    refused = subprocess.run([sys.executable, "-m", "qmover", *args], capture_output=True, text=True, env=env,
+                             timeout=60)
+    assert refused.returncode == 2 and "without a login" in refused.stderr
+    checked = subprocess.run([sys.executable, "-c", "import sys; from qmover.flower_access import flower_args; "
+                              "flower_args(sys.argv[1:])", *args[2:]], capture_output=True, text=True,
+                             env={**env, "FLOWER_BASIC_AUTH": flower["environment"]["FLOWER_BASIC_AUTH"]}, timeout=60)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_services_and_images():
@@ -32,8 +87,6 @@ def test_services_and_images():
     dockerfile = pg_build.read_text()
     assert "FROM postgres:15" in dockerfile and "postgresql-15-pgq3" in dockerfile
     assert services["redis"]["image"].startswith("redis:")
-    assert "5555:5555" in services["flower"]["ports"]
-    assert "9187:9187" in services["metrics"]["ports"]
     for name in ("worker", "beat", "flower", "install", "metrics"):
         assert services[name]["build"] == "."
         assert set(services[name]["environment"]) <= KNOWN_ENV

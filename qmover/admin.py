@@ -6,6 +6,7 @@ QmoverError with the cause and the fix when it cannot.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,9 +17,17 @@ import psycopg2
 from psycopg2.extensions import connection
 
 from qmover import db, queries
-from qmover.checks import (has_schema, not_registered, pgq_ext_missing, pgq_ext_too_old, pgq_missing,
-                           queue_missing, require_pgq_ext, require_queue, require_registered)
-from qmover.connector import Connector, by_database, database_key
+from qmover.checks import (
+    has_schema,
+    not_registered,
+    pgq_ext_missing,
+    pgq_ext_too_old,
+    pgq_missing,
+    queue_missing,
+    require_pgq_ext,
+    require_queue,
+)
+from qmover.connector import Connector, Session, by_database, database_key
 from qmover.db import Side, errors, first_line, scalar, where
 from qmover.errors import QmoverError
 from qmover.route import Route
@@ -104,7 +113,7 @@ def _read_source(conn: connection, _group: list[Route]) -> _SourceState:
 def _read_target(conn: connection, group: list[Route]) -> _TargetState:
     with conn.cursor() as cur:
         cur.execute(queries.TARGET_SCHEMAS)
-        state = _TargetState(*cur.fetchone())
+        state = _TargetState(*(cur.fetchone() or ()))
         if state.pgq:
             cur.execute(queries.QUEUE_NAMES)
             state.queues = {queue for (queue,) in cur.fetchall()}
@@ -127,6 +136,10 @@ class _Failed:
         return where(route, self.side) + str(self.error).removeprefix(where(self.route, self.side))
 
 
+def _read_on(read: Callable[[connection, list[Route]], Any], group: list[Route], session: Session) -> Any:
+    return read(session.conn, group)
+
+
 def _read_each(routes: list[Route], side: Side, connector: Connector,
                read: Callable[[connection, list[Route]], Any]) -> dict[tuple, Any]:
     """read() once per database of the side; a failure is kept as _Failed."""
@@ -134,7 +147,7 @@ def _read_each(routes: list[Route], side: Side, connector: Connector,
     for group in by_database(routes, side):
         key = database_key(group[0].dsn(side))
         try:
-            found[key] = connector.run(group[0], side, lambda session: read(session.conn, group))
+            found[key] = connector.run(group[0], side, functools.partial(_read_on, read, group))
         except QmoverError as exc:
             found[key] = _Failed(group[0], side, exc)
     return found

@@ -34,8 +34,10 @@ from psycopg2 import sql
 from qmover import admin
 from qmover.config import load_config
 from qmover.connector import Connector
+from qmover.db import scalar
 from qmover.mover import RouteMover
-from qmover.processes import start_celery, stop as stop_celery
+from qmover.processes import start_celery
+from qmover.processes import stop as stop_celery
 from qmover.sandbox import connect, drop_database, recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
@@ -111,7 +113,7 @@ class Result:
     seconds: float
     peak_rss_mb: float | None
     step_ms: dict[str, float] | None = None  # qmover: mean time of each protocol step
-    cpu_ms: dict[str, float] | None = None  # CPU time a batch, per process: the floor's backend; qmover's two and its own
+    cpu_ms: dict[str, float] | None = None  # CPU a batch, per process: the floor's backend; qmover's two and its own
 
     @property
     def rate(self) -> float:
@@ -164,12 +166,10 @@ def prepare(server: str, workload: Workload) -> list[int]:
     ticks = []
     with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
         for n in range(workload.batches):
-            cur.execute("select pgq.current_event_table(%s)", (QUEUE,))
-            schema, table = cur.fetchone()[0].split(".")
+            schema, table = scalar(conn, "select pgq.current_event_table(%s)", (QUEUE,)).split(".")
             cur.execute(sql.SQL(LOAD).format(table=sql.Identifier(schema, table)),
                         {"base": n * per_batch, "count": per_batch})
-            cur.execute("select pgq.ticker(%s)", (QUEUE,))
-            ticks.append(cur.fetchone()[0])
+            ticks.append(scalar(conn, "select pgq.ticker(%s)", (QUEUE,)))
     run_sql(server, SOURCE, "vacuum analyze")
     return ticks
 
@@ -183,8 +183,7 @@ def content(server: str, database: str, queue: str) -> tuple[int, str]:
 
 def run_floor(server: str, workload: Workload) -> Result:
     with closing(connect(server, SOURCE)) as conn, conn.cursor() as cur:
-        cur.execute("select pg_backend_pid()")
-        backend = cur.fetchone()[0]
+        backend = scalar(conn, "select pg_backend_pid()")
         cpu = cpu_seconds([backend])
         started = time.perf_counter()
         cur.execute(FLOOR)
@@ -250,13 +249,13 @@ def move_all(config: str, route_name: str) -> None:
         mover.finish_pending()
         seconds = time.perf_counter() - started
         cpu = [after - before for before, after in
-               zip(cpu, [cpu_seconds([pid]) for pid in backends] + [time.process_time()])]
+               zip(cpu, [cpu_seconds([pid]) for pid in backends] + [time.process_time()], strict=True)]
     connector.close()
     print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
                       "rss_mb": vm_hwm_mb(os.getpid()),
                       "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()},
                       "cpu_ms": {process: seconds * 1000 / max(1, batches)
-                                 for process, seconds in zip(("source", "target", "client"), cpu)}}))
+                                 for process, seconds in zip(("source", "target", "client"), cpu, strict=True)}}))
 
 
 def pool_children(pid: int) -> list[int]:
@@ -292,12 +291,8 @@ def run_celery(server: str, config: Path, workdir: Path, workload: Workload, tic
             with src.cursor() as cur:
                 started = time.perf_counter()
                 cur.execute("select pgq.register_consumer_at(%s, %s, %s)", (QUEUE, route.consumer, first_tick))
-            with dst.cursor() as cur:
-                while True:
-                    cur.execute("select pgq_ext.get_last_tick(%s)", (route.consumer,))
-                    if cur.fetchone()[0] == ticks[-1]:
-                        break
-                    time.sleep(0.01)
+            while scalar(dst, "select pgq_ext.get_last_tick(%s)", (route.consumer,)) != ticks[-1]:
+                time.sleep(0.01)
             seconds = time.perf_counter() - started
         rss = max((vm_hwm_mb(child) or 0.0 for child in pool_children(worker.pid)), default=None)
     finally:

@@ -47,8 +47,10 @@ from qmover import admin
 from qmover.bench import cpu_seconds, pool_children, wait_for_celery
 from qmover.config import load_config
 from qmover.connector import Connector
+from qmover.db import scalar
 from qmover.mover import RouteMover
-from qmover.processes import start_celery, stop as stop_celery
+from qmover.processes import start_celery
+from qmover.processes import stop as stop_celery
 from qmover.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
 
 PREFIX = "qmover_fanin"
@@ -158,9 +160,7 @@ class Central:
         self.query = sql.SQL("select count(*) from {}").format(queue_table(server, queue))
 
     def count(self) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(self.query)
-            return cur.fetchone()[0]
+        return int(scalar(self.conn, self.query))
 
     def wait_for(self, count: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -210,8 +210,7 @@ def latency(server: str, partitions: list[str], seconds: float) -> dict[str, flo
 
     def watch() -> None:
         with central.cursor() as cur:
-            cur.execute(last_id)
-            last = cur.fetchone()[0]
+            last = scalar(central, last_id)
             while not done.wait(0.01):
                 cur.execute(query, (last,))
                 now = time.monotonic()
@@ -230,7 +229,7 @@ def latency(server: str, partitions: list[str], seconds: float) -> dict[str, flo
         while time.monotonic() < ended:
             second = time.monotonic()
             for offset, name in sorted(zip((rng.random() for _ in partitions),
-                                           rng.sample(partitions, min(10, len(partitions))))):
+                                           rng.sample(partitions, min(10, len(partitions))), strict=False)):
                 time.sleep(max(0.0, second + offset - time.monotonic()))  # at random moments of the second
                 marker = f"lat-{n}"
                 n += 1
@@ -326,7 +325,8 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
     peaks = Peaks(server, f"{PREFIX}_central")
     peaks.start()
     workers = [start_celery(config, log, "worker", "-l", "info", "--without-mingle", "--without-gossip",
-                            "-n", f"w{n}@%h", *args, mode="w") for n, (log, args) in enumerate(zip(logs, worker_args))]
+                            "-n", f"w{n}@%h", *args, mode="w")
+               for n, (log, args) in enumerate(zip(logs, worker_args, strict=True))]
     beat = start_celery(config, beat_log, "beat", "-l", "info", "-s", str(workdir / f"{name}-beat"), mode="w")
     result: dict[str, Any] = {"setup": name}
     try:

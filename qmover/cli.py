@@ -116,7 +116,7 @@ def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus:
         click.echo(metrics.render(routes, counters), nl=False)
         return
     rows = []
-    for found, counted in zip(admin.statuses(routes), counters.read(routes)):  # counted None: shown as "-"
+    for found, counted in zip(admin.statuses(routes), counters.read(routes), strict=True):  # counted None: shown as "-"
         rows.append({**found, **{key: None if counted is None else int(counted.get(field, 0))
                                  for key, field in (("events_moved", "events"), ("events_filtered", "filtered"))}})
     if as_json:
@@ -156,7 +156,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
                         ("pending_events", "source_last_tick", "target_last_tick", "current_batch",
                          "events_moved", "events_filtered"))))
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
              for line in table]
     lines += [f"error: {row['error']}" for row in rows if row["error"]]
     return "\n".join(lines)

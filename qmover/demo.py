@@ -24,7 +24,8 @@ from psycopg2 import sql
 
 from qmover import admin
 from qmover.config import load_config
-from qmover.processes import start_celery, stop as stop_celery
+from qmover.processes import start_celery
+from qmover.processes import stop as stop_celery
 from qmover.sandbox import recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
@@ -86,7 +87,8 @@ def screenshot(url: str, path: Path) -> None:
         return
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--hide-scrollbars", "--window-size=1400,800", "--virtual-time-budget=8000", f"--screenshot={path.resolve()}", url],
+                    "--hide-scrollbars", "--window-size=1400,800", "--virtual-time-budget=8000",
+                    f"--screenshot={path.resolve()}", url],
                    check=False, capture_output=True, timeout=60)
     print(f"screenshot of {url} saved to {path}")
 
@@ -140,7 +142,7 @@ def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, route
     moved = per_route(args.workdir)
     print()
     print(f"{'route':24} {'events':>8} {'batches':>8} {'lag_s':>6}")
-    for route, found in zip(routes, admin.statuses(routes)):
+    for route, found in zip(routes, admin.statuses(routes), strict=True):
         events, batches = moved.get(route.name, (0, 0))
         lag = found["lag_seconds"]
         print(f"{route.name:24} {events:>8} {batches:>8} {lag:>6.1f}")

@@ -72,8 +72,9 @@ def server_identity(conn: connection) -> Server:
     """The server and database a connection reached."""
     with conn.cursor() as cur:
         cur.execute(queries.SERVER_IDENTITY)
-        system, database = cur.fetchone()
-    return (system, database)
+        row = cur.fetchone()
+    assert row is not None, "pg_control_system() has one row"
+    return (row[0], row[1])
 
 
 def require_no_loops(found: list[Hop]) -> None:

@@ -135,7 +135,7 @@ def render(routes: list[Route], counters: Counters, connector: Connector | None 
     kept between scrapes.
     """
     samples: dict[str, list[str]] = {metric.name: [] for metric in (*COUNTERS, *GAUGES)}
-    for route, stored, found in zip(routes, counters.read(routes), admin.statuses(routes, connector)):
+    for route, stored, found in zip(routes, counters.read(routes), admin.statuses(routes, connector), strict=True):
         label = f'{{route="{_escape(route.name)}"}}'
         if stored is not None:  # off or unreachable: no counter rather than a false 0
             for metric in COUNTERS:

@@ -27,9 +27,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psycopg2
 from psycopg2.extensions import connection
@@ -52,6 +52,9 @@ INCOMING = "qmover_incoming"  # the temporary table of the pgq_writer path
 # finish_batch().  Tests fail or kill the mover there; the benchmark times
 # the steps.
 Checkpoint = Callable[[str], None]
+
+
+Params = Sequence[Any] | Mapping[str, Any]
 
 
 def no_checkpoint(_step: str) -> None:
@@ -255,13 +258,15 @@ def _still_active(route: Route, src: connection, batch_id: int) -> bool:
         return scalar(src, queries.ACTIVE_BATCH, (route.src_queue, route.consumer)) == batch_id
 
 
-def _row(conn: connection, query: str, params: dict) -> tuple:
+def _row(conn: connection, query: str, params: Params) -> tuple[Any, ...]:
     with conn.cursor() as cur:
         cur.execute(query, params)
-        return cur.fetchone()
+        row = cur.fetchone()
+    assert row is not None, "each of these statements returns a row"
+    return row
 
 
-def _run(conn: connection, query: str, params: tuple) -> None:
+def _run(conn: connection, query: str, params: Params) -> None:
     with conn.cursor() as cur:
         cur.execute(query, params)
 

@@ -112,7 +112,7 @@ def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
     Names come from PgQ itself ('pgq.maint_rotate_tables_step1', 'vacuum', ...);
     they are still quoted as identifiers, and the argument is a parameter.
     """
-    if func_name.lower() == "vacuum":
+    if func_name.lower() == "vacuum" and func_arg is not None:
         return sql.SQL("vacuum {}").format(sql.Identifier(*func_arg.split(".")))
     function = sql.Identifier(*func_name.split("."))
     if func_arg is None:
@@ -242,7 +242,7 @@ def event_filter(route: Route) -> sql.Composable:
 
 def copy_events_in(event_table: str, route: Route, conn: connection) -> str:
     """COPY into 'schema.table' (pgq.current_event_table()) or a plain table name."""
-    def build() -> sql.Composable:
+    def build() -> sql.Composed:
         schema, _, table = event_table.rpartition(".")
         target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
         return sql.Composed([sql.SQL("copy {} ({}) from stdin (format binary)").format(target, _columns(route))])

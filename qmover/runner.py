@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from qmover.connector import Connector
 from qmover.errors import QmoverError, TransientError
 from qmover.metrics import Counters
-from qmover.connector import Connector
 from qmover.mover import RouteMover
 from qmover.route import Route
 

@@ -22,7 +22,7 @@ def connect(server: str, database: str, autocommit: bool = True) -> connection:
     return conn
 
 
-def run_sql(server: str, database: str, *statements: object) -> list[tuple]:
+def run_sql(server: str, database: str, *statements: str | sql.Composable) -> list[tuple]:
     """Run statements in autocommit on a fresh connection; the last one's rows."""
     rows: list[tuple] = []
     with closing(connect(server, database)) as conn, conn.cursor() as cur:

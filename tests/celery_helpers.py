@@ -12,7 +12,8 @@ from pathlib import Path
 
 import redis
 
-from qmover.processes import start_celery, stop as stop_celery
+from qmover.processes import start_celery
+from qmover.processes import stop as stop_celery
 from qmover.sandbox import free_port  # noqa: F401 (the tests import it from here)
 
 

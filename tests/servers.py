@@ -9,8 +9,9 @@ import time
 
 import redis
 
-from celery_helpers import free_port, wait_until
 from qmover.sandbox import Cluster
+
+from celery_helpers import free_port, wait_until
 
 __all__ = ["Cluster", "RedisServer"]
 

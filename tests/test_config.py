@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_qmover
 from qmover.config import DEFAULT_BROKER, load_config, parse_seconds
 from qmover.errors import ConfigError
+
+from conftest import run_qmover
 
 MANUAL_EXAMPLE = """\
 [queue_mover3]
@@ -203,4 +204,5 @@ def test_config_error_exits_2_before_touching_any_database(tmp_path):
     for command in ("install", "run", "status", "rewind", "reset", "unregister"):
         result = run_qmover(command, str(path))
         assert result.returncode == 2
-        assert result.stderr.strip().splitlines() == [f"qmover: error: {path}: [r] dst_db: missing; every route needs it"]
+        assert result.stderr.strip().splitlines() == [
+            f"qmover: error: {path}: [r] dst_db: missing; every route needs it"]

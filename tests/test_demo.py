@@ -14,7 +14,6 @@ from psycopg2 import sql
 from celery_helpers import Redis, free_port
 from conftest import ADMIN_DSN
 
-
 MARKER = "Demo-pw-marker-93e1"
 
 

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from celery_helpers import wait_until
-from conftest import multiset
 from qmover import move
-from qmover.errors import QmoverError, TransientError
 from qmover.config import load_config
+from qmover.errors import QmoverError, TransientError
 from qmover.mover import RouteMover
 
+from celery_helpers import wait_until
+from conftest import multiset
 
 
 class Boom(Exception):
@@ -137,7 +137,8 @@ def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
 
         def cancel_when_waiting() -> None:
             wait_until(lambda: route.src.value("select wait_event_type from pg_stat_activity where pid = %s",
-                                               (pid,)) == "Lock", timeout=10, what="the mover to queue on the lock", every=0.02)
+                                               (pid,)) == "Lock",
+                       timeout=10, what="the mover to queue on the lock", every=0.02)
             route.src.value("select pg_cancel_backend(%s)", (pid,))
 
         canceller = threading.Thread(target=cancel_when_waiting)
@@ -175,8 +176,8 @@ def test_sigkill_during_run_loses_and_doubles_nothing(route):
         wanted = moved() + 5 * rng.randint(3, 15)
         mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: moved() >= wanted or pending(route) == 0, 60, "the mover to move a few batches",
-                   every=0.005)
+        wait_until(lambda wanted=wanted: moved() >= wanted or pending(route) == 0, 60,
+                   "the mover to move a few batches", every=0.005)
         time.sleep(rng.uniform(0, 0.02))
         mover.send_signal(signal.SIGKILL)
         mover.wait()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from qmover import sweep
+
 from celery_helpers import Processes, error_lines, wait_until
 from conftest import PgqDatabase, installed_processes, partitions_and_central
-from qmover import sweep
 
 PARTITIONS = 30
 INTERVAL = 0.5
@@ -206,7 +207,8 @@ def test_kill_9_of_beat_and_worker_while_sweeping_loses_and_doubles_nothing(fan_
         moved = fan.central_count()
         produced += fan.produce_everywhere(200, f"k{round_no}-")
         # SIGKILL once this round's events have begun to arrive: sweeps and moves are under way
-        wait_until(lambda: fan.central_count() > moved, 60, "this round's events to begin arriving", every=0.01)
+        wait_until(lambda moved=moved: fan.central_count() > moved, 60, "this round's events to begin arriving",
+                   every=0.01)
         fan.procs.kill("beat" if round_no % 2 else "worker")
         if round_no % 2:
             fan.procs.beat()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-
-
 EVENTS = [  # (ev_type, ev_data, ev_extra1)
     ("order.created", "o1", "public.orders"),
     ("order.paid", "o2", "orders"),

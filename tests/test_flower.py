@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from celery_helpers import Redis, wait_until
 from qmover.sandbox import free_port
+
+from celery_helpers import Redis, wait_until
 
 CONFIG = """
 [qmover]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from conftest import run_qmover
 
 WITH_IDS = "ev_id, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"

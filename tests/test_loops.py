@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from conftest import run_qmover
 from qmover.config import load_config
 from qmover.errors import QmoverError
 from qmover.mover import RouteMover
+
+from conftest import run_qmover
 
 # One database, three spellings of its DSN: only the server can tell they are the same.
 SPELLINGS = ("host=127.0.0.1 dbname={name}", "postgresql://127.0.0.1:5432/{name}?connect_timeout=5",

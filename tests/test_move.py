@@ -7,10 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import run_qmover
 from qmover.config import load_config
 from qmover.connector import Connector
 from qmover.mover import RouteMover
+
+from conftest import run_qmover
 
 
 def test_manual_example_moves_events_end_to_end(route):
@@ -76,7 +77,8 @@ def test_every_visible_column_survives(route, copy_path):
 
 def test_ten_megabyte_event(route, copy_path):
     big = "0123456789abcdef" * (10 * 1024 * 1024 // 16)
-    route.src.produce(route.src_queue, [("big", big, "x" * 1000, None, None, None), ("small", "s", None, None, None, None)])
+    route.src.produce(route.src_queue, [("big", big, "x" * 1000, None, None, None),
+                                        ("small", "s", None, None, None, None)])
     route.src.tick(route.src_queue)
 
     assert move_in_process(route) == 1

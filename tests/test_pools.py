@@ -12,9 +12,10 @@ from collections import Counter
 import pytest
 from celery import Celery
 
+from qmover import move
+
 from celery_helpers import error_lines
 from conftest import run_qmover
-from qmover import move
 
 POOLS = {
     "prefork": ("-P", "prefork"),
@@ -83,7 +84,7 @@ def test_two_threads_run_the_task_for_one_route_at_once(route, monkeypatch):
             route.src.tick(route.src_queue)
         start = threading.Barrier(2)
 
-        def run() -> None:
+        def run(start: threading.Barrier = start) -> None:
             start.wait()
             try:
                 results.append(move_next_batch(route.name))

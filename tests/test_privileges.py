@@ -11,7 +11,6 @@ from psycopg2 import sql
 from conftest import ClusterObjects
 
 
-
 @pytest.fixture
 def make_role():
     """Factory: make_role(*member_of) -> a LOGIN role, dropped after the test's databases."""

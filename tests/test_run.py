@@ -143,8 +143,8 @@ def test_a_route_broken_while_running_stops_alone(make_db, tmp_path, breakage):
         part.create_queue("events")
     central.create_queue("central_events")
     config = tmp_path / "partitions.ini"
-    config.write_text(TWO_PARTITIONS.format(p1=p1.dsn, p2=p2.dsn, central=central.dsn)
-                      .replace("dst_queue_name = central_events\n", "dst_queue_name = central_events\nloop_delay = 0.1\n"))
+    config.write_text(TWO_PARTITIONS.format(p1=p1.dsn, p2=p2.dsn, central=central.dsn).replace(
+        "dst_queue_name = central_events\n", "dst_queue_name = central_events\nloop_delay = 0.1\n"))
     run_qmover("install", str(config), check=True)
     mover = subprocess.Popen([sys.executable, "-m", "qmover", "run", str(config)],
                              stderr=subprocess.PIPE, text=True)

@@ -8,17 +8,20 @@ database, so a bad file fails before anything moves.
 from __future__ import annotations
 
 import configparser
-from collections import Counter
 import difflib
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg2
 
 from qmover.errors import ConfigError
 from qmover.route import SPLIT_FIELDS, Route, Split
+
+Number = TypeVar("Number", int, float)
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 GLOBAL_SECTION = "qmover"
@@ -129,7 +132,7 @@ class _Section:
                                  "use key=value pairs or a postgresql:// URI") from None
         return value
 
-    def number(self, key: str, kind: type, minimum: float) -> float | int | None:
+    def number(self, key: str, kind: type[Number], minimum: float) -> Number | None:
         value = self.get(key)
         if value is None or value == "":
             return None

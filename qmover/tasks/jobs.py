@@ -14,7 +14,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task, shared_task
 from celery.signals import worker_init, worker_ready
@@ -22,8 +22,8 @@ from celery.signals import worker_init, worker_ready
 from qmover import loops, metrics, ticker
 from qmover.checks import require_blocking_driver
 from qmover.config import Config, load_config
-from qmover.errors import QmoverError, TransientError
 from qmover.connector import Connector
+from qmover.errors import QmoverError, TransientError
 from qmover.mover import RouteMover
 from qmover.route import Route
 from qmover.sweep import Sweeper
@@ -120,7 +120,7 @@ def _count(task: Task, route: Route, result: dict[str, Any], errors: int = 0) ->
         skipped=result["skipped"], errors=errors)
 
 
-def _retry_or_fail(task: Task, exc: QmoverError) -> None:
+def _retry_or_fail(task: Task, exc: QmoverError) -> NoReturn:
     if isinstance(exc, TransientError) and task.request.retries < MAX_RETRIES:
         log.warning("%s; retry %d of %d", exc, task.request.retries + 1, MAX_RETRIES)
         raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries))

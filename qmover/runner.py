@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from qmover.connector import Connector
 from qmover.errors import QmoverError, TransientError
@@ -61,6 +62,26 @@ def stop_on_signals(stop: Stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@dataclass
+class RouteTurns:
+    """One route in the loop: its mover, and how its failures stand."""
+
+    mover: RouteMover
+    stopped: bool = False  # an error that needs an operator
+    retries: int = 0  # connection errors in a row
+    retry_at: float = 0.0  # monotonic time before which it is skipped
+
+    def due(self) -> bool:
+        return not self.stopped and time.monotonic() >= self.retry_at
+
+    def failed(self, delay_base: float) -> float:
+        """Count a connection error; the delay before the next turn."""
+        self.retries += 1
+        delay = min(MAX_RETRY_DELAY, delay_base * 2 ** self.retries)
+        self.retry_at = time.monotonic() + delay
+        return delay
+
+
 def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: Counters | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
 
@@ -71,19 +92,16 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
     """
     stop = stop or Stop()
     connector = Connector()
-    movers = [RouteMover(route, connector=connector) for route in routes]
-    failed: set[str] = set()
-    retry_at: dict[str, float] = {}
-    retries: dict[str, int] = {}
+    turns = [RouteTurns(RouteMover(route, connector=connector)) for route in routes]
     try:
         while not stop.requested:
-            active = [m for m in movers if m.route.name not in failed]
+            active = [turn for turn in turns if not turn.stopped]
             if not active:
                 break
             busy = False
-            for mover in active:
-                name = mover.route.name
-                if stop.requested or time.monotonic() < retry_at.get(name, 0.0):
+            for turn in active:
+                mover = turn.mover
+                if stop.requested or not turn.due():
                     continue
                 try:
                     moved = mover.move_one()
@@ -97,14 +115,11 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                         counters.record(mover.route, errors=1)
                     if once or not isinstance(exc, TransientError):
                         log.error("%s; route stopped", exc)
-                        failed.add(name)
+                        turn.stopped = True
                         continue
-                    retries[name] = retries.get(name, 0) + 1
-                    delay = min(MAX_RETRY_DELAY, mover.route.loop_delay * 2 ** retries[name])
-                    retry_at[name] = time.monotonic() + delay
-                    log.error("%s; retrying in %.1fs", exc, delay)
+                    log.error("%s; retrying in %.1fs", exc, turn.failed(mover.route.loop_delay))
                     continue
-                retries.pop(name, None)
+                turn.retries = 0
                 busy = busy or moved is not None
                 if counters and moved is not None:
                     counters.record(mover.route, events=moved.events, filtered=moved.filtered,
@@ -112,11 +127,11 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
             if not busy:
                 if once:
                     break
-                stop.sleep(min(m.route.loop_delay for m in active))
-        for mover in movers:
-            mover.finish_pending()
+                stop.sleep(min(turn.mover.route.loop_delay for turn in active))
+        for turn in turns:
+            turn.mover.finish_pending()
     finally:
-        for mover in movers:
-            mover.close()
+        for turn in turns:
+            turn.mover.close()
         connector.close()
-    return 1 if failed else 0
+    return 1 if any(turn.stopped for turn in turns) else 0

@@ -56,7 +56,8 @@ GAUGES = (
 
 def _key(route: Route) -> str:
     """One hash per route; the digest keeps two configs' same-named routes apart."""
-    where = "\0".join((route.src_display, route.src_queue, route.consumer, route.dst_display, route.dst_queue))
+    where = "\0".join((route.src_display, route.src_queue, route.consumer, route.dst_display,
+                      route.dst_queue or ""))  # a split route has none: "", the key it always had
     return f"qmover:metrics:{route.name}:{hashlib.sha1(where.encode()).hexdigest()[:12]}"
 
 

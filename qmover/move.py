@@ -105,7 +105,8 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
             if position != cur_tick:
                 small = estimate is not None and estimate <= SMALL_BATCH
                 copy = copy_spooled if small or threads_are_green() else copy_streamed
-                events = copy(route, src, dst, select, INCOMING if via_insert_event or route.split else event_table)
+                split_route = route.kind == "split"
+                events = copy(route, src, dst, select, INCOMING if via_insert_event or split_route else event_table)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
                 if route.keep_event_id:
@@ -113,7 +114,7 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
                 if route.filtered:
                     with errors(route, "source"):
                         filtered = scalar(src, queries.count_batch(select)) - events
-                if route.split:
+                if split_route:
                     events, left_out = split.distribute(route, dst, batch_id)
                     filtered += left_out
                 checkpoint("copy")

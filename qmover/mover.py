@@ -75,7 +75,7 @@ class RouteMover:
             via_insert_event = self._check_route(src, dst)
             self.connector.checked[route] = via_insert_event
         self._via_insert_event = via_insert_event
-        if (route.split or via_insert_event) and route not in dst.routes:
+        if (route.kind == "split" or via_insert_event) and route not in dst.routes:
             split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
             dst.routes.add(route)
 
@@ -90,7 +90,7 @@ class RouteMover:
             target = server_identity(dst.conn)
         require_no_loops([Hop(route, source, target)])
         check_route(src.conn, dst.conn, route)
-        via_insert_event = not route.split and not target_can_copy(dst.conn, route)
+        via_insert_event = route.kind == "queue" and not target_can_copy(dst.conn, route)
         if via_insert_event and route.keep_event_id:
             raise QmoverError(
                 f"route {route.name}: keep_event_id needs the target role to write queue "

@@ -131,7 +131,7 @@ BEGIN_AND_READ_POSITION = """
     begin;
     select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0)), txid_current();
     select pgq_ext.get_last_tick(%(consumer)s),
-           case when %(queue)s <> '' then pgq.current_event_table(%(queue)s) end  -- '': a split route
+           case when %(queue)s::text is not null then pgq.current_event_table(%(queue)s) end  -- null: a split route
 """
 # Kept event ids bypass the target's event sequence; moving it past them
 # (forward only) lets the target's ticker see the new events.  Every id of a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from psycopg2.extensions import parse_dsn
 
@@ -18,6 +19,7 @@ def describe_dsn(dsn: str) -> str:
 
 
 SPLIT_FIELDS = ("ev_type", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4")
+RouteKind = Literal["queue", "split"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Route:
     src_dsn: str
     dst_dsn: str
     src_queue: str
-    dst_queue: str
+    dst_queue: str | None  # None: a split route, whose events pick their queues
     min_count: int | None = None
     min_interval: float | None = None
     keep_lag: float | None = None
@@ -79,12 +81,20 @@ class Route:
     type_filter: tuple[str, ...] = ()  # ev_type patterns, * as wildcard: only these move
     table_filter: tuple[str, ...] = ()  # schema-qualified names in ev_extra1: only these move
     keep_event_id: bool = False  # write the source ev_id on the target (the route owns its target queue)
-    split: Split | None = None  # several target queues chosen per event; dst_queue is then ""
+    split: Split | None = None  # several target queues chosen per event (kind "split")
+
+    @property
+    def kind(self) -> RouteKind:
+        """"queue": every event into dst_queue; "split": each into the queue its field names."""
+        return "split" if self.split else "queue"
 
     @property
     def target_queues(self) -> tuple[str, ...]:
         """The target queues known before moving (a split route finds more per batch)."""
-        return self.split.known_queues if self.split else (self.dst_queue,)
+        if self.split is not None:
+            return self.split.known_queues
+        assert self.dst_queue is not None, "a route that does not split has a target queue"
+        return (self.dst_queue,)
 
     @property
     def filtered(self) -> bool:

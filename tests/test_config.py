@@ -62,7 +62,7 @@ anything = goes
     route = config.routes["partition_2"]
     assert route.consumer == "mover_p2"
     assert route.src_dsn == "dbname=part2 password=partition_2-secret"
-    assert route.dst_queue == route.src_queue == "eventlog"
+    assert route.dst_queue == route.src_queue == "eventlog" and route.kind == "queue"
     assert (route.min_count, route.min_interval, route.keep_lag, route.loop_delay) == (500, 5.0, 90.0, 0.25)
     assert config.broker_url == "redis://127.0.0.1:6379/3"
     assert config.result_backend == "redis://127.0.0.1:6379/9"

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from qmover.config import load_config
+
 from conftest import RouteSetup, run_qmover
 
 EVENTS = [  # (ev_type, ev_data, ev_extra1)
@@ -57,6 +59,9 @@ def test_split_through_a_map_skipping_unknown_values(split_route):
     assert "events=3 filtered=2" in result.stderr
     status = json.loads(split_route.qmover("status", "--json", check=True).stdout)[0]
     assert status["target_last_tick"] == status["source_last_tick"] and status["events_filtered"] == 2
+    assert status["target_queue"] is None  # each event names its own
+    route = load_config(split_route.config).routes["splitter"]
+    assert (route.kind, route.dst_queue, route.target_queues) == ("split", None, ("orders_q", "pay_q"))
 
 
 def test_values_name_queues_and_the_rest_go_to_a_catch_all(split_route):

@@ -348,7 +348,7 @@ def _read_route(section: _Section) -> Route:
         src_dsn=section.dsn("src_db"),
         dst_dsn=section.dsn("dst_db"),
         src_queue=src_queue,
-        dst_queue="" if split else section.get("dst_queue_name") or src_queue,
+        dst_queue=None if split else section.get("dst_queue_name") or src_queue,
         min_count=section.number("pgq_batch_collect_events", int, 1),
         min_interval=section.seconds("pgq_batch_collect_interval"),
         keep_lag=section.seconds("pgq_keep_lag"),

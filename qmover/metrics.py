@@ -1,4 +1,4 @@
-"""Per-route metrics in the Prometheus text format.
+"""Per-route metrics for Prometheus, exposed through prometheus_client.
 
 Counters (events, batches, errors, last success) live in Redis, the broker
 qmover already has, so that every worker and `qmover run` adds to the same
@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from wsgiref.simple_server import WSGIServer
 
 import redis
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from qmover import admin
 from qmover.connector import Connector
@@ -129,63 +132,53 @@ def _warn_once(exc: Exception) -> None:
         log.warning("metrics not recorded: the Redis of metrics_url failed (%s); moving goes on", exc)
 
 
-def render(routes: list[Route], counters: Counters, connector: Connector | None = None) -> str:
-    """The Prometheus text exposition of every route's counters and gauges.
+class RouteCollector(Collector):
+    """Every route's counters (from Redis, one round trip) and gauges (from the
+    databases, each asked once: admin.statuses), read afresh at each collect."""
 
-    Gauges ask each database once (admin.statuses); connector: connections
-    kept between scrapes.
-    """
-    samples: dict[str, list[str]] = {metric.name: [] for metric in (*COUNTERS, *GAUGES)}
-    for route, stored, found in zip(routes, counters.read(routes), admin.statuses(routes, connector), strict=True):
-        label = f'{{route="{_escape(route.name)}"}}'
-        if stored is not None:  # off or unreachable: no counter rather than a false 0
-            for metric in COUNTERS:
-                value = stored.get(metric.field)
-                if value is not None or metric.kind == "counter":
-                    samples[metric.name].append(f"{metric.name}{label} {_number(value or 0)}")
-        gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
-                  "qmover_pending_events": found["pending_events"],
-                  "qmover_route_up": 0 if found["error"] else 1}
-        for name, value in gauges.items():
-            if value is not None:
-                samples[name].append(f"{name}{label} {_number(value)}")
-    lines = []
-    for metric in (*COUNTERS, *GAUGES):
-        lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}",
-                  *samples[metric.name]]
-    return "\n".join(lines) + "\n"
+    def __init__(self, routes: list[Route], counters: Counters, connector: Connector | None = None) -> None:
+        self.routes = routes
+        self.counters = counters
+        self.connector = connector  # kept connections between scrapes
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        families = {metric.name: (CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily)(
+                        metric.name, metric.help, labels=["route"]) for metric in (*COUNTERS, *GAUGES)}
+        routes = self.routes
+        for route, stored, found in zip(routes, self.counters.read(routes),
+                                        admin.statuses(routes, self.connector), strict=True):
+            if stored is not None:  # off or unreachable: no counter rather than a false 0
+                for metric in COUNTERS:
+                    value = stored.get(metric.field)
+                    if value is not None or metric.kind == "counter":
+                        families[metric.name].add_metric([route.name], value or 0)
+            gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
+                      "qmover_pending_events": found["pending_events"],
+                      "qmover_route_up": 0 if found["error"] else 1}
+            for name, value in gauges.items():
+                if value is not None:
+                    families[name].add_metric([route.name], value)
+        yield from families.values()
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def registry(routes: list[Route], counters: Counters, connector: Connector | None = None) -> CollectorRegistry:
+    """A registry of qmover's metrics alone (no process or Python metrics of the scraping process)."""
+    found = CollectorRegistry()
+    found.register(RouteCollector(routes, counters, connector))
+    return found
 
 
-def serve(routes: list[Route], counters: Counters, port: int, address: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve /metrics from a daemon thread; returns the server (shutdown() stops it).
+def render(routes: list[Route], counters: Counters) -> str:
+    """The Prometheus text exposition of every route's counters and gauges."""
+    return generate_latest(registry(routes, counters)).decode()
+
+
+def serve(routes: list[Route], counters: Counters, port: int, address: str = "127.0.0.1") -> WSGIServer:
+    """Serve the metrics from a daemon thread (prometheus_client: the text format,
+    or OpenMetrics when the scraper asks for it); returns the server (shutdown() stops it).
 
     Its connections are kept between scrapes, one per database.
     """
     connector = Connector(connect_timeout=admin.STATUS_CONNECT_TIMEOUT)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404, "only /metrics here")
-                return
-            body = render(routes, counters, connector).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
-            pass  # a scrape every few seconds is not worth a log line
-
-    server = ThreadingHTTPServer((address, port), Handler)
-    threading.Thread(target=server.serve_forever, name="qmover-metrics", daemon=True).start()
+    server, _thread = start_http_server(port, address, registry(routes, counters, connector))
     return server

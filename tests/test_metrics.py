@@ -138,6 +138,12 @@ def test_worker_and_metrics_command_serve_the_same_numbers(pipeline):
         assert from_command[("qmover_events_moved_total", f"partition_{n}")] == produced / 2
         assert from_command[("qmover_route_up", f"partition_{n}")] == 1
     assert "metrics-secret-pw" not in scrape(port)
+    asking = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                    headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(asking, timeout=10) as response:  # a scraper that speaks OpenMetrics gets it
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        body = response.read().decode()
+    assert "# TYPE qmover_events_moved counter" in body and body.endswith("# EOF\n")
 
 
 def _answers(port: int) -> bool:

@@ -20,6 +20,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# promtool checks the shipped alert rules; the server runs in one test, on
+# loopback.  Installed without letting the package start its own service,
+# which would listen on every address.
+if ! command -v promtool >/dev/null; then
+    echo "setup: installing prometheus (promtool and the server, not started)"
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        guard=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$guard" >/dev/null
+        $SUDO chmod +x "$guard"
+    fi
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    [ -z "$guard" ] || $SUDO rm -f "$guard"
+fi
+
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     echo "setup: starting PostgreSQL $PG_VERSION"
     $SUDO pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start

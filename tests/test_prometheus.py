@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes `qmover metrics` and evaluates the shipped alert rules.
+"""A real Prometheus scrapes `qmover metrics` and evaluates the shipped alert rules
+and the Grafana dashboard's expressions.
 
 Prometheus (Debian's package, installed by scripts/setup.sh) runs on loopback
 from a temporary directory, scraping every second; the rules are the shipped
@@ -22,7 +23,10 @@ from qmover.sandbox import free_port
 
 from celery_helpers import wait_until
 
-RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "qmover-rules.yml"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+RULES = DEPLOY / "prometheus" / "qmover-rules.yml"
+DASHBOARD = json.loads((DEPLOY / "grafana" / "qmover.json").read_text())
+EXPORTED = {metric.name for metric in (*metrics.COUNTERS, *metrics.GAUGES)}
 PROMETHEUS_CONFIG = """
 global:
   scrape_interval: 1s
@@ -104,3 +108,35 @@ def test_route_down_fires_when_the_source_queue_goes_and_resolves_when_it_is_bac
     route.qmover("install", check=True)  # registers the consumer on the new queue
     wait_until(lambda: route_down_alerts(scraped, route.name) == [], 60, "QmoverRouteDown to resolve")
     assert up() == ["1"]
+
+
+def panel_expressions() -> list[str]:
+    return [target["expr"] for panel in DASHBOARD["panels"] for target in panel["targets"]]
+
+
+def test_dashboard_names_only_metrics_qmover_exports():
+    variables = {variable["name"]: variable for variable in DASHBOARD["templating"]["list"]}
+    expressions = [*panel_expressions(), variables["route"]["query"]["query"]]
+    named = {name for expression in expressions for name in re.findall(r"\bqmover_[a-z_]+", expression)}
+    assert named == EXPORTED  # every metric shown, and none that qmover does not export
+    assert all('route=~"$route"' in expression for expression in panel_expressions())
+    assert variables["route"]["query"]["query"] == "label_values(qmover_route_up, route)"
+    assert variables["route"]["multi"] and variables["route"]["includeAll"]
+    titles = {panel["title"] for panel in DASHBOARD["panels"]}
+    assert {"Events moved per second", "Source lag", "Pending events", "Errors",
+            "Time since the last successful move"} <= titles
+
+
+def test_dashboard_expressions_answer_for_the_route(route, scraped):
+    """Each panel's query, as Grafana would send it for this route, is valid PromQL with a series."""
+    def answers(expression: str) -> bool:
+        query = expression.replace("$route", route.name).replace("$__rate_interval", "1m")
+        try:
+            return any(sample["metric"].get("route") == route.name
+                       for sample in api(scraped, "query", query=query)["result"])
+        except OSError:
+            return False
+
+    for expression in panel_expressions():
+        wait_until(lambda expression=expression: answers(expression), 60, f"an answer to {expression}")
+    assert route.name in api(scraped, "label/route/values", **{"match[]": "qmover_route_up"})

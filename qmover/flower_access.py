@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from tornado.options import OptionParser
+from tornado.options import Error, OptionParser
 
 from qmover.errors import ConfigError
 
@@ -24,7 +24,10 @@ def flower_args(args: list[str]) -> list[str]:
     """
     if any(arg in ("--help", "-h") for arg in args):
         return args
-    options = _effective_options(args)
+    try:
+        options = _effective_options(args)
+    except (Error, ValueError) as exc:  # Flower would stop on it too, with a traceback
+        raise ConfigError(f"Flower's options: {exc}; see `celery flower --help`") from None
     if options.unix_socket:
         return args  # a socket file: its permissions decide
     if not options.address:

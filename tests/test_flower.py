@@ -86,6 +86,16 @@ def test_a_wider_address_without_a_login_is_refused(config, how):
         "(or FLOWER_BASIC_AUTH in the environment), or listen on --address=127.0.0.1"]
 
 
+def test_a_malformed_option_is_one_line(config):
+    process = flower(config, "--port=abc")
+    out, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 2
+    assert out.strip().splitlines() == [
+        "qmover: error: Flower's options: invalid literal for int() with base 10: 'abc'; "
+        "see `celery flower --help`"]
+
+
 def test_with_basic_auth_any_address_asks_for_credentials(config):
     port = free_port()
     process = flower(config, f"--port={port}", "--address=0.0.0.0", env={"FLOWER_BASIC_AUTH": "ops:s3cret"})

@@ -113,7 +113,9 @@ def _read_source(conn: connection, _group: list[Route]) -> _SourceState:
 def _read_target(conn: connection, group: list[Route]) -> _TargetState:
     with conn.cursor() as cur:
         cur.execute(queries.TARGET_SCHEMAS)
-        state = _TargetState(*(cur.fetchone() or ()))
+        row = cur.fetchone()
+        assert row is not None, "TARGET_SCHEMAS returns one row"
+        state = _TargetState(*row)
         if state.pgq:
             cur.execute(queries.QUEUE_NAMES)
             state.queues = {queue for (queue,) in cur.fetchall()}

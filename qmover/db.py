@@ -91,6 +91,15 @@ def errors(route: Route, side: Side) -> Iterator[None]:
         raise QmoverError(f"{where(route, side)}: {first_line(exc)}") from None
 
 
+def prepare_once(conn: connection, prepared: set[str], name: str, query: str) -> None:
+    """PREPARE query as name on conn, unless prepared (the record kept with the
+    connection, Session.prepared) says it is done: planned once per connection."""
+    if name not in prepared:
+        with conn.cursor() as cur:
+            cur.execute(queries.prepare(name, query))
+        prepared.add(name)
+
+
 def scalar(conn: connection, query: Any, params: Any = None) -> Any:
     with conn.cursor() as cur:
         cur.execute(query, params)

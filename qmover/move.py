@@ -35,7 +35,7 @@ import psycopg2
 from psycopg2.extensions import connection
 
 from qmover import queries, split
-from qmover.db import errors, scalar
+from qmover.db import errors, prepare_once, scalar
 from qmover.errors import LostPosition
 from qmover.route import Route
 
@@ -244,9 +244,7 @@ def _next_batch(route: Route, src: connection, prepared: set[str], finish: int |
     """
     params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
               "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish}
-    if queries.NEXT_BATCH_STATEMENT not in prepared:
-        _run(src, queries.PREPARE_NEXT_BATCH, ())
-        prepared.add(queries.NEXT_BATCH_STATEMENT)
+    prepare_once(src, prepared, queries.NEXT_BATCH_STATEMENT, queries.NEXT_BATCH_SELECT)
     query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
     for _ in range(attempts - 1):
         with contextlib.suppress(psycopg2.errors.RaiseException):

@@ -207,7 +207,10 @@ class RouteMover:
         within a loop), or with finish_pending().
         """
         if finish:
-            self._finish_or_warn()
+            try:
+                self.finish()
+            except QmoverError as exc:
+                log.warning("%s; %s", exc, UNFINISHED)
         if self._claimed and self._dst is not None:
             try:
                 with db.errors(self.route, "target"):
@@ -233,12 +236,6 @@ class RouteMover:
             self._unfinished = None
             log.warning("%s; %s", exc, UNFINISHED)
         self.release()
-
-    def _finish_or_warn(self) -> None:
-        try:
-            self.finish()
-        except QmoverError as exc:
-            log.warning("%s; %s", exc, UNFINISHED)
 
     def source_lag(self) -> float | None:
         """Seconds since the tick the consumer last finished, as PgQ reports it."""

@@ -38,20 +38,20 @@ SERVER_IDENTITY = "select system_identifier::text, current_database() from pg_co
 # queue-name argument is computed, before next_batch_custom runs: otherwise
 # two callers can both see "no batch", and the later one replaces the batch
 # the earlier one was handed.
-# PREPAREd once per source connection: planning it for each batch cost 0.13 ms
-# of a 100-event batch's 2.5 ms.  $3 and $5 are seconds.
+# PREPAREd once per source connection (db.prepare_once): planning it for each
+# batch cost 0.13 ms of a 100-event batch's 2.5 ms.  $3 and $5 are seconds.
 NEXT_BATCH_STATEMENT = "qmover_next_batch"
-PREPARE_NEXT_BATCH = """
-    prepare qmover_next_batch(text, text, float8, int4, float8) as
+NEXT_BATCH_SELECT = """
     with serialize as materialized (
-        select pg_advisory_xact_lock(hashtextextended('qmover-next:' || $2, 0)))
+        select pg_advisory_xact_lock(hashtextextended('qmover-next:' || $2::text, 0)))
     select batch_id, prev_tick_id, cur_tick_id,
            case when batch_id is not null then pgq.batch_event_sql(batch_id) end,
            cur_tick_event_seq - prev_tick_event_seq, cur_tick_event_seq
-      from pgq.next_batch_custom((select $1 from serialize), $2,
-                                 $3 * interval '1 second', $4, $5 * interval '1 second')
+      from pgq.next_batch_custom((select $1::text from serialize), $2::text,
+                                 $3::float8 * interval '1 second', $4::int4, $5::float8 * interval '1 second')
 """
-NEXT_BATCH = "execute qmover_next_batch(%(queue)s, %(consumer)s, %(keep_lag)s, %(min_count)s, %(min_interval)s)"
+NEXT_BATCH = (f"execute {NEXT_BATCH_STATEMENT}"
+              "(%(queue)s, %(consumer)s, %(keep_lag)s, %(min_count)s, %(min_interval)s)")
 ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
 # The readiness sweep, once per source database (PREPAREd; $1: the consumers):
 # which of these consumers have nothing to do (no batch open, no tick past
@@ -201,6 +201,11 @@ CLAIMED_CONSUMERS = """
 """
 GET_LAST_TICK = "select pgq_ext.get_last_tick(%s)"
 SET_LAST_TICK = "select pgq_ext.set_last_tick(%s, %s)"
+
+
+def prepare(name: str, query: str) -> sql.Composed:
+    """PREPARE of a statement qmover names itself, over one of the queries above."""
+    return sql.SQL("prepare {} as {}").format(sql.Identifier(name), sql.SQL(query))
 
 
 def copy_batch_out(batch_event_sql: str, route: Route, conn: connection) -> str:

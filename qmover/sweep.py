@@ -22,7 +22,7 @@ from psycopg2 import sql
 
 from qmover import db, queries
 from qmover.connector import Connector, Session, by_database, database_key
-from qmover.db import Side
+from qmover.db import Side, prepare_once
 from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.route import Route
 
@@ -62,10 +62,8 @@ class Sweeper:
             return None
 
         def rows(session: Session) -> set[tuple]:
+            prepare_once(session.conn, session.prepared, name, query)  # sweeps repeat it every interval
             with session.conn.cursor() as cur:
-                if name not in session.prepared:  # planned once per connection: sweeps repeat it every interval
-                    cur.execute(sql.SQL("prepare {} as {}").format(sql.Identifier(name), sql.SQL(query)))
-                    session.prepared.add(name)
                 cur.execute(sql.SQL("execute {}(%s)").format(sql.Identifier(name)), ([r.consumer for r in group],))
                 return set(cur.fetchall())
 

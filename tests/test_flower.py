@@ -74,24 +74,24 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+def refusal(config: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The lines `qmover flower` printed when it refused to start (exit 2)."""
+    process = flower(config, *args, env=env)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    return out.strip().splitlines()
+
+
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_a_wider_address_without_a_login_is_refused(config, how):
     args, env = (["--address=0.0.0.0"], {}) if how == "argument" else ([], {"FLOWER_ADDRESS": "0.0.0.0"})
-    process = flower(config, f"--port={free_port()}", *args, env=env)
-    out, _ = process.communicate(timeout=60)
-
-    assert process.returncode == 2
-    assert out.strip().splitlines() == [
+    assert refusal(config, f"--port={free_port()}", *args, env=env) == [
         "qmover: error: refusing to serve Flower on 0.0.0.0 without a login; add --basic-auth=USER:PASSWORD "
         "(or FLOWER_BASIC_AUTH in the environment), or listen on --address=127.0.0.1"]
 
 
 def test_a_malformed_option_is_one_line(config):
-    process = flower(config, "--port=abc")
-    out, _ = process.communicate(timeout=60)
-
-    assert process.returncode == 2
-    assert out.strip().splitlines() == [
+    assert refusal(config, "--port=abc") == [
         "qmover: error: Flower's options: invalid literal for int() with base 10: 'abc'; "
         "see `celery flower --help`"]
 

@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", help=f"libpq settings of the PostgreSQL server to use (default {SERVER!r}; "
                                          "with --routes, a throwaway cluster of its own)")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="broker for the Celery mode")
-    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--json", type=Path, help="keep the figures in this file (default, without --routes: "
+                                                  "bench-results.json)")
     parser.add_argument("--svg", type=Path, help="write the batch-size plot here")
     parser.add_argument("--no-celery", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
@@ -443,17 +444,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routes", type=int, nargs="?", const=100, metavar="N",
                         help="the fan-in benchmark instead: N partitions into one central queue (N default 100)")
     parser.add_argument("--idle-seconds", type=float, default=20, help="with --routes: how long idle CPU is sampled")
+    live = parser.add_argument_group("with --routes and --rate: the live fan-in, qmover against skytools")
+    live.add_argument("--rate", type=int, metavar="R", help="events a second from each partition (a steady load)")
+    live.add_argument("--seconds", type=float, default=60, help="seconds of load measured (default 60)")
+    live.add_argument("--warmup", type=float, default=10, help="seconds of load before measuring (default 10)")
+    live.add_argument("--interval", type=float, default=1.0,
+                      help="qmover's move_interval and skytools' loop_delay (default 1)")
+    live.add_argument("--concurrency", type=int, default=2, help="qmover's worker processes (default 2)")
+    live.add_argument("--tools", default="qmover,skytools", help="which movers, in this order (default both)")
+    live.add_argument("--repeat", type=int, default=1, help="run the tools this many times, alternating")
+    live.add_argument("--qmover-setting", action="append", default=[], metavar="KEY=VALUE",
+                      help="a line for qmover's [qmover] section (repeatable)")
+    live.add_argument("--route-setting", action="append", default=[], metavar="KEY=VALUE",
+                      help="a line for qmover's route template (repeatable)")
     parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.move:
         move_all(*args.move)
         return 0
+    if args.rate is not None:
+        if args.routes is None:
+            parser.error("--rate needs --routes N")
+        from qmover import bench_live
+
+        return bench_live.main(args)
     if args.routes is not None:
         from qmover import bench_fanin
 
         return bench_fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds,
-                               args.json if args.json != Path("bench-results.json") else None)
+                               args.json)
     args.server = args.server or SERVER
+    args.json = args.json or Path("bench-results.json")
 
     if args.pgoptions:
         os.environ["PGOPTIONS"] = args.pgoptions  # libpq in this process and in every child reads it

@@ -2,9 +2,12 @@
 
 skytools' own script is this class: a SerialConsumer whose remote batch is a
 bulk insert into the target queue.  Tests use it as "the other tool" that
-reads and writes the pgq_ext tick position.
+reads and writes the pgq_ext tick position; the live benchmark runs one per
+route as the daemon skytools users run.
 
-Usage: python skytools_mover.py CONFIG   (moves until no batch is ready)
+Usage: python skytools_mover.py CONFIG          (moves until no batch is ready)
+       python skytools_mover.py --loop CONFIG   (the daemon: after an empty poll it sleeps loop_delay)
+       python skytools_mover.py CONFIG --register|--rewind|...   (skytools' own commands)
 """
 
 import sys
@@ -25,10 +28,18 @@ class QueueMover(pgq.SerialConsumer):
 
 
 if __name__ == "__main__":
-    mover = QueueMover([sys.argv[1]] + sys.argv[2:])
-    mover.set_single_loop(1)
-    if len(sys.argv) > 2:  # --register, --rewind, ... handled by skytools itself
-        mover.start()
+    args = sys.argv[1:]
+    looping = args[:1] == ["--loop"]
+    if looping:
+        args = args[1:]
+    mover = QueueMover(args)
+    if looping:
+        mover.set_single_loop(0)
+        mover.start()  # in the foreground: no -d
     else:
-        while mover.work():
-            pass
+        mover.set_single_loop(1)
+        if len(args) > 1:  # --register, --rewind, ... handled by skytools itself
+            mover.start()
+        else:
+            while mover.work():
+                pass

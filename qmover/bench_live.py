@@ -1,0 +1,587 @@
+"""`qmover bench --routes N --rate R --seconds S`: a live fan-in, qmover against skytools' queue_mover.
+
+N partition databases produce without pause: every second each partition
+commits R events (the first of them a probe) and ticks, each partition at its
+own moment of the second, as independent partitions would.  One route per
+partition moves them into a central queue.  The same load runs through
+qmover (a Celery worker and beat) and through skytools' queue_mover (one
+python-pgq SerialConsumer daemon per route, tests/skytools_mover.py),
+one after the other, on a throwaway cluster.  For each it prints:
+
+- events not yet in central when the load stops, and the drain after;
+- probe latency, from the commit on a partition to the commit into central
+  (a trigger on central's event tables NOTIFYs each probe): p50, p99, max,
+  and the routes whose probes waited more than two move intervals;
+- the machine's busy share during the load, the CPU of the mover's own
+  processes, of PostgreSQL, of Redis and of this benchmark (the load);
+- peak connections: central, the busiest partition, the whole server;
+- how late the load generator was against its schedule (a late generator
+  makes every other figure mean less);
+- whether every event arrived exactly once.
+
+The first --warmup seconds of load are not measured: a live fan-in runs all
+day, so both tools start with their connections made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import connection
+
+from qmover import admin
+from qmover.bench import cpu_seconds, wait_for_celery
+from qmover.bench_fanin import machine_busy, pids_named
+from qmover.config import load_config
+from qmover.db import scalar
+from qmover.processes import start_celery
+from qmover.processes import stop as stop_processes
+from qmover.sandbox import Cluster, drop_database, run_sql
+
+PREFIX = "qmover_live"
+CENTRAL = f"{PREFIX}_central"
+TEMPLATE_DB = f"{PREFIX}_template"
+BENCH_APP = "bench load"  # this process's connections, left out of the counts (not 'qmover ...')
+SKYTOOLS_MOVER = Path(__file__).resolve().parents[1] / "tests" / "skytools_mover.py"
+TOOLS = ("qmover", "skytools")
+QMOVER_CONFIG = """
+[qmover]
+broker_url = {broker}
+{qmover_settings}
+
+[part]
+partitions = {partitions}
+src_db = {server} dbname={prefix}_p%(partition)s
+dst_db = {server} dbname={central}
+pgq_queue_name = events
+dst_queue_name = qmover_events
+move_interval = {interval}
+{route_settings}
+"""
+SKYTOOLS_CONFIG = """
+[queue_mover3]
+job_name = sky_{partition}
+src_db = {server} dbname={prefix}_p{partition}
+dst_db = {server} dbname={central}
+pgq_queue_name = events
+dst_queue_name = skytools_events
+loop_delay = {interval}
+"""
+# One round of a partition, one round trip: its events in one transaction
+# (the first a probe, named by the marker), then a tick of its own.
+ROUND = """
+    begin;
+    select count(pgq.insert_event('events', case when i = 1 then 'probe' else 'load' end,
+                                  case when i = 1 then %(marker)s else %(marker)s || ':' || i || ':' || %(pad)s end,
+                                  'public.orders', i::text, null, null))
+      from generate_series(1, %(rate)s) i;
+    commit;
+    select pgq.ticker('events')
+"""
+PAD = "x" * 150
+# Each probe row NOTIFYs at the commit that writes it into central.
+PROBE_TRIGGER = """
+    create or replace function probe_arrived() returns trigger language plpgsql as $$
+    begin
+        perform pg_notify('probe', new.ev_data);
+        return null;
+    end $$
+"""
+CONNECTIONS = ("select datname, count(*) from pg_stat_activity where backend_type = 'client backend'"
+               f" and application_name <> '{BENCH_APP}' group by datname")
+
+
+def connect(server: str, database: str) -> connection:
+    conn = psycopg2.connect(f"{server} dbname={database} application_name='{BENCH_APP}'")
+    conn.autocommit = True
+    return conn
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and every process under it (a worker's pool, PostgreSQL's backends)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += descendants(int(child))
+    return found
+
+
+def self_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class Load:
+    """The producers: each partition commits `rate` events and ticks once a second,
+    partition i at i/N of each second, spread over `threads` connections' threads."""
+
+    def __init__(self, server: str, partitions: list[str], rate: int, threads: int = 8):
+        self.server, self.partitions, self.rate = server, partitions, rate
+        self.threads = max(1, min(threads, len(partitions)))
+        self.commits: dict[str, float] = {}  # probe marker -> when its round's commit returned
+        self.lateness: list[float] = []  # seconds each round started after its moment
+        self.produced = 0
+        self.rounds = 0
+        self.tag = ""
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def start(self, tag: str) -> None:
+        self.tag, self.origin = tag, time.monotonic() + 0.5
+        self._done.clear()
+        for n in range(self.threads):
+            mine = list(range(n, len(self.partitions), self.threads))
+            worker = threading.Thread(target=self._produce, args=(mine,), daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def _produce(self, mine: list[int]) -> None:
+        conns = {i: connect(self.server, self.partitions[i]) for i in mine}
+        try:
+            second = 0
+            while not self._done.is_set():
+                for i in mine:
+                    due = self.origin + second + i / len(self.partitions)
+                    wait = due - time.monotonic()
+                    if wait > 0 and self._done.wait(wait):
+                        return
+                    started = time.monotonic()
+                    marker = f"{self.tag}:{i}:{second}"
+                    with conns[i].cursor() as cur:
+                        cur.execute(ROUND, {"marker": marker, "rate": self.rate, "pad": PAD})
+                    done = time.monotonic()
+                    with self._lock:
+                        self.commits[marker] = done
+                        self.lateness.append(started - due)
+                        self.produced += self.rate
+                        self.rounds += 1
+                second += 1
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    def snapshot(self) -> tuple[int, int, int]:
+        """(events produced, rounds, lateness samples) so far."""
+        with self._lock:
+            return self.produced, self.rounds, len(self.lateness)
+
+    def stop(self) -> None:
+        self._done.set()
+        for worker in self._workers:
+            worker.join()
+        self._workers.clear()
+
+
+def watch_probes(server: str, database: str, queue: str) -> None:
+    """Make each probe row written into the queue NOTIFY at its commit (see Arrivals)."""
+    run_sql(server, database, PROBE_TRIGGER)
+    pfx, tables = run_sql(server, database, sql.SQL(
+        "select queue_data_pfx, queue_ntables from pgq.queue where queue_name = {}").format(sql.Literal(queue)))[0]
+    schema, table = pfx.split(".")
+    for n in range(tables):
+        run_sql(server, database, sql.SQL(
+            "create trigger probe after insert on {} for each row when (new.ev_type = 'probe')"
+            " execute function probe_arrived()").format(sql.Identifier(schema, f"{table}_{n}")))
+
+
+class Arrivals(threading.Thread):
+    """LISTENs on a database whose queue has watch_probes(): when each probe was committed there."""
+
+    def __init__(self, server: str, database: str = CENTRAL):
+        super().__init__(daemon=True)
+        self.conn = connect(server, database)
+        with self.conn.cursor() as cur:
+            cur.execute("listen probe")
+        self.seen: dict[str, float] = {}
+        self.duplicates = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            if select.select([self.conn], [], [], 0.1)[0]:
+                self.conn.poll()
+                now = time.monotonic()
+                for note in self.conn.notifies:
+                    if note.payload in self.seen:
+                        self.duplicates += 1
+                    else:
+                        self.seen[note.payload] = now
+                self.conn.notifies.clear()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self.conn.close()
+
+
+class Connections(threading.Thread):
+    """Samples the client connections per database every 0.25 s; keeps the peaks."""
+
+    def __init__(self, server: str):
+        super().__init__(daemon=True)
+        self.conn = connect(server, "postgres")
+        self.central = self.partition = self.server = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        with self.conn.cursor() as cur:
+            while not self._done.wait(0.25):
+                cur.execute(CONNECTIONS)
+                counts = dict(cur.fetchall())
+                self.central = max(self.central, counts.get(CENTRAL, 0))
+                parts = [count for name, count in counts.items() if name and name.startswith(f"{PREFIX}_p")]
+                self.partition = max([self.partition, *parts])
+                self.server = max(self.server, sum(counts.values()))
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self.conn.close()
+
+
+@dataclass
+class Figures:
+    """One tool's run."""
+
+    tool: str
+    produced_in_window: int = 0
+    batches_in_window: int = 0
+    behind_at_stop: int = 0
+    behind_at_stop_s: float = 0.0  # the same, in seconds of load
+    drain_s: float | None = None
+    probes: int = 0
+    probes_not_arrived: int = 0
+    latency_p50_s: float = 0.0
+    latency_p99_s: float = 0.0
+    latency_max_s: float = 0.0
+    routes_waiting_over_two_intervals: int = 0
+    machine_busy_pct: float = 0.0
+    mover_cpu_s: float = 0.0
+    mover_cpu_ms_per_batch: float = 0.0
+    postgres_cpu_s: float = 0.0
+    redis_cpu_s: float = 0.0
+    load_cpu_s: float = 0.0
+    peak_connections_central: int = 0
+    peak_connections_partition: int = 0
+    peak_connections_server: int = 0
+    generator_late_rounds: int = 0  # rounds that started more than 0.1 s after their moment
+    generator_max_late_s: float = 0.0
+    exactly_once: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, server: str, postmaster: int | None, args: argparse.Namespace):
+        self.server, self.postmaster, self.args = server, postmaster, args
+        width = max(3, len(str(args.routes - 1)))
+        self.names = [f"{n:0{width}d}" for n in range(args.routes)]
+        self.partitions = [f"{PREFIX}_p{name}" for name in self.names]
+        self.workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-live-"))
+
+    # --- databases ---------------------------------------------------------
+    def create(self) -> None:
+        print(f"-- {len(self.partitions)} partition databases and a central one ...", flush=True)
+        for name in (*self.partitions, CENTRAL, TEMPLATE_DB):
+            drop_database(self.server, name)
+        run_sql(self.server, "postgres", sql.SQL("create database {}").format(sql.Identifier(TEMPLATE_DB)))
+        run_sql(self.server, TEMPLATE_DB, "create extension pgq", "select pgq.create_queue('events')",
+                "select pgq.set_queue_config('events', 'ticker_max_count', '1')")
+        for name in self.partitions:
+            run_sql(self.server, "postgres", sql.SQL("create database {} template {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
+        run_sql(self.server, "postgres", sql.SQL("create database {}").format(sql.Identifier(CENTRAL)))
+        run_sql(self.server, CENTRAL, "create extension pgq")
+        for tool in TOOLS:
+            run_sql(self.server, CENTRAL, sql.SQL("select pgq.create_queue({})").format(sql.Literal(f"{tool}_events")))
+            watch_probes(self.server, CENTRAL, f"{tool}_events")
+        self.qmover_config = self.workdir / "live.ini"
+        self.qmover_config.write_text(QMOVER_CONFIG.format(
+            broker=self.args.broker, server=self.server, prefix=PREFIX, central=CENTRAL,
+            partitions=f"{self.names[0]}-{self.names[-1]}", interval=self.args.interval,
+            qmover_settings="\n".join(self.args.qmover_setting), route_settings="\n".join(self.args.route_setting)))
+        # pgq_ext on central, which skytools needs too: qmover's install makes it
+        admin.install(load_config(self.qmover_config).select()[0])
+
+    def drop(self) -> None:
+        for name in (*self.partitions, CENTRAL, TEMPLATE_DB):
+            drop_database(self.server, name)
+
+    def central_count(self, conn: connection, tool: str) -> int:
+        return int(scalar(conn, sql.SQL("select count(*) from {}").format(self._table(tool))))
+
+    def _table(self, tool: str) -> sql.Identifier:
+        pfx = run_sql(self.server, CENTRAL, sql.SQL("select queue_data_pfx from pgq.queue where queue_name = {}")
+                      .format(sql.Literal(f"{tool}_events")))[0][0]
+        return sql.Identifier(*pfx.split("."))
+
+    # --- the movers -------------------------------------------------------------
+    @contextmanager
+    def movers(self, tool: str) -> Iterator[list[int]]:
+        """The tool's processes, consumers registered and started; yields their root pids."""
+        if tool == "qmover":
+            routes = load_config(self.qmover_config).select()
+            for route in routes:
+                admin.install(route)
+            logs = [self.workdir / "qmover-worker.log", self.workdir / "qmover-beat.log"]
+            worker = start_celery(self.qmover_config, logs[0], "worker", "-l", "info", "--without-mingle",
+                                  "--without-gossip", "-c", str(self.args.concurrency), "-n", "live@%h", mode="w")
+            beat = start_celery(self.qmover_config, logs[1], "beat", "-l", "info", "-s",
+                                str(self.workdir / "beat-schedule"), mode="w")
+            processes = [worker, beat]
+            try:
+                wait_for_celery(logs, workers=1)
+                yield [worker.pid, beat.pid]
+            finally:
+                stop_processes(processes, timeout=30)
+                for route in routes:
+                    admin.unregister(route)
+            return
+        if not SKYTOOLS_MOVER.exists():
+            raise SystemExit(f"qmover bench: skytools' mover is not here ({SKYTOOLS_MOVER}): run the benchmark "
+                             f"from the repository, with the test extras installed (pip install -e '.[test]'), "
+                             f"or leave skytools out with --tools qmover")
+        daemons = []
+        for name, part in zip(self.names, self.partitions, strict=True):
+            run_sql(self.server, part, sql.SQL("select pgq.register_consumer('events', {})").format(
+                sql.Literal(f"sky_{name}")))
+            run_sql(self.server, CENTRAL, sql.SQL("select pgq_ext.set_last_tick({}, null::bigint)").format(
+                sql.Literal(f"sky_{name}")))
+            config = self.workdir / f"sky_{name}.ini"
+            config.write_text(SKYTOOLS_CONFIG.format(partition=name, server=self.server, prefix=PREFIX,
+                                                     central=CENTRAL, interval=self.args.interval))
+            log = (self.workdir / f"sky_{name}.log").open("w")
+            daemons.append(subprocess.Popen([sys.executable, str(SKYTOOLS_MOVER), "--loop", str(config)],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                            start_new_session=True))
+        try:
+            self._wait_for_daemons(daemons)
+            yield [daemon.pid for daemon in daemons]
+        finally:
+            stop_processes(daemons, timeout=30)
+            for name, part in zip(self.names, self.partitions, strict=True):
+                run_sql(self.server, part, sql.SQL("select pgq.unregister_consumer('events', {})").format(
+                    sql.Literal(f"sky_{name}")))
+
+    def _wait_for_daemons(self, daemons: list[subprocess.Popen]) -> None:
+        """Until every daemon holds its source connection (Python starting 100 times takes a while)."""
+        deadline = time.monotonic() + 300
+        with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
+            while True:
+                cur.execute(CONNECTIONS)
+                on_parts = sum(count for name, count in cur.fetchall() if name and name.startswith(f"{PREFIX}_p"))
+                if on_parts >= len(daemons):
+                    break
+                dead = [daemon for daemon in daemons if daemon.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    raise SystemExit(f"skytools' daemons did not start; see the logs in {self.workdir}")
+                time.sleep(0.5)
+        time.sleep(2)
+
+    # --- one run ----------------------------------------------------------------
+    def run_tool(self, tool: str) -> Figures:
+        args = self.args
+        print(f"-- {tool}: {len(self.partitions)} partitions x {args.rate} events/s, "
+              f"{args.warmup:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
+        figures = Figures(tool)
+        peaks = Connections(self.server)
+        peaks.start()
+        arrivals = Arrivals(self.server)
+        arrivals.start()
+        load = Load(self.server, self.partitions, args.rate)
+        counter = connect(self.server, CENTRAL)
+        try:
+            with self.movers(tool) as roots:
+                before_count = self.central_count(counter, tool)
+                load.start(tool)
+                time.sleep(max(0.0, load.origin + args.warmup - time.monotonic()))
+                produced0, rounds0, late0 = load.snapshot()
+                movers = [pid for root in roots for pid in descendants(root)]
+                cpu0 = self._cpu(movers)
+                parts0 = self._parts(tool, roots)
+                busy0 = machine_busy()
+                started = time.monotonic()
+                time.sleep(args.seconds)
+                cpu1 = self._cpu([pid for root in roots for pid in descendants(root)] + movers)
+                parts1 = self._parts(tool, roots)
+                busy1 = machine_busy()
+                window_end = time.monotonic()
+                produced1, rounds1, late1 = load.snapshot()
+                load.stop()
+                stopped = time.monotonic()
+                produced = load.produced
+                arrived = self.central_count(counter, tool) - before_count
+                figures.behind_at_stop = produced - arrived
+                figures.behind_at_stop_s = round(figures.behind_at_stop / (args.rate * len(self.partitions)), 2)
+                figures.drain_s = self._drain(counter, tool, before_count + produced, stopped)
+                time.sleep(1)  # a late duplicate would show now
+                figures.exactly_once = self._exactly_once(counter, tool, produced, arrivals)
+        finally:
+            load.stop()
+            arrivals.stop()
+            peaks.stop()
+            counter.close()
+        seconds = window_end - started
+        figures.produced_in_window = produced1 - produced0
+        figures.batches_in_window = rounds1 - rounds0
+        figures.machine_busy_pct = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
+        for part in ("mover", "postgres", "redis", "load"):
+            setattr(figures, f"{part}_cpu_s", round(cpu1[part] - cpu0[part], 1))
+        figures.mover_cpu_ms_per_batch = round(1000 * figures.mover_cpu_s / max(1, figures.batches_in_window), 2)
+        figures.peak_connections_central = peaks.central
+        figures.peak_connections_partition = peaks.partition
+        figures.peak_connections_server = peaks.server
+        late = load.lateness[late0:late1]
+        figures.generator_late_rounds = sum(1 for value in late if value > 0.1)
+        figures.generator_max_late_s = round(max(late, default=0.0), 3)
+        self._latency(figures, load, arrivals, started, window_end)
+        figures.extra["measured_s"] = round(seconds, 1)
+        figures.extra["mover_cpu_s_by_process"] = {part: round(parts1[part] - parts0[part], 1) for part in parts1}
+        return figures
+
+    def _cpu(self, movers: list[int]) -> dict[str, float]:
+        postgres = descendants(self.postmaster) if self.postmaster else pids_named("postgres")
+        return {"mover": cpu_seconds(sorted(set(movers))), "postgres": cpu_seconds(postgres),
+                "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu()}
+
+    @staticmethod
+    def _parts(tool: str, roots: list[int]) -> dict[str, float]:
+        """The mover's CPU by kind of process: for qmover the worker's main process, its pool and beat."""
+        if tool != "qmover":
+            return {"daemons": cpu_seconds(roots)}
+        worker, beat = roots
+        return {"worker": cpu_seconds([worker]), "pool": cpu_seconds(descendants(worker)[1:]),
+                "beat": cpu_seconds([beat])}
+
+    def _drain(self, conn: connection, tool: str, total: int, stopped: float) -> float | None:
+        deadline = time.monotonic() + 300
+        while self.central_count(conn, tool) < total:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+        return round(time.monotonic() - stopped, 2)
+
+    def _exactly_once(self, conn: connection, tool: str, produced: int, arrivals: Arrivals) -> bool:
+        """Each event is unique by its data: central holds each produced one once."""
+        table = self._table(tool)
+        count, distinct = (scalar(conn, sql.SQL("select count(*) from {}").format(table)),
+                           scalar(conn, sql.SQL("select count(distinct ev_data) from {}").format(table)))
+        return count == distinct == produced and arrivals.duplicates == 0
+
+    def _latency(self, figures: Figures, load: Load, arrivals: Arrivals, start: float, end: float) -> None:
+        delays: list[float] = []
+        worst: dict[str, float] = {}
+        for marker, committed in load.commits.items():
+            if not start <= committed < end:
+                continue
+            figures.probes += 1
+            arrived = arrivals.seen.get(marker)
+            if arrived is None:
+                figures.probes_not_arrived += 1
+                continue
+            delay = arrived - committed
+            delays.append(delay)
+            route = marker.split(":")[1]
+            worst[route] = max(worst.get(route, 0.0), delay)
+        delays.sort()
+        if delays:
+            figures.latency_p50_s = round(statistics.median(delays), 3)
+            figures.latency_p99_s = round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3)
+            figures.latency_max_s = round(delays[-1], 3)
+        figures.routes_waiting_over_two_intervals = sum(1 for value in worst.values()
+                                                        if value > 2 * self.args.interval)
+
+
+def table(results: list[Figures]) -> str:
+    rows: list[tuple[str, Any]] = [
+        ("events produced in the measured window", lambda f: f"{f.produced_in_window:,}"),
+        ("events not yet in central when the load stops", lambda f: f"{f.behind_at_stop:,} ({f.behind_at_stop_s} s)"),
+        ("drain after the load stopped (s)", lambda f: f.drain_s),
+        ("probe latency p50 / p99 / max (s)",
+         lambda f: f"{f.latency_p50_s} / {f.latency_p99_s} / {f.latency_max_s} ({f.probes:,} probes)"),
+        ("probes not arrived", lambda f: f.probes_not_arrived),
+        ("routes with a probe waiting over two intervals", lambda f: f.routes_waiting_over_two_intervals),
+        ("machine busy during the load", lambda f: f"{f.machine_busy_pct} %"),
+        ("CPU of the mover's processes (s)", lambda f: f"{f.mover_cpu_s} ({f.mover_cpu_ms_per_batch} ms a batch)"),
+        ("  by process", lambda f: ", ".join(f"{k} {v}" for k, v in f.extra["mover_cpu_s_by_process"].items())),
+        ("CPU of PostgreSQL (s)", lambda f: f.postgres_cpu_s),
+        ("CPU of Redis (s)", lambda f: f.redis_cpu_s),
+        ("CPU of the load generator, this process (s)", lambda f: f.load_cpu_s),
+        ("peak connections: central / busiest partition / server",
+         lambda f: f"{f.peak_connections_central} / {f.peak_connections_partition} / {f.peak_connections_server}"),
+        ("generator rounds late by > 0.1 s (max lateness)",
+         lambda f: f"{f.generator_late_rounds} ({f.generator_max_late_s} s)"),
+        ("every event exactly once", lambda f: "yes" if f.exactly_once else "NO"),
+    ]
+    lines = ["| | " + " | ".join(f.tool for f in results) + " |", "|---|" + "---:|" * len(results)]
+    lines += [f"| {label} | " + " | ".join(str(value(f)) for f in results) + " |" for label, value in rows]
+    return "\n".join(lines)
+
+
+def ratios(results: list[Figures]) -> str:
+    """qmover against skytools, per pair of runs."""
+    pairs = list(zip([f for f in results if f.tool == "qmover"], [f for f in results if f.tool == "skytools"],
+                     strict=False))
+    lines = []
+    for n, (q, s) in enumerate(pairs, 1):
+        lines.append(f"run {n}, qmover / skytools: mover CPU {q.mover_cpu_s / max(s.mover_cpu_s, 0.1):.2f}, "
+                     f"machine busy {q.machine_busy_pct / max(s.machine_busy_pct, 0.1):.2f}, "
+                     f"PostgreSQL CPU {q.postgres_cpu_s / max(s.postgres_cpu_s, 0.1):.2f}, "
+                     f"latency p99 {q.latency_p99_s / max(s.latency_p99_s, 0.001):.2f}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    tools = [tool.strip() for tool in args.tools.split(",")]
+    unknown = [tool for tool in tools if tool not in TOOLS]
+    if unknown:
+        raise SystemExit(f"qmover bench: unknown tool {unknown[0]!r} in --tools; say qmover, skytools or both")
+    connections = args.routes * (3 + args.concurrency) + 60
+    print(f"-- a throwaway PostgreSQL cluster (max_connections {connections}) ...", flush=True)
+    cluster = Cluster(settings={"max_connections": str(connections)})
+    try:
+        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        bench = Bench(f"host=127.0.0.1 port={cluster.port} user=postgres", postmaster, args)
+        bench.create()
+        results = [bench.run_tool(tool) for _ in range(args.repeat) for tool in tools]
+    finally:
+        cluster.close()
+    print()
+    print(f"{args.routes} partitions x {args.rate} events/s ({args.routes * args.rate:,} events/s, "
+          f"{args.routes} batches/s), move_interval / loop_delay {args.interval:g} s, qmover: one worker "
+          f"-c {args.concurrency} and beat; {args.seconds:g} s measured after {args.warmup:g} s of warm-up")
+    print(table(results))
+    if "qmover" in tools and "skytools" in tools:
+        print(ratios(results))
+    if any(f.generator_late_rounds for f in results):
+        print("note: the load generator fell behind its schedule in some rounds; those runs carried less than "
+              "the load asked for, and their figures mean less")
+    if args.json:
+        args.json.write_text(json.dumps({"routes": args.routes, "rate": args.rate, "seconds": args.seconds,
+                                         "warmup": args.warmup, "interval": args.interval,
+                                         "concurrency": args.concurrency,
+                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "results": [asdict(f) for f in results]}, indent=2))
+        print(f"results written to {args.json}")
+    print(f"logs in {bench.workdir}")
+    return 0

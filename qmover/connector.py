@@ -2,8 +2,9 @@
 
 A Connector owns every connection of a worker process (or of `qmover run`)
 and keeps them per database, not per route: routes that share a database
-share its idle connections.  A mover borrows a connection for the length of
-a task and gives it back; a connection is never in two movers' hands at once,
+share its idle connections.  A task borrows through a Loan, at most one
+connection per database however many of its routes use it, and gives them
+back when it ends; a connection is never in two tasks' hands at once,
 whatever the Celery pool (prefork, threads, solo, gevent).  A route's checks
 run once per process (`checked`), not once per task.
 
@@ -55,7 +56,9 @@ class Session:
     conn: connection
     routes: set[Route] = field(default_factory=set)  # routes whose temporary table is set up here
     prepared: set[str] = field(default_factory=set)  # statements PREPAREd on this connection
-    reused: bool = False  # it sat idle before this loan: the server may have gone since
+    # It sat idle before this loan and has not answered since: its server may
+    # have restarted meanwhile, so a connection error is worth one retry afresh.
+    reused: bool = False
 
 
 class Connector:
@@ -68,6 +71,7 @@ class Connector:
         self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._idle: OrderedDict[int, Session] = OrderedDict()  # id(session) -> session, oldest first
+        self._idle_by_key: dict[tuple, list[Session]] = {}  # the same, per database, the latest last
         self._held: set[tuple] = set()
         # Routes whose checks passed in this process: route -> moves through pgq.insert_event
         self.checked: dict[Route, bool] = {}
@@ -79,11 +83,12 @@ class Connector:
         key = database_key(route.dsn(side))
         with self._lock:
             self._forget_after_fork()
-            for ident, session in reversed(self._idle.items()):  # the most recently used first
-                if session.key == key:
-                    del self._idle[ident]
-                    session.reused = True
-                    return session
+            idle = self._idle_by_key.get(key)
+            if idle:
+                session = idle.pop()  # the most recently used
+                del self._idle[id(session)]
+                session.reused = True
+                return session
         # outside the lock: connecting is slow
         return Session(key, db.connect(route, side, autocommit=True, timeout=self.connect_timeout))
 
@@ -94,16 +99,20 @@ class Connector:
         with self._lock:
             self._forget_after_fork()
             self._idle[id(session)] = session
+            self._idle_by_key.setdefault(session.key, []).append(session)
             over = 0 if self.max_idle is None else len(self._idle) - self.max_idle
             surplus = [self._idle.popitem(last=False)[1] for _ in range(over)]
+            for old in surplus:
+                self._idle_by_key[old.key].remove(old)
         for old in surplus:
             db.close(old.conn)
 
     def drop_idle(self, key: tuple) -> None:
         """Close the idle connections to one database (its server restarted, say)."""
         with self._lock:
-            gone = [ident for ident, session in self._idle.items() if session.key == key]
-            sessions = [self._idle.pop(ident) for ident in gone]
+            sessions = self._idle_by_key.pop(key, [])
+            for session in sessions:
+                del self._idle[id(session)]
         for session in sessions:
             db.close(session.conn)
 
@@ -148,6 +157,13 @@ class Connector:
             return result
         raise AssertionError("unreachable")
 
+    def replace(self, session: Session, route: Route, side: Side) -> Session:
+        """A new connection for one that failed before it answered: the
+        database's other idle connections are dropped too (its server restarted)."""
+        db.close(session.conn)
+        self.drop_idle(session.key)
+        return self.borrow(route, side)
+
     def idle_count(self) -> int:
         with self._lock:
             return len(self._idle)
@@ -157,6 +173,7 @@ class Connector:
         with self._lock:
             sessions = list(self._idle.values())
             self._idle.clear()
+            self._idle_by_key.clear()
         for session in sessions:
             db.close(session.conn)
 
@@ -167,4 +184,66 @@ class Connector:
             # since closing (or collecting) one would end the parent's session.
             self._inherited += self._idle.values()
             self._idle.clear()
+            self._idle_by_key.clear()
             self._held.clear()
+
+
+class Loan:
+    """The connections one task (or one turn of `qmover run`) holds: one per
+    database, borrowed on first use and given back together.
+
+    Routes that share a database share its connection within the loan, one
+    statement at a time, since a loan serves one thread.  close_after: the
+    databases whose connections are closed, not kept, when the loan ends
+    (sources capped by max_source_connections).
+    """
+
+    def __init__(self, connector: Connector, close_after: frozenset[tuple] = frozenset()):
+        self.connector = connector
+        self.close_after = close_after
+        self.sessions: dict[tuple, Session] = {}
+
+    def session(self, route: Route, side: Side) -> Session:
+        key = database_key(route.dsn(side))
+        session = self.sessions.get(key)
+        if session is None or session.conn.closed:
+            session = self.sessions[key] = self.connector.borrow(route, side)
+        return session
+
+    def has(self, route: Route, side: Side) -> bool:
+        """Whether the loan holds an open connection to the side's database."""
+        session = self.sessions.get(database_key(route.dsn(side)))
+        return session is not None and not session.conn.closed
+
+    def replace(self, session: Session, route: Route, side: Side) -> Session:
+        """See Connector.replace."""
+        self.sessions[session.key] = fresh = self.connector.replace(session, route, side)
+        return fresh
+
+    def discard(self, route: Route, side: Side) -> None:
+        """Close the side's connection (after an error it may have left half-way)."""
+        session = self.sessions.pop(database_key(route.dsn(side)), None)
+        if session is not None:
+            db.close(session.conn)
+
+    def give_back(self) -> None:
+        for key, session in self.sessions.items():
+            if key in self.close_after:
+                db.close(session.conn)
+            else:
+                self.connector.give_back(session)
+        self.sessions.clear()
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            db.close(session.conn)
+        self.sessions.clear()
+
+    def __enter__(self) -> Loan:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.give_back()
+        else:
+            self.close()  # an interrupted task leaves no connection half-way

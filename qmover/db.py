@@ -59,10 +59,10 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
         if any(refusal in reason for refusal in LOGIN_REFUSED):
             raise LoginRefused(
                 f"{where(route, side)}: login refused: {reason}; check the user and password in {key} "
-                f"(or PGPASSWORD / ~/.pgpass) and the server's pg_hba.conf") from None
+                f"(or PGPASSWORD / ~/.pgpass) and the server's pg_hba.conf", side) from None
         raise TransientError(
             f"{where(route, side)}: cannot connect: {reason}; "
-            f"check {key} in the config and that the server is up") from None
+            f"check {key} in the config and that the server is up", side) from None
     with errors(route, side):
         conn.autocommit = autocommit
         with conn.cursor() as cur:
@@ -80,15 +80,15 @@ def errors(route: Route, side: Side) -> Iterator[None]:
     except psycopg2.errors.QueryCanceled as exc:
         raise QmoverError(
             f"{where(route, side)}: {first_line(exc)}; a batch must fit in one statement: raise "
-            f"statement_timeout for qmover's role (e.g. alter role ... set statement_timeout = 0)") from None
+            f"statement_timeout for qmover's role (e.g. alter role ... set statement_timeout = 0)", side) from None
     except (psycopg2.errors.UntranslatableCharacter, psycopg2.errors.CharacterNotInRepertoire) as exc:
         raise QmoverError(
             f"{where(route, side)}: {first_line(exc)}; the target database's encoding cannot hold "
-            f"this event: create the target database with encoding UTF8") from None
+            f"this event: create the target database with encoding UTF8", side) from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}") from None
+        raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}", side) from None
     except psycopg2.Error as exc:
-        raise QmoverError(f"{where(route, side)}: {first_line(exc)}") from None
+        raise QmoverError(f"{where(route, side)}: {first_line(exc)}", side) from None
 
 
 def prepare_once(conn: connection, prepared: set[str], name: str, query: str) -> None:

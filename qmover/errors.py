@@ -10,6 +10,10 @@ class QmoverError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str, side: str | None = None):
+        super().__init__(message)
+        self.side = side  # "source" or "target": the database that failed, where one did
+
 
 class ConfigError(QmoverError):
     """The config file is wrong; raised before any database is touched."""

@@ -71,6 +71,7 @@ class Moved:
     seconds: float
     unplaced: bool = False  # the target held no position: a new route, or a target that was reset
     filtered: int = 0  # events the route's filters left out
+    more: bool = True  # the source had a tick past this batch: another batch may be ready now
 
 
 def move_batch(route: Route, src: connection, dst: connection, src_prepared: set[str],
@@ -86,8 +87,8 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
     """
     started = time.monotonic()
     with errors(route, "source"):
-        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq = _next_batch(route, src, src_prepared,
-                                                                                      finish)
+        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq, more = _next_batch(
+            route, src, src_prepared, finish)
     if batch_id is None:
         return None
     checkpoint("next_batch")
@@ -124,7 +125,8 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
         _rollback(dst)
         raise
     checkpoint("after_target_commit")
-    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None, filtered)
+    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None, filtered,
+                 bool(more))
 
 
 def lost_position(route: Route, position: int, batch_id: int, prev_tick: int, cur_tick: int) -> LostPosition:
@@ -208,6 +210,12 @@ def copy_streamed(route: Route, src: connection, dst: connection, select: str, e
         with os.fdopen(read_fd, "rb") as source, dst.cursor() as cur:
             cur.copy_expert(queries.copy_events_in(event_table, route, dst), source, size=65536)
             written = cur.rowcount
+    except psycopg2.Error:
+        producer.join()
+        if failure and isinstance(failure[0], psycopg2.Error):
+            with errors(route, "source"):  # the source failed first: the target only saw its input end
+                raise failure[0] from None
+        raise
     finally:
         producer.join()  # closing the read end above unblocks a stuck writer
     if failure:

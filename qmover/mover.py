@@ -1,17 +1,24 @@
-"""A route's mover: the move protocol over two connections borrowed from a Connector.
+"""A route's mover: the move protocol over two connections a Loan lends.
 
-Connections are borrowed lazily; the route is checked once per process;
-after any error they are closed rather than given back, so a restarted
-server or a half-finished COPY never leaks into the next batch.
+A mover made with a loan shares its connections with the task's other
+routes (one per database); made without one, it borrows its own and gives
+them back on release().  The route is checked once per process.  After an
+error the source connection is closed rather than given back, so a
+half-finished COPY never leaks into the next batch; the target connection
+is closed only when it failed, so the task's claims on it stay.  A kept
+connection that fails at its first statement (its server restarted since)
+is replaced once at once.
 """
 
 from __future__ import annotations
 
 import logging
 
-from qmover import db, queries, split
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+from qmover import claim, db, split
 from qmover.checks import check_route, require_blocking_driver, target_can_copy
-from qmover.connector import Connector, Session, database_key
+from qmover.connector import Connector, Loan, Session
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.loops import Hop, require_no_loops, server_identity
 from qmover.move import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
@@ -24,19 +31,18 @@ UNFINISHED = "the route's next mover finishes the batch (the target's position s
 
 class RouteMover:
     """Moves batches of one route.  Use as a context manager: on exit the
-    route and the connections go back to the connector (a mover made without
-    one has a private connector, closed on exit)."""
+    route and its own connections go back to the connector (a mover made
+    without one has a private connector, closed on exit)."""
 
-    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint, connector: Connector | None = None):
+    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint, connector: Connector | None = None,
+                 loan: Loan | None = None):
         self.route = route
         self.checkpoint = checkpoint
-        self.connector = connector or Connector()
-        self._own_connector = connector is None
-        self._src: Session | None = None
-        self._dst: Session | None = None
-        self._reused = False  # a borrowed connection had been idle: its server may have restarted since
-        self._held = False  # the connector's in-process claim
-        self._claimed = False  # the advisory lock on the target connection
+        self.connector = loan.connector if loan else connector or Connector()
+        self._own_connector = loan is None and connector is None
+        self.loan = loan or Loan(self.connector)
+        self._own_loan = loan is None
+        self._claim: claim.Claim | None = None
         self._via_insert_event = False  # the target role may not COPY into the queue's event tables
         self._unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
 
@@ -50,21 +56,19 @@ class RouteMover:
         if self._own_connector:
             self.connector.close()
 
-    def open(self) -> None:
-        """Borrow both connections and check the route on them, unless already done."""
-        if self._src is not None and self._dst is not None:
-            return
+    def open(self) -> tuple[Session, Session]:
+        """Both connections, checked for the route unless already done."""
         try:
-            if self._src is None:
-                self._src = self.connector.borrow(self.route, "source")
-                self._reused |= self._src.reused
-            if self._dst is None:
-                self._dst = self.connector.borrow(self.route, "target")
-                self._reused |= self._dst.reused
-            self._check(self._src, self._dst)
+            src = self.loan.session(self.route, "source")
+            dst = self.loan.session(self.route, "target")
+            self._check(src, dst)
+        except QmoverError as exc:
+            self._drop(exc)
+            raise
         except BaseException:
             self.close()
             raise
+        return src, dst
 
     def _check(self, src: Session, dst: Session) -> None:
         """What a move needs: the route's checks once per process (again after
@@ -74,6 +78,7 @@ class RouteMover:
         if via_insert_event is None:
             via_insert_event = self._check_route(src, dst)
             self.connector.checked[route] = via_insert_event
+            src.reused = dst.reused = False  # both answered
         self._via_insert_event = via_insert_event
         if (route.kind == "split" or via_insert_event) and route not in dst.routes:
             split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
@@ -106,101 +111,110 @@ class RouteMover:
 
     def move_one(self) -> Moved | None:
         """Move the next batch and log it; None when none is ready."""
-        self.open()
-        assert self._src is not None and self._dst is not None
-        try:
-            moved = move_batch(self.route, self._src.conn, self._dst.conn, self._src.prepared, self.checkpoint,
-                               self._via_insert_event, finish=self._unfinished)
-        except QmoverError as exc:
-            self.connector.checked.pop(self.route, None)  # the next open checks the route afresh
-            precise = None if isinstance(exc, (TransientError, LostPosition)) else self._diagnose()
-            self.close()
-            if precise is None:
+        for attempt in range(2):
+            src, dst = self.open()
+
+            def step(name: str, src: Session = src, dst: Session = dst) -> None:
+                if name == "next_batch":
+                    src.reused = False
+                elif name == "position":
+                    dst.reused = False
+                self.checkpoint(name)
+
+            try:
+                moved = move_batch(self.route, src.conn, dst.conn, src.prepared, step, self._via_insert_event,
+                                   finish=self._unfinished)
+            except TransientError as exc:
+                failed = {"source": src, "target": dst}.get(exc.side or "")
+                if attempt == 0 and failed is not None and failed.reused:
+                    # a kept connection that was dead before it said a word: once more, afresh
+                    self.loan.replace(failed, self.route, "source" if failed is src else "target")
+                    continue
+                self._failed(exc)
                 raise
-            raise precise from None
-        except BaseException:
-            self.close()
-            raise
+            except QmoverError as exc:
+                precise = None if isinstance(exc, LostPosition) else self._diagnose(src, dst)
+                self._failed(exc)
+                if precise is None:
+                    raise
+                raise precise from None
+            except BaseException:
+                self.close()
+                raise
+            src.reused = dst.reused = False
+            self._log(moved)
+            return moved
+        raise AssertionError("unreachable")
+
+    def _log(self, moved: Moved | None) -> None:
         self._unfinished = None if moved is None else moved.batch_id
-        if moved is not None and moved.unplaced:
+        if moved is None:
+            return
+        if moved.unplaced:
             log.warning("route %s: the target held no position for consumer %r; started from the source's "
                         "(batch %d): expected once on a new route; otherwise the target's pgq_ext was reset, and "
                         "events moved before the reset are not moved again",
                         self.route.name, self.route.consumer, moved.batch_id)
-        if moved is not None:
-            outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
-            if moved.filtered:
-                outcome += f" filtered={moved.filtered}"
-            log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome,
-                     moved.seconds * 1000)
-        return moved
+        outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
+        if moved.filtered:
+            outcome += f" filtered={moved.filtered}"
+        log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome, moved.seconds * 1000)
 
-    def _diagnose(self) -> QmoverError | None:
+    def _failed(self, exc: QmoverError) -> None:
+        """After a failed move: the checks again next time; the connections it may have left half-way closed."""
+        self.connector.checked.pop(self.route, None)
+        self._unfinished = None  # the batch comes back, and the target's position skips it
+        self.loan.discard(self.route, "source")
+        self._drop(exc)
+
+    def _drop(self, exc: QmoverError) -> None:
+        """Close a connection that failed, and the target's if not idle; a statement error leaves it usable."""
+        if exc.side == "source" and isinstance(exc, TransientError):
+            self.loan.discard(self.route, "source")
+        if not self.loan.has(self.route, "target"):
+            return
+        conn = self.loan.session(self.route, "target").conn
+        broken = exc.side == "target" and isinstance(exc, TransientError)
+        if broken or conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
+            self.loan.discard(self.route, "target")
+
+    def _diagnose(self, src: Session, dst: Session) -> QmoverError | None:
         """After a failed move, the route's checks again: a queue dropped or a
         consumer unregistered while running is reported as such, with its fix."""
-        assert self._src is not None and self._dst is not None
+        if src.conn.closed or dst.conn.closed:
+            return None
         try:
-            check_route(self._src.conn, self._dst.conn, self.route)
+            check_route(src.conn, dst.conn, self.route)
+        except TransientError:
+            return None
         except QmoverError as found:
             return found
         return None
 
     def claim(self) -> bool:
-        """Take the route for this mover; False when another mover holds it.
-
-        Two claims: the connector's, against other tasks of this process, and
-        a session advisory lock on the target connection, against other
-        processes.  The lock ends with release() or with the connection
-        (close, or the process dying), so it cannot outlive a killed worker.
-        Idle connections may have died with a server restart since their
-        last loan: those are dropped and the claim is tried once more afresh.
-        """
-        if not self.connector.hold(self.route):
-            return False
-        self._held = True
-        self._reused = False
-        try:
-            try:
-                self._claimed = self._try_claim()
-            except TransientError:
-                if not self._reused:
-                    raise
-                for dsn in (self.route.src_dsn, self.route.dst_dsn):
-                    self.connector.drop_idle(database_key(dsn))
-                self._claimed = self._try_claim()
-        except BaseException:
+        """Take the route for this mover alone; False when another mover holds it (see qmover.claim)."""
+        self._claim = claim.take(self.loan, [self.route])
+        if self._claim.failed:
+            raise self._claim.failed[self.route]
+        if not self._claim.routes:
             self.release()
-            raise
-        if not self._claimed:
-            self.release()
-        return self._claimed
-
-    def _try_claim(self) -> bool:
-        self.open()
-        assert self._src is not None and self._dst is not None
-        try:
-            if self._src.reused:  # a connection made just now needs no proof of life
-                with db.errors(self.route, "source"):
-                    db.scalar(self._src.conn, queries.PING)
-            with db.errors(self.route, "target"):
-                return bool(db.scalar(self._dst.conn, queries.CLAIM_ROUTE, (self.route.consumer,)))
-        except BaseException:
-            self.close()
-            raise
+        return self._claim is not None
 
     def finish(self) -> None:
         """Finish on the source the last batch moved, if a next request has not."""
-        if self._unfinished is None or self._src is None:
+        if self._unfinished is None or not self.loan.has(self.route, "source"):
+            self._unfinished = None
             return
         try:
-            finish_batch(self.route, self._src.conn, self._unfinished, self.checkpoint)
+            finish_batch(self.route, self.loan.session(self.route, "source").conn, self._unfinished, self.checkpoint)
         except BaseException:
-            self.close()  # the batch comes back, and the target's position skips it
+            self.loan.discard(self.route, "source")  # the batch comes back, and the target's position skips it
             raise
-        self._unfinished = None
+        finally:
+            self._unfinished = None
 
     def release(self, finish: bool = True) -> None:
-        """Give back the route and the connections, kept open for the next task.
+        """Give back the route and, from its own loan, the connections, kept open for the next task.
 
         finish: finish the last batch moved now.  Without, the finish goes with
         this mover's next request for a batch (`qmover run`, back at this route
@@ -211,20 +225,11 @@ class RouteMover:
                 self.finish()
             except QmoverError as exc:
                 log.warning("%s; %s", exc, UNFINISHED)
-        if self._claimed and self._dst is not None:
-            try:
-                with db.errors(self.route, "target"):
-                    db.scalar(self._dst.conn, queries.RELEASE_ROUTE, (self.route.consumer,))
-            except QmoverError:
-                self.close()  # closing the connection releases the lock too
-        self._claimed = False
-        for session in (self._src, self._dst):
-            if session is not None:
-                self.connector.give_back(session)
-        self._src = self._dst = None
-        if self._held:
-            self._held = False
-            self.connector.unhold(self.route)
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+        if self._own_loan:
+            self.loan.give_back()
 
     def finish_pending(self) -> None:
         """Finish the last batch moved, if release() left it, on borrowed connections."""
@@ -237,22 +242,8 @@ class RouteMover:
             log.warning("%s; %s", exc, UNFINISHED)
         self.release()
 
-    def source_lag(self) -> float | None:
-        """Seconds since the tick the consumer last finished, as PgQ reports it."""
-        self.open()
-        assert self._src is not None
-        try:
-            with db.errors(self.route, "source"):
-                return db.scalar(self._src.conn, queries.SOURCE_LAG, (self.route.src_queue, self.route.consumer))
-        except BaseException:
-            self.close()
-            raise
-
     def close(self) -> None:
-        """Close both connections instead of giving them back (after an error)."""
-        for session in (self._src, self._dst):
-            if session is not None:
-                db.close(session.conn)
-        self._src = self._dst = None
-        self._claimed = False
+        """Close this route's connections instead of giving them back (after an error)."""
+        self.loan.discard(self.route, "source")
+        self.loan.discard(self.route, "target")
         self._unfinished = None

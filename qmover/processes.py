@@ -13,10 +13,14 @@ from pathlib import Path
 
 
 def start_celery(config: Path, log: Path, *args: str, app: str = "qmover.tasks", mode: str = "a",
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """`celery -A app ARGS` with QMOVER_CONFIG set, its output into log (opened with mode)."""
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 python: str = sys.executable) -> subprocess.Popen:
+    """`celery -A app ARGS` with QMOVER_CONFIG set, its output into log (opened with mode).
+
+    python: the interpreter of another virtual environment (another Celery release, say).
+    """
     output = log.open(mode)
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", app, *args],
+    return subprocess.Popen([python, "-m", "celery", "-A", app, *args],
                             stdout=output, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                             env={**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1", **(env or {})})
 

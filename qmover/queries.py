@@ -41,30 +41,48 @@ SERVER_IDENTITY = "select system_identifier::text, current_database() from pg_co
 # PREPAREd once per source connection (db.prepare_once): planning it for each
 # batch cost 0.13 ms of a 100-event batch's 2.5 ms.  $3 and $5 are seconds.
 NEXT_BATCH_STATEMENT = "qmover_next_batch"
+# more: a tick past the batch's end, so a task asks again at once; without
+# one it moves on to its other routes and sends the finish alone.
 NEXT_BATCH_SELECT = """
     with serialize as materialized (
         select pg_advisory_xact_lock(hashtextextended('qmover-next:' || $2::text, 0)))
-    select batch_id, prev_tick_id, cur_tick_id,
-           case when batch_id is not null then pgq.batch_event_sql(batch_id) end,
-           cur_tick_event_seq - prev_tick_event_seq, cur_tick_event_seq
+    select b.batch_id, b.prev_tick_id, b.cur_tick_id,
+           case when b.batch_id is not null then pgq.batch_event_sql(b.batch_id) end,
+           b.cur_tick_event_seq - b.prev_tick_event_seq, b.cur_tick_event_seq,
+           b.batch_id is not null and exists (
+               select 1 from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue
+                where q.queue_name = $1::text and t.tick_id > b.cur_tick_id)
       from pgq.next_batch_custom((select $1::text from serialize), $2::text,
-                                 $3::float8 * interval '1 second', $4::int4, $5::float8 * interval '1 second')
+                                 $3::float8 * interval '1 second', $4::int4, $5::float8 * interval '1 second') b
 """
 NEXT_BATCH = (f"execute {NEXT_BATCH_STATEMENT}"
               "(%(queue)s, %(consumer)s, %(keep_lag)s, %(min_count)s, %(min_interval)s)")
 ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
-# The readiness sweep, once per source database (PREPAREd; $1: the consumers):
-# which of these consumers have nothing to do (no batch open, no tick past
-# their position).  Every
-# other route counts as ready, a broken one too, so its mover says what is wrong.
-IDLE_CONSUMERS = """
-    select q.queue_name, c.co_name
-      from pgq.subscription s
-      join pgq.queue q on q.queue_id = s.sub_queue
-      join pgq.consumer c on c.co_id = s.sub_consumer
-     where c.co_name = any($1)
-       and s.sub_batch is null
-       and not exists (select 1 from pgq.tick t where t.tick_queue = s.sub_queue and t.tick_id > s.sub_last_tick)
+# The readiness sweep, once per source database (PREPAREd; $1, $2: the routes'
+# queues and consumers): where each consumer stands.  batch_age: seconds
+# since its open batch was taken (none open: null); waiting: seconds since
+# the first tick past its position (none: null); events_ahead and
+# seconds_ahead: from its position to the queue's latest tick, what
+# pgq_batch_collect_events/_interval compare.  A consumer missing here counts
+# as ready, a broken one too, so that its mover says what is wrong.
+SWEEP_STATE_STATEMENT = "qmover_sweep_state"
+SWEEP_STATE_EXECUTE = f"execute {SWEEP_STATE_STATEMENT}(%s, %s)"
+SWEEP_STATE = """
+    select q.queue_name, c.co_name, s.sub_last_tick,
+           case when s.sub_batch is not null then extract(epoch from now() - s.sub_active)::float8 end,
+           extract(epoch from now() - nxt.tick_time)::float8,
+           latest.tick_event_seq - last.tick_event_seq,
+           extract(epoch from latest.tick_time - last.tick_time)::float8
+      from unnest($1::text[], $2::text[]) r(queue, consumer)
+      join pgq.queue q on q.queue_name = r.queue
+      join pgq.consumer c on c.co_name = r.consumer
+      join pgq.subscription s on s.sub_queue = q.queue_id and s.sub_consumer = c.co_id
+      join pgq.tick last on last.tick_queue = s.sub_queue and last.tick_id = s.sub_last_tick
+      left join lateral (select t.tick_time from pgq.tick t
+                          where t.tick_queue = s.sub_queue and t.tick_id > s.sub_last_tick
+                          order by t.tick_id limit 1) nxt on true
+      left join lateral (select t.tick_time, t.tick_event_seq from pgq.tick t
+                          where t.tick_queue = s.sub_queue order by t.tick_id desc limit 1) latest on true
 """
 # Without waiting for the flush: if a source crash loses this commit, the
 # batch comes back and is skipped, since the target recorded its end tick.
@@ -89,18 +107,6 @@ TARGET_SCHEMAS = f"""
 """
 QUEUE_NAMES = "select queue_name from pgq.queue"
 LAST_TICKS = "select consumer, pgq_ext.get_last_tick(consumer) from unnest(%s::text[]) consumer"
-# The consumer's lag as pgq.get_consumer_info() reports it, in plain SQL: a
-# PL/pgSQL function costs a fresh backend milliseconds to compile, and fan-in
-# movers run on fresh source connections.
-SOURCE_LAG = """
-    select extract(epoch from now() - t.tick_time)::float8
-      from pgq.subscription s
-      join pgq.queue q on q.queue_id = s.sub_queue
-      join pgq.consumer c on c.co_id = s.sub_consumer
-      join pgq.tick t on t.tick_queue = s.sub_queue and t.tick_id = s.sub_last_tick
-     where q.queue_name = %s and c.co_name = %s
-"""
-
 # --- ticker (for databases without pgqd) --------------------------------
 TICK_ALL_QUEUES = "select pgq.ticker()"
 MAINT_OPERATIONS = "select func_name, func_arg from pgq.maint_operations()"
@@ -185,12 +191,27 @@ def split_insert(field: str, event_table: str) -> sql.Composed:
 
 # --- target side, other commands --------------------------------------------------------
 # Session-level: one worker per route at a time; released when the
-# connection ends, so a killed worker does not keep the route.
-CLAIM_ROUTE = "select pg_try_advisory_lock(hashtextextended('qmover-route:' || %s, 0))"
-RELEASE_ROUTE = "select pg_advisory_unlock(hashtextextended('qmover-route:' || %s, 0))"
+# connection ends, so a killed worker does not keep the route.  Many routes
+# of one target at once ($1: their consumers): the ones this session now holds.
+CLAIM_ROUTES = """
+    select consumer from unnest(%s::text[]) consumer
+     where pg_try_advisory_lock(hashtextextended('qmover-route:' || consumer, 0))
+"""
+RELEASE_ROUTES = "select count(pg_advisory_unlock(hashtextextended('qmover-route:' || c, 0))) from unnest(%s::text[]) c"
+# A place among the first %(slots)s of a source database's mover connections
+# (max_source_connections), held on the target session that claims its
+# routes; null when every place is taken.
+TAKE_SOURCE_SLOT = """
+    select slot from generate_series(0, %(slots)s - 1) slot
+     where pg_try_advisory_lock(hashtext('qmover-source:' || %(source)s), slot)
+     limit 1
+"""
+RELEASE_SOURCE_SLOT = "select pg_advisory_unlock(hashtext('qmover-source:' || %(source)s), %(slot)s)"
 PING = "select 1"
 # The sweep, once per target database (PREPAREd: $1): which of these consumers a mover has
-# claimed (CLAIM_ROUTE's lock, whose bigint key pg_locks splits in two halves).
+# claimed (CLAIM_ROUTES's lock, whose bigint key pg_locks splits in two halves).
+CLAIMED_STATEMENT = "qmover_claimed_consumers"
+CLAIMED_EXECUTE = f"execute {CLAIMED_STATEMENT}(%s)"
 CLAIMED_CONSUMERS = """
     select consumer from unnest($1::text[]) consumer
      where exists (select 1 from pg_locks l

@@ -11,6 +11,12 @@ from psycopg2.extensions import parse_dsn
 _SHOWN_DSN_KEYS = ("service", "host", "hostaddr", "port", "dbname", "user")
 
 
+def database_of(dsn: str) -> tuple[str | None, ...]:
+    """Which database a DSN names, whoever logs in (user and password left out)."""
+    parts = parse_dsn(dsn)
+    return tuple(parts.get(key) for key in ("service", "host", "hostaddr", "port", "dbname"))
+
+
 def describe_dsn(dsn: str) -> str:
     """The DSN without password or other options, for messages and status."""
     parts = parse_dsn(dsn)
@@ -82,6 +88,9 @@ class Route:
     table_filter: tuple[str, ...] = ()  # schema-qualified names in ev_extra1: only these move
     keep_event_id: bool = False  # write the source ev_id on the target (the route owns its target queue)
     split: Split | None = None  # several target queues chosen per event (kind "split")
+    # Celery: at most this many worker connections to the source database at
+    # once, closed after each task (None: one per worker process, kept open)
+    max_source_connections: int | None = None
 
     @property
     def kind(self) -> RouteKind:

@@ -1,9 +1,19 @@
-"""The readiness sweep: which routes have a batch to move, asking each database once.
+"""The readiness sweep: which routes have a batch to move, asking each database once an interval.
 
 Instead of a move task per route per interval, beat sweeps: one query per
-source database finds the consumers with nothing to do, one per target
-database the routes a mover holds; only the rest get a move task.  Errs
-towards ready: a consumer the query does not find (a dropped queue, an
+source database says where each consumer stands, one per target database
+which routes a mover holds; only routes with a batch ready and no mover get
+a move task, the most behind first, several routes to a task.  The source
+databases of one move_interval are swept in slices, one slice at a time,
+each database once an interval, so that the moves a sweep starts are spread
+over the interval instead of queuing up behind each other.
+
+A route sent a task is not sent another while that task waits (its position
+has not moved), unless RESEND_AFTER passes: a task the broker lost, or one a
+killed worker had taken, is replaced then.  So no task expires unrun, and a
+route has at most one task queued while the workers keep up.
+
+Errs towards ready: a consumer the query does not find (a dropped queue, an
 unregistered consumer) counts as ready, so that its mover says what is
 wrong.  A database that does not answer makes only its own routes wait:
 sweeps leave it out, and a background thread asks it again every
@@ -16,9 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-
-from psycopg2 import sql
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from qmover import db, queries
 from qmover.connector import Connector, Session, by_database, database_key
@@ -29,33 +39,124 @@ from qmover.route import Route
 log = logging.getLogger("qmover")
 PROBE_EVERY = 1.0
 CONNECT_TIMEOUT = 2
+MAX_SLICES = 4  # slices of one interval's source databases
+MIN_SWEEP_PERIOD = 0.05  # seconds between two sweeps of one interval, at least
+RESEND_INTERVALS = 5  # a task not yet run is replaced after this many intervals,
+RESEND_AT_LEAST = 5.0  # and not before this many seconds
+
+
+def slices(routes: Iterable[Route], interval: float) -> int:
+    """Into how many slices the source databases of these routes (one interval) are swept."""
+    databases = len(by_database(routes, "source"))
+    return max(1, min(MAX_SLICES, databases, int(interval / MIN_SWEEP_PERIOD)))
+
+
+def resend_after(interval: float) -> float:
+    return max(RESEND_AT_LEAST, RESEND_INTERVALS * interval)
+
+
+def chunks(routes: Sequence[Route], size: int) -> list[list[Route]]:
+    """The routes in order, size to a task."""
+    return [list(routes[n:n + size]) for n in range(0, len(routes), size)]
+
+
+@dataclass(frozen=True)
+class Swept:
+    """One sweep: which slice it asked, and the routes to move now, the most behind first."""
+
+    slice: int
+    slices: int
+    routes: int  # routes in the slice
+    ready: list[Route]
+
+
+@dataclass
+class _Sent:
+    at: float  # monotonic time the task was sent
+    last_tick: int | None  # the consumer's position then
 
 
 class Sweeper:
-    """Keeps one connection per database between sweeps, and which databases are down."""
+    """Keeps one connection per database between sweeps, which databases are
+    down, where each interval's slices are, and which routes have a task out."""
 
     def __init__(self) -> None:
         self.connector = Connector(connect_timeout=CONNECT_TIMEOUT)
         self._down: dict[tuple, tuple[Route, Side]] = {}  # database key -> a route to reach it by
         self._prober: threading.Thread | None = None  # runs while any database is down
         self._lock = threading.Lock()
+        self._next_slice: dict[float, int] = {}  # interval -> the slice its next sweep asks
+        self._positions: dict[str, int | None] = {}  # route -> the position its last sweep saw
+        self._sent: dict[str, _Sent] = {}  # route -> its task that may not have run yet
+        self._slicing: dict[float, tuple[tuple[Route, ...], list[list[Route]]]] = {}  # interval -> routes, slices
 
-    def ready(self, routes: Iterable[Route]) -> list[Route]:
-        """The routes to move now: maybe a batch ready, and no mover on them."""
-        candidates = []
+    def sweep(self, routes: Sequence[Route], interval: float) -> Swept:
+        """Ask the next slice of these routes' (one interval's) source databases."""
+        sliced = self._sliced(tuple(routes), interval)
+        slice_no = self._next_slice.get(interval, 0) % len(sliced)
+        self._next_slice[interval] = slice_no + 1
+        mine = sliced[slice_no]
+        return Swept(slice_no, len(sliced), len(mine), self.ready(mine, resend_after(interval)))
+
+    def _sliced(self, routes: tuple[Route, ...], interval: float) -> list[list[Route]]:
+        """The routes of each slice, worked out again only when the routes change."""
+        cached = self._slicing.get(interval)
+        if cached is None or cached[0] != routes:
+            count = slices(routes, interval)
+            groups = by_database(routes, "source")
+            cached = self._slicing[interval] = (routes, [
+                [route for n, group in enumerate(groups) if n % count == slice_no for route in group]
+                for slice_no in range(count)])
+        return cached[1]
+
+    def ready(self, routes: Iterable[Route], resend: float) -> list[Route]:
+        """The routes to move now: a batch may be ready, no mover on them, and
+        no task of theirs waiting (for up to resend seconds); the most behind first."""
+        now = time.monotonic()
+        candidates: list[tuple[float, Route]] = []
         for group in by_database(routes, "source"):
-            idle = self._ask(group, "source", "qmover_idle_consumers", queries.IDLE_CONSUMERS)
-            if idle is not None:
-                candidates += [route for route in group if (route.src_queue, route.consumer) not in idle]
-        ready = []
-        for group in by_database(candidates, "target"):
-            claimed = self._ask(group, "target", "qmover_claimed_consumers", queries.CLAIMED_CONSUMERS)
-            if claimed is not None:
-                ready += [route for route in group if (route.consumer,) not in claimed]
-        return ready
+            rows = self._ask(group, "source", queries.SWEEP_STATE_STATEMENT, queries.SWEEP_STATE,
+                             queries.SWEEP_STATE_EXECUTE, ([r.src_queue for r in group], [r.consumer for r in group]))
+            if rows is None:
+                continue
+            state = {(row[0], row[1]): row[2:] for row in rows}
+            for route in group:
+                row = state.get((route.src_queue, route.consumer))
+                waiting = _waiting(route, row, resend)
+                if waiting is None:
+                    continue
+                if waiting < 0:  # nothing to move: its task, if any, has run
+                    self._sent.pop(route.name, None)
+                    continue
+                position = row[0] if row else None
+                sent = self._sent.get(route.name)
+                if sent and sent.last_tick == position and now - sent.at < resend:
+                    continue  # its task has not run yet
+                self._positions[route.name] = position
+                candidates.append((waiting, route))
+        ready: list[tuple[float, Route]] = []
+        for group in by_database([route for _, route in candidates], "target"):
+            claimed = self._ask(group, "target", queries.CLAIMED_STATEMENT, queries.CLAIMED_CONSUMERS,
+                                queries.CLAIMED_EXECUTE, ([r.consumer for r in group],))
+            if claimed is None:
+                continue
+            for waiting, route in candidates:
+                if route in group and (route.consumer,) in claimed:
+                    self._sent.pop(route.name, None)  # a mover has it; once it lets go, a new task may go
+                elif route in group:
+                    ready.append((waiting, route))
+        ready.sort(key=lambda pair: -pair[0])
+        return [route for _, route in ready]
 
-    def _ask(self, group: list[Route], side: Side, name: str, query: str) -> set[tuple] | None:
-        """The query's rows for the group's consumers; None when the database does not answer."""
+    def sent(self, routes: Iterable[Route]) -> None:
+        """Note that these routes (from ready()) have a task on its way."""
+        now = time.monotonic()
+        for route in routes:
+            self._sent[route.name] = _Sent(now, self._positions.get(route.name))
+
+    def _ask(self, group: list[Route], side: Side, name: str, query: str, execute: str,
+             params: tuple) -> set[tuple] | None:
+        """The PREPAREd query's rows for the group; None when the database does not answer."""
         route = group[0]
         key = database_key(route.dsn(side))
         if key in self._down:
@@ -64,7 +165,7 @@ class Sweeper:
         def rows(session: Session) -> set[tuple]:
             prepare_once(session.conn, session.prepared, name, query)  # sweeps repeat it every interval
             with session.conn.cursor() as cur:
-                cur.execute(sql.SQL("execute {}(%s)").format(sql.Identifier(name)), ([r.consumer for r in group],))
+                cur.execute(execute, params)
                 return set(cur.fetchall())
 
         try:
@@ -102,3 +203,22 @@ class Sweeper:
 
     def close(self) -> None:
         self.connector.close()
+
+
+def _waiting(route: Route, row: Sequence[Any] | None, resend: float) -> float | None:
+    """How long the route's oldest unmoved tick has waited (the most behind go
+    first); -1 when it has nothing to move; None while a mover has its batch open."""
+    if row is None:
+        return 0.0  # not found: ready, so that its mover says why
+    _, batch_age, waiting, events_ahead, seconds_ahead = row
+    if batch_age is not None:
+        return batch_age if batch_age >= resend else None  # an old open batch: its mover is gone
+    if waiting is None or (route.keep_lag is not None and waiting < route.keep_lag):
+        return -1.0
+    if route.min_count is not None or route.min_interval is not None:
+        # what pgq.next_batch_custom asks of the latest tick before it merges ticks into a batch
+        enough = ((route.min_count is not None and events_ahead >= route.min_count)
+                  or (route.min_interval is not None and seconds_ahead >= route.min_interval))
+        if not enough:
+            return -1.0
+    return float(waiting)

@@ -62,3 +62,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     echo "$want" > "$stamp"
 fi
+
+# The oldest Celery release pyproject.toml allows, with the kombu of its own
+# minor release and the redis-py of that time (left to itself, pip pairs
+# celery 5.3 with the newest kombu, which does not start): the tests run
+# worker and beat from it beside the newest (tests/test_live.py).
+oldest=".venv-celery-oldest"
+oldest_pins=("celery[redis]==5.3.6" "kombu==5.3.7" "redis==5.0.8")
+oldest_want="$(printf '%s\n' "$want" "${oldest_pins[@]}" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$oldest/.qmover-installed" 2>/dev/null)" != "$oldest_want" ]; then
+    echo "setup: installing qmover with ${oldest_pins[*]} into $oldest"
+    rm -rf "$oldest"
+    python3 -m venv "$oldest"
+    "$oldest/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$oldest/bin/python" -m pip install -q "${oldest_pins[@]}" -e .
+    echo "$oldest_want" > "$oldest/.qmover-installed"
+fi

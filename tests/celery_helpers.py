@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import random
+import re
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import redis
@@ -24,6 +27,20 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, every: floa
             return
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def events_per_route(results: Iterable[str]) -> dict[str, int]:
+    """Events moved per route, summed over move_next_batch results as Flower or a worker log shows them."""
+    totals: dict[str, int] = {}
+    for result in results:
+        for route, moved in ast.literal_eval(result)["routes"].items():
+            totals[route] = totals.get(route, 0) + moved["events"]
+    return totals
+
+
+def move_results(log: str) -> list[str]:
+    """The results of every move_next_batch task a worker log says succeeded."""
+    return re.findall(r"Task qmover.move_next_batch\[\S+\] succeeded in \S+: (\{.*\})", log)
 
 
 def error_lines(text: str) -> list[str]:
@@ -92,8 +109,9 @@ class Processes:
     """Celery processes for one config; each logs to its own file."""
 
     def __init__(self, config: Path, logdir: Path, cwd: Path | None = None, app: str = "qmover.tasks",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, python: str = sys.executable):
         self.config = config
+        self.python = python  # the interpreter of the environment whose Celery runs
         self.logdir = logdir
         self.cwd = cwd
         self.app = app
@@ -102,7 +120,7 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         process = start_celery(self.config, self.logdir / f"{name}.log", *args, app=self.app, env=self.env,
-                               cwd=self.cwd)
+                               cwd=self.cwd, python=self.python)
         self.running[name] = process
         return process
 

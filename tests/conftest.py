@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -349,3 +350,34 @@ def pipeline(make_db, tmp_path, redis_db):
     yield build
     for built in made:
         built.procs.stop()
+
+
+# qmover's own connections, per database (the test's are not named 'qmover ...').
+CONNECTIONS = ("select datname, count(*) from pg_stat_activity"
+               " where application_name like 'qmover %' group by datname")
+
+
+class Peak:
+    """The most connections qmover held, on the central database, on the
+    busiest other database and on the whole server, sampled every 20 ms while running."""
+
+    def __init__(self, admin: PgqDatabase, central: str):
+        self.central_name, self.central, self.partition, self.server = central, 0, 0, 0
+        self._conn = admin.connect()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            with self._conn.cursor() as cur:
+                cur.execute(CONNECTIONS)
+                counts = dict(cur.fetchall())
+            self.central = max(self.central, counts.get(self.central_name, 0))
+            self.partition = max([self.partition, *(n for name, n in counts.items() if name != self.central_name)])
+            self.server = max(self.server, sum(counts.values()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._conn.close()

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from celery_helpers import Processes, error_lines, wait_until
+from celery_helpers import Processes, error_lines, events_per_route, wait_until
 from conftest import run_qmover
 from servers import RedisServer
 
@@ -69,7 +69,7 @@ def test_sweeps_send_no_second_task_for_a_route_being_moved(pipeline):
 
     log, beat = pipe.procs.log("worker"), pipe.procs.log("beat")
     big = re.search(r"\[([\d-]+ [\d:,]+): INFO/\S+\] Task qmover.move_next_batch\[(\S+)\] succeeded in \S+: "
-                    r"\{'route': 'partition_0', 'batches': \d+, 'events': 3000\d\d", log)
+                    r"\{'routes': \{'partition_0': \{'batches': \d+, 'events': 3000\d\d", log)
     received = re.search(rf"\[([\d-]+ [\d:,]+): INFO/MainProcess\] Task qmover.move_next_batch\[{big[2]}\] received",
                          log)
     sweeps = re.findall(r"\[([\d-]+ [\d:,]+): INFO/MainProcess\] Task qmover.sweep\[\S+\] succeeded in \S+: "
@@ -150,12 +150,7 @@ def test_flower_shows_each_route_succeeding(pipeline):
         url = f"http://127.0.0.1:{port}/api/tasks?taskname=qmover.move_next_batch&state=SUCCESS"
         with urllib.request.urlopen(url, timeout=5) as response:
             tasks = json.load(response)
-        totals: dict[str, int] = {}
-        for task in tasks.values():
-            result = task["result"]
-            route = re.search(r"'route': '([^']+)'", result).group(1)
-            totals[route] = totals.get(route, 0) + int(re.search(r"'events': (\d+)", result).group(1))
-        return totals
+        return events_per_route(task["result"] for task in tasks.values())
 
     wait_until(lambda: moved_per_route() == {"partition_0": produced // 2, "partition_1": produced // 2},
                30, "Flower to list the successful moves of both routes", every=1)

@@ -107,7 +107,8 @@ def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
 
         def kill_source(point: str) -> None:
             if point == "after_target_commit":
-                route.src.value("select pg_terminate_backend(%s)", (mover._src.conn.get_backend_pid(),))
+                source = mover.loan.session(mover.route, "source").conn
+                route.src.value("select pg_terminate_backend(%s)", (source.get_backend_pid(),))
 
         mover.checkpoint = kill_source
         assert mover.move_one().events == 10
@@ -130,7 +131,7 @@ def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
     with RouteMover(load_config(route.config).select()[0]) as mover:
         assert mover.move_one().events == 10
         batch = active_batch(route)
-        pid = mover._src.conn.get_backend_pid()
+        pid = mover.loan.session(mover.route, "source").conn.get_backend_pid()
         holder.autocommit = False
         with holder.cursor() as cur:  # the lock the next-batch statement queues on, after the finish ran
             cur.execute("select pg_advisory_xact_lock(hashtextextended('qmover-next:' || %s, 0))", (route.name,))

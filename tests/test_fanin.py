@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from qmover import sweep
 
 from celery_helpers import Processes, error_lines, wait_until
-from conftest import PgqDatabase, installed_processes, partitions_and_central
+from conftest import Peak, PgqDatabase, installed_processes, partitions_and_central
 
 PARTITIONS = 30
 INTERVAL = 0.5
@@ -31,9 +30,6 @@ move_interval = {interval}
 [qmover]
 broker_url = {broker}
 """
-# qmover's own connections, per database (the test's are not named 'qmover ...').
-CONNECTIONS = ("select datname, count(*) from pg_stat_activity"
-               " where application_name like 'qmover %' group by datname")
 
 
 @dataclass
@@ -56,20 +52,26 @@ class FanIn:
         source = Counter(event for part in self.parts for event in part.events("events"))
         assert Counter(self.central.events("central_events")) == source
 
-    def sweeps(self) -> list[tuple[float, str]]:
-        """Each sweep beat ran, in order: (seconds it took, what it sent)."""
-        return [(float(seconds), sent) for seconds, sent in
-                re.findall(r"Task qmover.sweep\[\S+\] succeeded in ([\d.]+)s: (\{.*\})", self.procs.log("beat"))]
+    def sweeps(self) -> list[tuple[float, int, str]]:
+        """Each sweep beat ran, in order: (seconds it took, slices in an interval, what it sent)."""
+        return [(float(seconds), int(slices), sent) for seconds, sent, slices in re.findall(
+            r"Task qmover.sweep\[\S+\] succeeded in ([\d.]+)s: (\{'slice': '\d+/(\d+)'.*\})",
+            self.procs.log("beat"))]
 
-    def tick_moves_within_two_sweeps(self, part: PgqDatabase, tag: str) -> None:
-        """Events ticked on part reach central, sent by the first or second
-        sweep that ends after the tick (counted in sweeps, not seconds)."""
+    def intervals_swept(self) -> float:
+        """How many move_intervals beat has swept: every slice once is one."""
+        return sum(1 / slices for _, slices, _ in self.sweeps())
+
+    def tick_moves_within_two_intervals(self, part: PgqDatabase, tag: str) -> None:
+        """Events ticked on part reach central, sent by a sweep of the first or
+        second interval that begins after the tick (counted in sweeps, not seconds)."""
         swept, before = len(self.sweeps()), self.central_count()
         part.produce_series("events", 5, size=20, tag=tag)
         part.tick("events")
         wait_until(lambda: self.central_count() == before + 5, 30, "the ticked partition's events", every=0.02)
-        sent_by = [n for n, (_, sent) in enumerate(self.sweeps()[swept:]) if f"'part_{part.name}'" in sent]
-        assert sent_by and sent_by[0] <= 1, sent_by
+        after = self.sweeps()[swept:]
+        sent_by = [n for n, (_, _, sent) in enumerate(after) if f"'part_{part.name}'" in sent]
+        assert sent_by and sent_by[0] < 2 * after[0][1], (sent_by, after[0][1])
 
     def move_tasks_received(self) -> int:
         return len(re.findall(r"Task qmover.move_next_batch\[\S+\] received", self.procs.logs()))
@@ -92,31 +94,6 @@ def fan_in(make_db, tmp_path, redis_db):
         built.procs.stop()
 
 
-class Peak:
-    """The most connections qmover held, on the central database and on the
-    whole server, sampled every 20 ms while running."""
-
-    def __init__(self, admin: PgqDatabase, central: str):
-        self.central_name, self.central, self.server = central, 0, 0
-        self._conn = admin.connect()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            with self._conn.cursor() as cur:
-                cur.execute(CONNECTIONS)
-                counts = dict(cur.fetchall())
-            self.central = max(self.central, counts.get(self.central_name, 0))
-            self.server = max(self.server, sum(counts.values()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._conn.close()
-
-
 def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fan_in):
     fan = fan_in()
     peak = Peak(fan.central, fan.central.name)
@@ -125,25 +102,26 @@ def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fa
         fan.procs.beat()
         produced = fan.produce_everywhere(1000, "drain")
         wait_until(lambda: fan.central_count() >= produced, 120, "every partition drained into central")
-        drained = len(fan.sweeps())
-        wait_until(lambda: len(fan.sweeps()) >= drained + 2, 30, "two sweeps after the drain")
+        drained = fan.intervals_swept()
+        wait_until(lambda: fan.intervals_swept() >= drained + 2, 30, "two intervals swept after the drain")
 
-        # Idle: four sweeps go by, and no move task.
-        received, swept = fan.move_tasks_received(), len(fan.sweeps())
-        wait_until(lambda: len(fan.sweeps()) >= swept + 4, 30, "four idle sweeps")
+        # Idle: four intervals go by, and no move task.
+        received, swept = fan.move_tasks_received(), fan.intervals_swept()
+        wait_until(lambda: fan.intervals_swept() >= swept + 4, 30, "four idle intervals")
         assert fan.move_tasks_received() == received
 
-        # One ticked partition: its events are sent by the next sweep or the one after.
+        # One ticked partition: its events are sent within the next two intervals' sweeps.
         for part in (fan.parts[7], fan.parts[-1]):
-            fan.tick_moves_within_two_sweeps(part, "late")
+            fan.tick_moves_within_two_intervals(part, "late")
     finally:
         peak.stop()
 
     fan.exactly_once()
     assert error_lines(fan.procs.logs()) == []
-    print(f"peak qmover connections: central {peak.central}, server {peak.server} ({PARTITIONS} partitions)")
+    print(f"peak qmover connections: central {peak.central}, busiest partition {peak.partition}, "
+          f"server {peak.server} ({PARTITIONS} partitions)")
     assert peak.central <= 2 + 2  # worker processes + 2
-    assert peak.server <= PARTITIONS + 10
+    assert peak.partition <= 1 + 2  # beat's sweep + worker processes
 
 
 HUNG = """
@@ -187,9 +165,9 @@ def test_a_partition_that_hangs_holds_up_only_its_own_route(fan_in):
         others[0].tick("events")
         wait_until(lambda: fan.central_count() == 5, 60, "the worker and beat to be up")
         for round_no in range(4):
-            fan.tick_moves_within_two_sweeps(others[1 + round_no % (len(others) - 1)], f"r{round_no}")
+            fan.tick_moves_within_two_intervals(others[1 + round_no % (len(others) - 1)], f"r{round_no}")
         # Not held up: at most the sweep that found it hung waited for the connect timeout (2 s).
-        assert sum(seconds >= sweep.CONNECT_TIMEOUT for seconds, _ in fan.sweeps()) <= 1
+        assert sum(seconds >= sweep.CONNECT_TIMEOUT for seconds, _, _ in fan.sweeps()) <= 1
         beat = fan.procs.log("beat")
         assert "sweep: route part_" in beat and "its 1 route(s) wait until it answers" in beat
         assert beat.count("wait until it answers") == 1  # said once, not every sweep
@@ -215,6 +193,6 @@ def test_kill_9_of_beat_and_worker_while_sweeping_loses_and_doubles_nothing(fan_
         else:
             fan.procs.worker("worker", 2)
     wait_until(lambda: fan.central_count() >= produced, 90, "every event after the kills")
-    swept = len(fan.sweeps())
-    wait_until(lambda: len(fan.sweeps()) >= swept + 3, 30, "three more sweeps, in which a duplicate would show")
+    swept = fan.intervals_swept()
+    wait_until(lambda: fan.intervals_swept() >= swept + 3, 30, "three more intervals, in which a duplicate would show")
     fan.exactly_once()

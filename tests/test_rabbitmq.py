@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_helpers import Processes, RabbitVhost, error_lines, wait_until
+from celery_helpers import Processes, RabbitVhost, error_lines, events_per_route, move_results, wait_until
 from conftest import run_qmover
 
 
@@ -32,12 +32,7 @@ def test_worker_beat_and_flower_on_rabbitmq_move_two_partitions_exactly_once(pip
             return json.load(response)
 
     def moved_per_route() -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for task in tasks().values():
-            if task["state"] == "SUCCESS":
-                route = re.search(r"'route': '([^']+)'", task["result"]).group(1)
-                totals[route] = totals.get(route, 0) + int(re.search(r"'events': (\d+)", task["result"]).group(1))
-        return totals
+        return events_per_route(task["result"] for task in tasks().values() if task["state"] == "SUCCESS")
 
     wait_until(lambda: moved_per_route() == {"partition_0": produced // 2, "partition_1": produced // 2},
                30, "Flower to list every move, from task events alone", every=1)
@@ -68,5 +63,5 @@ def test_a_shop_app_on_rabbitmq_without_result_backend_runs_qmover_tasks(pipelin
     finally:
         shop.stop()
     log = shop.log("shop")
-    assert re.search(r"Task qmover.move_next_batch\[\S+\] succeeded in \S+: \{'route': 'partition_0'", log)
+    assert "partition_0" in events_per_route(move_results(log))
     assert error_lines(log) == []

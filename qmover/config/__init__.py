@@ -19,7 +19,7 @@ from typing import TypeVar
 import psycopg2
 
 from qmover.errors import ConfigError
-from qmover.route import SPLIT_FIELDS, Route, Split
+from qmover.route import SPLIT_FIELDS, Route, Split, database_of
 
 Number = TypeVar("Number", int, float)
 
@@ -32,7 +32,7 @@ ROUTE_KEYS = frozenset({
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
     "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
-    "partitions",
+    "partitions", "max_source_connections",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -44,12 +44,12 @@ SKYTOOLS_IGNORED_KEYS = frozenset({
     "tcp_keepintvl", "tcp_keepcnt", "pgq_lazy_fetch", "pgq_autocommit",
     "service_name", "config_dir", "config_file",
 })
-GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url", "celery_queue", "max_idle_connections"})
+GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url", "celery_queue", "max_idle_connections",
+                         "routes_per_task"})
 DEFAULT_QUEUE = "qmover"
-# Per worker process.  Few, so that many worker processes do not multiply a
-# fan-in's connections (the central one and the latest source stay open);
-# raise it to keep more source connections between tasks.
-DEFAULT_MAX_IDLE = 2
+# Routes a sweep hands to one move task: a task costs Celery a message, its
+# events and a pool hand-off, shared by this many routes' batches.
+DEFAULT_ROUTES_PER_TASK = 10
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
@@ -72,7 +72,10 @@ class Config:
     result_backend: str | None = DEFAULT_BROKER  # None: no result backend
     metrics_url: str | None = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.metrics; None: off
     celery_queue: str = DEFAULT_QUEUE  # the Celery queue qmover's tasks go to
-    max_idle_connections: int = DEFAULT_MAX_IDLE  # per worker process, beyond them the least recently used close
+    # per worker process, beyond them the least recently used close; None:
+    # one kept per database used (the bounds come from the pool's size)
+    max_idle_connections: int | None = None
+    routes_per_task: int = DEFAULT_ROUTES_PER_TASK  # routes a sweep puts in one move task
 
     def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
         """The named routes (all when none are named); unknown names are an error."""
@@ -250,8 +253,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                           f"redis://HOST:PORT/DB (or rediss://), or 'none' to turn them off")
     idle = settings.number("max_idle_connections", int, 0)
     return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics,
-                  celery_queue=settings.get("celery_queue") or DEFAULT_QUEUE,
-                  max_idle_connections=DEFAULT_MAX_IDLE if idle is None else int(idle))
+                  celery_queue=settings.get("celery_queue") or DEFAULT_QUEUE, max_idle_connections=idle,
+                  routes_per_task=int(_or_default(settings.number("routes_per_task", int, 1), DEFAULT_ROUTES_PER_TASK)))
 
 
 def _is_redis(url: str) -> bool:
@@ -266,11 +269,6 @@ def _setting(settings: _Section, key: str, default: str | None) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def _database(dsn: str) -> tuple:
-    parts = psycopg2.extensions.parse_dsn(dsn)
-    return tuple(parts.get(key) for key in ("service", "host", "hostaddr", "port", "dbname"))
-
-
 def _check_consumer_is_free(path: Path, section: str, route: Route, routes: dict[str, Route],
                             sections: dict[str, str]) -> None:
     """Two routes with one consumer on one source queue, or one target database,
@@ -278,8 +276,8 @@ def _check_consumer_is_free(path: Path, section: str, route: Route, routes: dict
     for other in routes.values():
         if other.consumer != route.consumer:
             continue
-        same_source = (_database(other.src_dsn), other.src_queue) == (_database(route.src_dsn), route.src_queue)
-        if same_source or _database(other.dst_dsn) == _database(route.dst_dsn):
+        same_source = (database_of(other.src_dsn), other.src_queue) == (database_of(route.src_dsn), route.src_queue)
+        if same_source or database_of(other.dst_dsn) == database_of(route.dst_dsn):
             shared = "source queue" if same_source else "target database"
             raise ConfigError(
                 f"{path}: {section} consumer_name: consumer {route.consumer!r} is also used by "
@@ -294,7 +292,7 @@ def _check_kept_ids_alone(path: Path, section: str, route: Route, routes: dict[s
         if not (route.keep_event_id or other.keep_event_id):
             continue
         shared = set(route.target_queues) & set(other.target_queues)  # a split route's mapped queues too
-        if shared and _database(other.dst_dsn) == _database(route.dst_dsn):
+        if shared and database_of(other.dst_dsn) == database_of(route.dst_dsn):
             keeper = section if route.keep_event_id else sections[other.name]
             raise ConfigError(
                 f"{path}: {keeper} keep_event_id: {section} and {sections[other.name]} write to the "
@@ -361,6 +359,7 @@ def _read_route(section: _Section) -> Route:
         table_filter=tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
         keep_event_id=section.flag("keep_event_id"),
         split=split,
+        max_source_connections=section.number("max_source_connections", int, 1),
     )
 
 

@@ -1,4 +1,4 @@
-"""The tasks: sweep for ready routes; move a route's ready batches; tick a database that has no pgqd.
+"""The tasks: sweep for ready routes; move the ready batches of a few routes; tick a database that has no pgqd.
 
 Arguments are route names only, never a DSN.  Each worker process keeps its
 connections from task to task, per database, and lends them to one task at
@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_init, worker_ready
+from celery.signals import beat_init, worker_init, worker_ready
 
 from qmover import loops, metrics, ticker
 from qmover.checks import require_blocking_driver
 from qmover.config import Config, load_config
 from qmover.connector import Connector
 from qmover.errors import QmoverError, TransientError
-from qmover.mover import RouteMover
 from qmover.route import Route
-from qmover.sweep import Sweeper
+from qmover.sweep import Sweeper, chunks
 from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, SWEEP_TASK, TICK_TASK, config_path_from_env
+from qmover.turns import move_in_turn
 
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
@@ -101,25 +101,6 @@ def announce_and_serve_metrics(sender: Any, **_kwargs: Any) -> None:
     log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
 
 
-def _move_while_ready(mover: RouteMover, result: dict[str, Any], started: float) -> None:
-    while time.monotonic() - started < mover.route.move_budget:
-        moved = mover.move_one()
-        if moved is None:
-            break
-        result["batches"] += 1
-        result["events"] += moved.events
-        result["filtered"] += moved.filtered
-        result["skipped"] += moved.skipped
-    result["source_lag"] = mover.source_lag()
-
-
-def _count(task: Task, route: Route, result: dict[str, Any], errors: int = 0) -> None:
-    """Add what a task did to the route's counters (qmover.metrics)."""
-    counters_at(config_for(task.app).metrics_url).record(
-        route, events=result["events"], filtered=result["filtered"], batches=result["batches"] - result["skipped"],
-        skipped=result["skipped"], errors=errors)
-
-
 def _retry_or_fail(task: Task, exc: QmoverError) -> NoReturn:
     if isinstance(exc, TransientError) and task.request.retries < MAX_RETRIES:
         log.warning("%s; retry %d of %d", exc, task.request.retries + 1, MAX_RETRIES)
@@ -128,36 +109,58 @@ def _retry_or_fail(task: Task, exc: QmoverError) -> NoReturn:
     raise exc
 
 
-@shared_task(bind=True, name=MOVE_TASK, acks_late=True, reject_on_worker_lost=True,
+@shared_task(bind=True, name=MOVE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
              throws=(QmoverError,))
-def move_next_batch(self: Task, route_name: str) -> dict[str, Any]:
-    """Move the route's ready batches for up to move_budget seconds.
+def move_next_batch(self: Task, *route_names: str) -> dict[str, Any]:
+    """Move the routes' ready batches, one batch of each in turn, for up to move_budget seconds.
 
-    Safe to run anywhere, any number of times: a mover that finds the route
-    claimed by another returns at once, and the move protocol applies each
-    batch exactly once whatever happens.
+    Safe to run anywhere, any number of times: a route another mover holds
+    is left to it (listed as busy), and the move protocol applies each batch
+    exactly once whatever happens.  One route's failure is its own: it is
+    logged, and only its connection errors are retried (the task with just
+    those routes); an error that needs an operator fails the task after the
+    other routes have moved.
     """
     started = time.monotonic()
-    result: dict[str, Any] = {"route": route_name, "batches": 0, "events": 0, "filtered": 0, "skipped": 0,
-                              "busy": False, "source_lag": None}
-    route = None
     try:
+        if not route_names:
+            raise QmoverError("move_next_batch needs the names of the routes to move")
         config = config_for(self.app)
-        route = config.select([route_name])[0]
-        connector.max_idle = config.max_idle_connections
-        with RouteMover(route, connector=connector) as mover:
-            if mover.claim():
-                _move_while_ready(mover, result, started)
-            else:
-                result["busy"] = True
+        routes = config.select(list(route_names))
     except QmoverError as exc:
-        if route is not None:
-            _count(self, route, result, errors=1)
         _retry_or_fail(self, exc)
-    if not result["busy"]:
-        _count(self, route, result)
-    result["seconds"] = round(time.monotonic() - started, 3)
-    return result
+    connector.max_idle = config.max_idle_connections
+    outcomes = move_in_turn(routes, connector, min(route.move_budget for route in routes))
+    counters_at(config.metrics_url).record_many(
+        [(o.route, {"events": o.events, "filtered": o.filtered, "batches": o.batches - o.skipped,
+                    "skipped": o.skipped, "errors": int(o.error is not None)}) for o in outcomes if not o.busy])
+    failed = [o.error for o in outcomes if o.error is not None]
+    retry = [o.route.name for o in outcomes if isinstance(o.error, TransientError)]
+    retrying = bool(retry) and self.request.retries < MAX_RETRIES
+    for error in failed:
+        if retrying and isinstance(error, TransientError):
+            log.warning("%s; retry %d of %d", error, self.request.retries + 1, MAX_RETRIES)
+        else:
+            log.error("%s", error)
+    if retrying:
+        first = next(error for error in failed if isinstance(error, TransientError))
+        raise self.retry(args=retry, exc=first, countdown=min(60, 2 ** self.request.retries))
+    if failed:
+        raise failed[0]
+    return {"routes": {o.route.name: o.summary() for o in outcomes if not o.busy},
+            "busy": [o.route.name for o in outcomes if o.busy],
+            "batches": sum(o.batches for o in outcomes), "events": sum(o.events for o in outcomes),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+# Set in beat's process (by every Celery release), where sweeps run in place.
+_in_beat = False
+
+
+@beat_init.connect
+def _beat_starts(**_kwargs: Any) -> None:
+    global _in_beat
+    _in_beat = True
 
 
 class RunsInBeat(Task):
@@ -166,33 +169,37 @@ class RunsInBeat(Task):
     Beat is the one process of a deployment that schedules: sweeping there
     keeps one connection per database for the whole deployment, where a
     sweep in every worker process would keep one per database per process.
+    Beat's process is known by the beat_init signal, which every Celery
+    release sends (a header beat adds to what it sends exists only from 5.7).
     Sent by anyone else, it runs on a worker like any task.
     """
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        if options.get("headers", {}).get("celery_beat_task"):  # beat marks what it sends
+        if _in_beat:
             return self.apply(args, kwargs, throw=True)  # a bug shows in beat's log
         return super().apply_async(args, kwargs, **options)
 
 
-@shared_task(bind=True, base=RunsInBeat, name=SWEEP_TASK)
+@shared_task(bind=True, base=RunsInBeat, name=SWEEP_TASK, ignore_result=True)
 def sweep(self: Task, interval: float) -> dict[str, Any]:
-    """Send a move task for each route of this move_interval that has a batch
-    ready and no mover; idle routes cost a query per database, no task."""
+    """Send move tasks for the routes of this move_interval, in its next slice
+    of source databases, that have a batch ready and no mover or task waiting:
+    the most behind first, routes_per_task routes to a task."""
     try:
         config = config_for(self.app)
     except QmoverError as exc:
         log.error("%s", exc)
         return {"routes": 0, "sent": []}
-    routes = [route for route in config.routes.values() if route.move_interval == interval]
-    ready = sweeper.ready(routes)
+    swept = sweeper.sweep([route for route in config.routes.values() if route.move_interval == interval], interval)
     move = self.app.tasks[MOVE_TASK]
-    for route in ready:
-        move.apply_async((route.name,), queue=config.celery_queue, expires=route.move_interval)
-    return {"routes": len(routes), "sent": [route.name for route in ready]}
+    for chunk in chunks(swept.ready, config.routes_per_task):
+        move.apply_async(tuple(route.name for route in chunk), queue=config.celery_queue)
+        sweeper.sent(chunk)
+    return {"slice": f"{swept.slice + 1}/{swept.slices}", "routes": swept.routes,
+            "sent": [route.name for route in swept.ready]}
 
 
-@shared_task(bind=True, name=TICK_TASK, throws=(QmoverError,))
+@shared_task(bind=True, name=TICK_TASK, ignore_result=True, throws=(QmoverError,))
 def tick_database(self: Task, route_name: str, side: str) -> dict[str, Any]:
     """pgq.ticker() and due maintenance on one side of a route (instead of pgqd)."""
     try:

@@ -11,6 +11,7 @@ from celery import Celery
 from qmover.config import Config, load_config
 from qmover.connector import database_key
 from qmover.errors import ConfigError
+from qmover.sweep import slices
 
 CONFIG_ENV = "QMOVER_CONFIG"
 MOVE_TASK = "qmover.move_next_batch"
@@ -27,18 +28,22 @@ def config_path_from_env() -> Path:
 
 
 def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
-    """A readiness sweep per move_interval in use, and a tick per database
+    """Readiness sweeps per move_interval in use, and a tick per database
     that a route asks beat to tick (named after its first route there).
 
-    Tasks expire after one interval: a stalled worker lets beat queue at
-    most one pending task per entry, not a backlog.
+    An interval's sweeps run each a slice of its source databases, slices
+    times an interval (qmover.sweep).  Ticks expire after one interval: a
+    stalled worker lets beat queue at most one pending tick per entry, not a
+    backlog (move tasks do not expire: sweeps send each route one at a time).
     """
     options = {"queue": config.celery_queue}
     schedule: dict[str, dict[str, Any]] = {}
     for interval in sorted({route.move_interval for route in config.routes.values()}):
+        routes = [route for route in config.routes.values() if route.move_interval == interval]
+        period = interval / slices(routes, interval)
         schedule[f"qmover sweep every {interval:g}s"] = {
-            "task": SWEEP_TASK, "schedule": interval, "args": (interval,),
-            "options": {**options, "expires": interval}}
+            "task": SWEEP_TASK, "schedule": period, "args": (interval,),
+            "options": {**options, "expires": period}}
     ticked: dict[tuple, dict[str, Any]] = {}
     for route in config.routes.values():
         for side in route.ticker:
@@ -74,7 +79,6 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": 600},
         "worker_send_task_events": True,  # Flower's task list
-        "task_send_sent_event": True,
         "timezone": "UTC",
     }
 

@@ -11,12 +11,14 @@ is its own: it is reported, and the others go on.  Knows nothing of Celery.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from qmover import claim
 from qmover.connector import Connector, Loan, database_key
 from qmover.errors import QmoverError
+from qmover.move import no_checkpoint
 from qmover.mover import UNFINISHED, RouteMover, log
 from qmover.route import Route
 
@@ -37,8 +39,13 @@ class Outcome:
         return {"batches": self.batches, "events": self.events, "filtered": self.filtered, "skipped": self.skipped}
 
 
-def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float) -> list[Outcome]:
-    """Move the routes' ready batches, one batch of each in turn, for up to budget seconds."""
+def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float,
+                 checkpoint: Callable[[Route, str], None] | None = None) -> list[Outcome]:
+    """Move the routes' ready batches, one batch of each in turn, for up to budget seconds.
+
+    checkpoint(route, step): called at each step of the move protocol (see
+    qmover.move.Checkpoint), where tests fail a route.
+    """
     started = time.monotonic()
     outcomes = {route: Outcome(route) for route in routes}
     capped = frozenset(database_key(route.src_dsn) for route in routes if route.max_source_connections is not None)
@@ -48,7 +55,8 @@ def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float) -
             outcomes[route].busy = True
         for route, exc in taken.failed.items():
             outcomes[route].error = exc
-        movers = [RouteMover(route, loan=loan) for route in taken.routes]
+        movers = [RouteMover(route, loan=loan, checkpoint=partial(checkpoint, route) if checkpoint else no_checkpoint)
+                  for route in taken.routes]
         try:
             active = movers
             while active and time.monotonic() - started < budget:

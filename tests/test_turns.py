@@ -1,0 +1,130 @@
+"""Several routes moved in turn by one task (qmover.turns), failed at the points it touches.
+
+Three partitions into one central queue, moved in this process on one
+connector: one route's source or the shared target fails mid-task, kept
+connections die between tasks, a task ends with finishes to send.  Each
+time every event arrives exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import closing
+
+import pytest
+
+from qmover.config import load_config
+from qmover.connector import Connector
+from qmover.errors import TransientError
+from qmover.turns import move_in_turn
+
+from conftest import partitions_and_central, run_qmover
+
+ROUTE = """
+[part{n}]
+src_db = {src}
+dst_db = {dst}
+pgq_queue_name = events
+dst_queue_name = central_events
+"""
+
+
+@pytest.fixture
+def three(make_db, tmp_path):
+    parts, central = partitions_and_central(make_db, 3)
+    config = tmp_path / "three.ini"
+    config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn) for n, part in enumerate(parts)))
+    run_qmover("install", str(config), check=True)
+    with closing(Connector()) as connector:
+        yield parts, central, load_config(config).select(), connector
+
+
+def produce(parts, batches: int, tag: str) -> None:
+    for b in range(batches):
+        for n, part in enumerate(parts):
+            part.produce_series("events", 10, size=20, tag=f"{tag}{b}p{n}-")
+            part.tick("events")
+
+
+def exactly_once(parts, central) -> None:
+    assert Counter(central.events("central_events")) == Counter(e for part in parts for e in part.events("events"))
+
+
+def open_batch(part, consumer: str):
+    return part.value("select current_batch from pgq.get_consumer_info('events', %s)", (consumer,))
+
+
+def backend_of(database, application: str = "qmover %") -> None:
+    database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                     " where datname = %s and application_name like %s", (database.name, application))
+
+
+def test_one_task_moves_every_ready_batch_of_each_route_and_finishes_the_last(three):
+    parts, central, routes, connector = three
+    produce(parts, 3, "a")
+    outcomes = move_in_turn(routes, connector, budget=10)
+    assert [(o.batches, o.events, o.error) for o in outcomes] == [(3, 30, None)] * 3
+    assert all(open_batch(part, route.consumer) is None for part, route in zip(parts, routes, strict=True))
+    exactly_once(parts, central)
+    assert connector.idle_count() == 4  # one connection per database, given back
+
+
+def test_a_source_lost_mid_task_fails_only_its_route(three):
+    parts, central, routes, connector = three
+    produce(parts, 2, "b")
+
+    def lose_source(route, step: str) -> None:
+        if route is routes[1] and step == "after_target_commit":
+            backend_of(parts[1])  # batch 1 applied, not finished
+
+    outcomes = move_in_turn(routes, connector, budget=10, checkpoint=lose_source)
+    assert isinstance(outcomes[1].error, TransientError) and outcomes[1].error.side == "source"
+    assert (outcomes[0].batches, outcomes[2].batches) == (2, 2)  # the others went on, on the shared target
+    assert open_batch(parts[1], routes[1].consumer) is not None
+
+    again = move_in_turn(routes, connector, budget=10)
+    assert (again[1].batches, again[1].skipped, again[1].error) == (2, 1, None)  # batch 1 found applied
+    exactly_once(parts, central)
+
+
+def test_the_shared_target_lost_mid_task_stops_every_route_and_nothing_is_half_done(three):
+    parts, central, routes, connector = three
+    produce(parts, 2, "c")
+    lost = []
+
+    def lose_target(route, step: str) -> None:
+        if route is routes[1] and step == "copy" and not lost:
+            lost.append(route)
+            backend_of(central)  # the connection that holds every route's claim
+
+    outcomes = move_in_turn(routes, connector, budget=10, checkpoint=lose_target)
+    assert isinstance(outcomes[1].error, TransientError) and outcomes[1].error.side == "target"
+    assert outcomes[0].batches == 1 and outcomes[2].batches == 0  # no route moved on without its claim
+    assert central.value("select count(*) from pg_locks where locktype = 'advisory'") == 0
+
+    move_in_turn(routes, connector, budget=10)
+    exactly_once(parts, central)
+
+
+def test_connections_that_died_between_tasks_are_replaced_at_once(three):
+    parts, central, routes, connector = three
+    produce(parts, 1, "d")
+    move_in_turn(routes, connector, budget=10)
+    for database in (*parts, central):  # a restart of the server while the connections sat idle
+        backend_of(database)
+    produce(parts, 1, "e")
+    outcomes = move_in_turn(routes, connector, budget=10)
+    assert [(o.batches, o.error) for o in outcomes] == [(1, None)] * 3
+    exactly_once(parts, central)
+
+
+def test_routes_held_by_another_mover_are_left_to_it(three):
+    parts, central, routes, connector = three
+    produce(parts, 1, "f")
+    with closing(central.connect()) as other, other.cursor() as cur:  # another process's claim on part1
+        cur.execute("select pg_advisory_lock(hashtextextended('qmover-route:' || %s, 0))", (routes[1].consumer,))
+        outcomes = move_in_turn(routes, connector, budget=10)
+        assert [o.busy for o in outcomes] == [False, True, False]
+        assert [o.batches for o in outcomes] == [1, 0, 1]
+    assert move_in_turn(routes, connector, budget=10)[1].batches == 1
+    exactly_once(parts, central)

@@ -236,7 +236,8 @@ class Arrivals(threading.Thread):
 
 
 class Connections(threading.Thread):
-    """Samples the client connections per database every 0.25 s; keeps the peaks."""
+    """Samples the client connections per database every second (pg_stat_activity
+    costs the server more the more backends it has); keeps the peaks."""
 
     def __init__(self, server: str):
         super().__init__(daemon=True)
@@ -246,7 +247,7 @@ class Connections(threading.Thread):
 
     def run(self) -> None:
         with self.conn.cursor() as cur:
-            while not self._done.wait(0.25):
+            while not self._done.wait(1.0):
                 cur.execute(CONNECTIONS)
                 counts = dict(cur.fetchall())
                 self.central = max(self.central, counts.get(CENTRAL, 0))

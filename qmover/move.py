@@ -43,6 +43,11 @@ from qmover.route import Route
 # buffer (SPOOL_BYTES in memory at most); bigger ones stream through a pipe.
 SMALL_BATCH = 20_000
 SPOOL_BYTES = 16 * 1024 * 1024
+# A route that is behind takes its waiting ticks as one batch of up to about
+# this many events (twice as many at most), unless it collects batches or
+# keeps a lag of its own, or says merge_ticks = 0: one batch's cost instead
+# of one per tick.
+MERGE_EVENTS = 10_000
 
 INCOMING = "qmover_incoming"  # the temporary table of the pgq_writer path
 
@@ -74,12 +79,13 @@ class Moved:
     more: bool = True  # the source had a tick past this batch: another batch may be ready now
 
 
-def move_batch(route: Route, src: connection, dst: connection, src_prepared: set[str],
+def move_batch(route: Route, src: connection, dst: connection, src_prepared: set[str], dst_prepared: set[str],
                checkpoint: Checkpoint = no_checkpoint, via_insert_event: bool = False,
                finish: int | None = None) -> Moved | None:
     """Move the route's next batch; None when no batch is ready.
 
-    src_prepared: the statements PREPAREd on src so far; this call adds to it.
+    src_prepared, dst_prepared: the statements PREPAREd on src and dst so far
+    (kept with each connection); this call adds to them.
     The batch moved is left unfinished on the source (step 5): pass its id
     as `finish` to the next call, or to finish_batch().
     via_insert_event: the target role may not write event tables, so events
@@ -95,6 +101,8 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
     events = filtered = 0
     try:
         with errors(route, "target"):
+            for name, statement in queries.TARGET_STATEMENTS:
+                prepare_once(dst, dst_prepared, name, statement)
             position, event_table = _row(dst, queries.BEGIN_AND_READ_POSITION,
                                          {"consumer": route.consumer, "queue": route.dst_queue})
             checkpoint("position")
@@ -237,9 +245,11 @@ def _same_count(sent: int | None, written: int) -> int:
     return written
 
 
-def finish_batch(route: Route, src: connection, batch_id: int, checkpoint: Checkpoint = no_checkpoint) -> None:
+def finish_batch(route: Route, src: connection, src_prepared: set[str], batch_id: int,
+                 checkpoint: Checkpoint = no_checkpoint) -> None:
     """Step 5 on its own, for the last batch a mover moved."""
     with errors(route, "source"):
+        prepare_once(src, src_prepared, queries.FINISH_STATEMENT, queries.FINISH)
         _run(src, queries.FINISH_BATCH, {"finish": batch_id})
     checkpoint("finished")
 
@@ -250,9 +260,13 @@ def _next_batch(route: Route, src: connection, prepared: set[str], finish: int |
     When another mover of the route finishes the batch while this call is
     reading it, PgQ raises "batch not found"; asking again gets the next one.
     """
+    own_rule = route.min_count is not None or route.min_interval is not None or route.keep_lag is not None
+    merge = route.merge_ticks and not own_rule
     params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
-              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish}
+              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish,
+              "merge": MERGE_EVENTS if merge else None}
     prepare_once(src, prepared, queries.NEXT_BATCH_STATEMENT, queries.NEXT_BATCH_SELECT)
+    prepare_once(src, prepared, queries.FINISH_STATEMENT, queries.FINISH)
     query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
     for _ in range(attempts - 1):
         with contextlib.suppress(psycopg2.errors.RaiseException):

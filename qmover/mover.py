@@ -122,8 +122,8 @@ class RouteMover:
                 self.checkpoint(name)
 
             try:
-                moved = move_batch(self.route, src.conn, dst.conn, src.prepared, step, self._via_insert_event,
-                                   finish=self._unfinished)
+                moved = move_batch(self.route, src.conn, dst.conn, src.prepared, dst.prepared, step,
+                                   self._via_insert_event, finish=self._unfinished)
             except TransientError as exc:
                 failed = {"source": src, "target": dst}.get(exc.side or "")
                 if attempt == 0 and failed is not None and failed.reused:
@@ -206,7 +206,8 @@ class RouteMover:
             self._unfinished = None
             return
         try:
-            finish_batch(self.route, self.loan.session(self.route, "source").conn, self._unfinished, self.checkpoint)
+            src = self.loan.session(self.route, "source")
+            finish_batch(self.route, src.conn, src.prepared, self._unfinished, self.checkpoint)
         except BaseException:
             self.loan.discard(self.route, "source")  # the batch comes back, and the target's position skips it
             raise

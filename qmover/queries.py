@@ -43,20 +43,41 @@ SERVER_IDENTITY = "select system_identifier::text, current_database() from pg_co
 NEXT_BATCH_STATEMENT = "qmover_next_batch"
 # more: a tick past the batch's end, so a task asks again at once; without
 # one it moves on to its other routes and sends the finish alone.
+# $6, merge: with a number of events, the ticks waiting past the consumer's
+# position, when there are several, are taken as one batch of up to about
+# that many events (PgQ's batch collection, asked for the span from the
+# position to the latest tick: pgq.find_tick_helper then takes the latest
+# tick, or the first that reaches $6 events); one tick waiting takes PgQ's
+# plain path.  Without $6: one tick's events, or what $4/$5 collect.  The
+# span is read in the statement's snapshot, which may predate the lock: a
+# mover that finished a batch meanwhile makes it too long, and this call
+# then finds no batch, never a wrong one.
 NEXT_BATCH_SELECT = """
     with serialize as materialized (
-        select pg_advisory_xact_lock(hashtextextended('qmover-next:' || $2::text, 0)))
+        select pg_advisory_xact_lock(hashtextextended('qmover-next:' || $2::text, 0))),
+    waiting as materialized (
+        select latest.tick_time - last.tick_time as span
+          from serialize, pgq.queue q
+          join pgq.subscription s on s.sub_queue = q.queue_id
+          join pgq.consumer c on c.co_id = s.sub_consumer
+          join pgq.tick last on last.tick_queue = q.queue_id and last.tick_id = s.sub_last_tick
+          cross join lateral (select t.tick_time from pgq.tick t where t.tick_queue = q.queue_id
+                               order by t.tick_id desc limit 1) latest
+         where $6::int4 is not null and q.queue_name = $1::text and c.co_name = $2::text
+           and (select count(*) from (select from pgq.tick t where t.tick_queue = q.queue_id
+                                         and t.tick_id > s.sub_last_tick limit 2) two) = 2)
     select b.batch_id, b.prev_tick_id, b.cur_tick_id,
            case when b.batch_id is not null then pgq.batch_event_sql(b.batch_id) end,
            b.cur_tick_event_seq - b.prev_tick_event_seq, b.cur_tick_event_seq,
            b.batch_id is not null and exists (
                select 1 from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue
                 where q.queue_name = $1::text and t.tick_id > b.cur_tick_id)
-      from pgq.next_batch_custom((select $1::text from serialize), $2::text,
-                                 $3::float8 * interval '1 second', $4::int4, $5::float8 * interval '1 second') b
+      from pgq.next_batch_custom((select $1::text from serialize), $2::text, $3::float8 * interval '1 second',
+                                 coalesce($4::int4, (select $6::int4 from waiting)),
+                                 coalesce($5::float8 * interval '1 second', (select span from waiting))) b
 """
 NEXT_BATCH = (f"execute {NEXT_BATCH_STATEMENT}"
-              "(%(queue)s, %(consumer)s, %(keep_lag)s, %(min_count)s, %(min_interval)s)")
+              "(%(queue)s, %(consumer)s, %(keep_lag)s, %(min_count)s, %(min_interval)s, %(merge)s)")
 ACTIVE_BATCH = "select current_batch from pgq.get_consumer_info(%s, %s)"
 # The readiness sweep, once per source database (PREPAREd; $1, $2: the routes'
 # queues and consumers): where each consumer stands.  batch_age: seconds
@@ -86,11 +107,13 @@ SWEEP_STATE = """
 """
 # Without waiting for the flush: if a source crash loses this commit, the
 # batch comes back and is skipped, since the target recorded its end tick.
-FINISH_BATCH = "begin; set local synchronous_commit to off; select pgq.finish_batch(%(finish)s); commit"
+FINISH_STATEMENT = "qmover_finish"
+FINISH = "select pgq.finish_batch($1::int8)"
+FINISH_BATCH = f"begin; set local synchronous_commit to off; execute {FINISH_STATEMENT}(%(finish)s); commit"
 # The batch moved before, finished in the transaction that takes the next one:
 # its commit is flushed anyway, and a rollback leaves the batch to come back
 # and be skipped.  Finishing a batch that is no longer active only warns.
-FINISH_AND_NEXT_BATCH = "select pgq.finish_batch(%(finish)s);" + NEXT_BATCH
+FINISH_AND_NEXT_BATCH = f"execute {FINISH_STATEMENT}(%(finish)s);" + NEXT_BATCH
 REGISTER = "select pgq.register_consumer(%s, %s)"
 REGISTER_AT = "select pgq.register_consumer_at(%s, %s, %s)"
 UNREGISTER = "select pgq.unregister_consumer(%s, %s)"
@@ -133,17 +156,25 @@ def maint_call(func_name: str, func_arg: str | None) -> sql.Composable:
 # PgQ's readers stop reading a queue's previous event table for ids above its
 # rotation's second step, and a transaction gets its id at its first write:
 # too late when a rotation ran between the choice of table and the COPY.
-BEGIN_AND_READ_POSITION = """
-    begin;
-    select pg_advisory_xact_lock(hashtextextended('qmover:' || %(consumer)s, 0)), txid_current();
-    select pgq_ext.get_last_tick(%(consumer)s),
-           case when %(queue)s::text is not null then pgq.current_event_table(%(queue)s) end  -- null: a split route
+# Both statements are PREPAREd once per target connection ($1 consumer, $2
+# queue: null for a split route), as is the record of the position.
+LOCK_STATEMENT = "qmover_lock"
+LOCK = "select pg_advisory_xact_lock(hashtextextended('qmover:' || $1::text, 0)), txid_current()"
+POSITION_STATEMENT = "qmover_position"
+POSITION = """
+    select pgq_ext.get_last_tick($1::text),
+           case when $2::text is not null then pgq.current_event_table($2::text) end
 """
+BEGIN_AND_READ_POSITION = (f"begin; execute {LOCK_STATEMENT}(%(consumer)s); "
+                           f"execute {POSITION_STATEMENT}(%(consumer)s, %(queue)s)")
 # Kept event ids bypass the target's event sequence; moving it past them
 # (forward only) lets the target's ticker see the new events.  Every id of a
 # batch is at most the source sequence's value at the batch's end tick.
 ADVANCE_EVENT_SEQ = "select pgq.seq_setval(queue_event_seq, %s) from pgq.queue where queue_name = %s"
-RECORD_POSITION_AND_COMMIT = "select pgq_ext.set_last_tick(%s, %s); commit"
+RECORD_STATEMENT = "qmover_record"
+RECORD = "select pgq_ext.set_last_tick($1::text, $2::int8)"
+RECORD_POSITION_AND_COMMIT = f"execute {RECORD_STATEMENT}(%s, %s); commit"
+TARGET_STATEMENTS = ((LOCK_STATEMENT, LOCK), (POSITION_STATEMENT, POSITION), (RECORD_STATEMENT, RECORD))
 ROLLBACK = "rollback"
 
 # COPY into the event table needs INSERT on it and USAGE on the queue's event

@@ -30,6 +30,16 @@ def active_batch(route):
                            (route.src_queue, route.name))
 
 
+@pytest.fixture(autouse=True)
+def one_batch_per_tick(request) -> None:
+    """These crash points are set batch by batch: the route's waiting ticks are not merged
+    (merged batches have tests of their own below)."""
+    if "route" in request.fixturenames and "merged" not in request.node.name:
+        route = request.getfixturevalue("route")
+        with route.config.open("a") as config:
+            config.write("merge_ticks = 0\n")
+
+
 def produce_batches(route, batches: int, per_batch: int = 10) -> None:
     for n in range(batches):
         route.src.produce_series(route.src_queue, per_batch, size=40, tag=f"b{n}-")
@@ -288,3 +298,19 @@ def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
 
     assert mover.move_one().events == 200_000  # reconnects, same batch
     assert multiset(route.target_events()) == multiset(route.source_events())
+
+
+@pytest.mark.parametrize("point", ["next_batch", "position", "copy", "before_target_commit", "after_target_commit"])
+def test_a_merged_batch_crashed_at_each_point_comes_back_whole(route, point):
+    """Three waiting ticks taken as one batch: its assignment is committed before
+    anything moves, so after a crash the same three ticks come back as one batch."""
+    produce_batches(route, 3)
+    route.crash_at(point)
+    batch = active_batch(route)
+    assert batch is not None
+
+    result = route.qmover("run", "--once", check=True)
+    applied = point == "after_target_commit"
+    assert (f"batch={batch} skipped: already applied" if applied else f"batch={batch} events=30") in result.stderr
+    assert multiset(route.target_events()) == multiset(route.source_events())
+    assert len(route.target_events()) == 30

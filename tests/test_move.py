@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+from qmover import move
 from qmover.config import load_config
 from qmover.connector import Connector
 from qmover.mover import RouteMover
@@ -26,10 +27,33 @@ def test_manual_example_moves_events_end_to_end(route):
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 70
     batch_lines = re.findall(r"route=eventlog_to_target_mover batch=\d+ events=(\d+) ms=", result.stderr)
-    assert [int(n) for n in batch_lines] == [50, 20]
+    assert [int(n) for n in batch_lines] == [70]  # the two waiting ticks, as one batch
     tick = route.src.value("select last_tick from pgq.get_consumer_info(%s, %s)",
                            (route.src_queue, route.name))
     assert route.dst.last_tick(route.name) == tick
+
+
+def test_merge_ticks_0_moves_each_waiting_tick_as_a_batch_of_its_own(route):
+    with route.config.open("a") as config:
+        config.write("merge_ticks = 0\n")
+    for count in (50, 20, 5):
+        route.src.produce_series(route.src_queue, count)
+        route.src.tick(route.src_queue)
+    result = route.qmover("run", "--once", check=True)
+    assert re.findall(r"events=(\d+)", result.stderr) == ["50", "20", "5"]
+    assert route.target_events() == route.source_events()
+
+
+def test_a_route_behind_takes_its_waiting_ticks_as_batches_of_about_merge_events(route, monkeypatch):
+    """Merged up to about MERGE_EVENTS a batch (PgQ's batch collection): here 100."""
+    monkeypatch.setattr(move, "MERGE_EVENTS", 100)
+    for _ in range(12):
+        route.src.produce_series(route.src_queue, 30)
+        route.src.tick(route.src_queue, force=False)  # force_tick would count extra events into each tick
+    with RouteMover(load_config(route.config).select()[0]) as mover:
+        sizes = [moved.events for moved in iter(mover.move_one, None)]
+    assert sizes == [120, 120, 120], sizes  # the first tick that reaches 100 events ends each batch
+    assert route.target_events() == route.source_events()
 
 
 def test_run_once_twice_moves_nothing_more(route):
@@ -93,7 +117,7 @@ def test_empty_batches_advance_the_position(route):
     result = route.qmover("run", "--once", check=True)
 
     assert route.target_events() == []
-    assert result.stderr.count("events=0") == 3
+    assert result.stderr.count("events=0") == 1  # three waiting ticks, one batch
     assert route.dst.last_tick(route.name) == ticks[-1]
 
 
@@ -198,7 +222,7 @@ def test_routes_sharing_a_source_connection_take_batches_in_turn(make_db, tmp_pa
     for name, dst in (("left", left), ("right", right)):
         dst.create_queue("copy_of_eventlog")
         sections.append(f"[{name}]\nsrc_db = {src.dsn}\ndst_db = {dst.dsn}\n"
-                        "pgq_queue_name = eventlog\ndst_queue_name = copy_of_eventlog\n")
+                        "pgq_queue_name = eventlog\ndst_queue_name = copy_of_eventlog\nmerge_ticks = 0\n")
     config = tmp_path / "two.ini"
     config.write_text("\n".join(sections))
     run_qmover("install", str(config), check=True)

@@ -32,7 +32,7 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
     tasks sent directly, two at once for each route every 0.02 s (the sweeps
     alone skip a claimed route): tasks for one route overlap, within a
     process on threads and gevent, across processes on prefork."""
-    pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05")
+    pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05\nmerge_ticks = 0")  # 2,000 batches to race on
     big = 2 * move.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
     pipe.parts[0].produce_series("events", big, size=40, tag="big")
     pipe.parts[0].tick("events")
@@ -73,6 +73,8 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
 def test_two_threads_run_the_task_for_one_route_at_once(route, monkeypatch):
     """The task itself, twice at the same moment in one process: one moves, the other is busy."""
     monkeypatch.setenv("QMOVER_CONFIG", str(route.config))
+    with route.config.open("a") as config:
+        config.write("merge_ticks = 0\n")  # a batch per tick: 300 batches to race on
     from qmover.tasks import move_next_batch
 
     rounds, per_round = 15, 20

@@ -26,14 +26,18 @@ src_db = {src}
 dst_db = {dst}
 pgq_queue_name = events
 dst_queue_name = central_events
+{extra}
 """
 
 
 @pytest.fixture
-def three(make_db, tmp_path):
+def three(make_db, tmp_path, request):
+    """Three routes; a batch for each tick unless the test's name says merged."""
     parts, central = partitions_and_central(make_db, 3)
     config = tmp_path / "three.ini"
-    config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn) for n, part in enumerate(parts)))
+    extra = "" if "merged" in request.node.name else "merge_ticks = 0"
+    config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn, extra=extra)
+                              for n, part in enumerate(parts)))
     run_qmover("install", str(config), check=True)
     with closing(Connector()) as connector:
         yield parts, central, load_config(config).select(), connector
@@ -67,6 +71,14 @@ def test_one_task_moves_every_ready_batch_of_each_route_and_finishes_the_last(th
     assert all(open_batch(part, route.consumer) is None for part, route in zip(parts, routes, strict=True))
     exactly_once(parts, central)
     assert connector.idle_count() == 4  # one connection per database, given back
+
+
+def test_one_task_moves_each_routes_waiting_ticks_merged_as_one_batch(three):
+    parts, central, routes, connector = three
+    produce(parts, 3, "m")
+    outcomes = move_in_turn(routes, connector, budget=10)
+    assert [(o.batches, o.events, o.error) for o in outcomes] == [(1, 30, None)] * 3
+    exactly_once(parts, central)
 
 
 def test_a_source_lost_mid_task_fails_only_its_route(three):

@@ -32,7 +32,7 @@ ROUTE_KEYS = frozenset({
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
     "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
-    "partitions", "max_source_connections",
+    "partitions", "max_source_connections", "merge_ticks",
 })
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
@@ -49,7 +49,7 @@ GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url", "celery_
 DEFAULT_QUEUE = "qmover"
 # Routes a sweep hands to one move task: a task costs Celery a message, its
 # events and a pool hand-off, shared by this many routes' batches.
-DEFAULT_ROUTES_PER_TASK = 10
+DEFAULT_ROUTES_PER_TASK = 50
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
@@ -158,8 +158,8 @@ class _Section:
             raise self.fail(key, "must be more than 0 seconds")
         return seconds
 
-    def flag(self, key: str) -> bool:
-        value = (self.get(key) or "0").lower()
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = (self.get(key) or ("1" if default else "0")).lower()
         if value not in _FLAGS:
             raise self.fail(key, f"{value!r} is not one of 1/0, true/false, yes/no, on/off")
         return _FLAGS[value]
@@ -360,6 +360,7 @@ def _read_route(section: _Section) -> Route:
         keep_event_id=section.flag("keep_event_id"),
         split=split,
         max_source_connections=section.number("max_source_connections", int, 1),
+        merge_ticks=section.flag("merge_ticks", default=True),
     )
 
 

@@ -9,9 +9,11 @@ python-pgq SerialConsumer daemon per route, tests/skytools_mover.py),
 one after the other, on a throwaway cluster.  For each it prints:
 
 - events not yet in central when the load stops, and the drain after;
-- probe latency, from the commit on a partition to the commit into central
-  (a trigger on central's event tables NOTIFYs each probe): p50, p99, max,
-  and the routes whose probes waited more than two move intervals;
+- probe latency, from the probe's transaction on its partition to its
+  insert into central just before the mover's commit, by the server's clock
+  (a trigger on central's event tables NOTIFYs each probe with it, so this
+  process being slow to hear does not count): p50, p99, max, and the routes
+  whose probes waited more than two move intervals;
 - the machine's busy share during the load, the CPU of the mover's own
   processes, of PostgreSQL, of Redis and of this benchmark (the load);
 - peak connections: central, the busiest partition, the whole server;
@@ -99,7 +101,9 @@ PAD = "x" * 150
 PROBE_TRIGGER = """
     create or replace function probe_arrived() returns trigger language plpgsql as $$
     begin
-        perform pg_notify('probe', new.ev_data);
+        -- the latency by the server's clock: from the probe's transaction on its
+        -- partition (ev_time, copied along) to its insert here, just before the commit
+        perform pg_notify('probe', new.ev_data || ' ' || extract(epoch from clock_timestamp() - new.ev_time));
         return null;
     end $$
 """
@@ -213,7 +217,8 @@ class Arrivals(threading.Thread):
         self.conn = connect(server, database)
         with self.conn.cursor() as cur:
             cur.execute("listen probe")
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = {}  # probe marker -> when its notice came (this process's clock)
+        self.latency: dict[str, float] = {}  # probe marker -> seconds from its partition to here (the server's)
         self.duplicates = 0
         self._done = threading.Event()
 
@@ -223,10 +228,12 @@ class Arrivals(threading.Thread):
                 self.conn.poll()
                 now = time.monotonic()
                 for note in self.conn.notifies:
-                    if note.payload in self.seen:
+                    marker, _, latency = note.payload.partition(" ")
+                    if marker in self.seen:
                         self.duplicates += 1
                     else:
-                        self.seen[note.payload] = now
+                        self.seen[marker] = now
+                        self.latency[marker] = float(latency)
                 self.conn.notifies.clear()
 
     def stop(self) -> None:
@@ -299,6 +306,7 @@ class Bench:
         self.names = [f"{n:0{width}d}" for n in range(args.routes)]
         self.partitions = [f"{PREFIX}_p{name}" for name in self.names]
         self.workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-live-"))
+        self.runs = 0  # each run's events carry a tag of their own
 
     # --- databases ---------------------------------------------------------
     def create(self) -> None:
@@ -414,7 +422,9 @@ class Bench:
         try:
             with self.movers(tool) as roots:
                 before_count = self.central_count(counter, tool)
-                load.start(tool)
+                self.runs += 1
+                tag = f"{tool}{self.runs}"
+                load.start(tag)
                 time.sleep(max(0.0, load.origin + args.warmup - time.monotonic()))
                 produced0, rounds0, late0 = load.snapshot()
                 movers = [pid for root in roots for pid in descendants(root)]
@@ -436,7 +446,7 @@ class Bench:
                 figures.behind_at_stop_s = round(figures.behind_at_stop / (args.rate * len(self.partitions)), 2)
                 figures.drain_s = self._drain(counter, tool, before_count + produced, stopped)
                 time.sleep(1)  # a late duplicate would show now
-                figures.exactly_once = self._exactly_once(counter, tool, produced, arrivals)
+                figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals)
         finally:
             load.stop()
             arrivals.stop()
@@ -482,11 +492,13 @@ class Bench:
             time.sleep(0.1)
         return round(time.monotonic() - stopped, 2)
 
-    def _exactly_once(self, conn: connection, tool: str, produced: int, arrivals: Arrivals) -> bool:
-        """Each event is unique by its data: central holds each produced one once."""
-        table = self._table(tool)
-        count, distinct = (scalar(conn, sql.SQL("select count(*) from {}").format(table)),
-                           scalar(conn, sql.SQL("select count(distinct ev_data) from {}").format(table)))
+    def _exactly_once(self, conn: connection, tool: str, tag: str, produced: int, arrivals: Arrivals) -> bool:
+        """Each event of this run is unique by its data (its tag, partition, round
+        and number): central holds each produced one once."""
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("select count(*), count(distinct ev_data) from {} where ev_data like %s").format(
+                self._table(tool)), (f"{tag}:%",))
+            count, distinct = cur.fetchone() or (0, 0)
         return count == distinct == produced and arrivals.duplicates == 0
 
     def _latency(self, figures: Figures, load: Load, arrivals: Arrivals, start: float, end: float) -> None:
@@ -496,11 +508,10 @@ class Bench:
             if not start <= committed < end:
                 continue
             figures.probes += 1
-            arrived = arrivals.seen.get(marker)
-            if arrived is None:
+            delay = arrivals.latency.get(marker)
+            if delay is None:
                 figures.probes_not_arrived += 1
                 continue
-            delay = arrived - committed
             delays.append(delay)
             route = marker.split(":")[1]
             worst[route] = max(worst.get(route, 0.0), delay)
@@ -557,6 +568,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = [tool for tool in tools if tool not in TOOLS]
     if unknown:
         raise SystemExit(f"qmover bench: unknown tool {unknown[0]!r} in --tools; say qmover, skytools or both")
+    if args.warmup is None:
+        args.warmup = max(10.0, args.routes / 10)
     connections = args.routes * (3 + args.concurrency) + 60
     print(f"-- a throwaway PostgreSQL cluster (max_connections {connections}) ...", flush=True)
     cluster = Cluster(settings={"max_connections": str(connections)})

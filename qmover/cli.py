@@ -204,7 +204,7 @@ def celery_command(name: str, help_text: str,
 
 
 celery_command("worker", "Start a Celery worker for the routes of CONFIG (extra args go to celery).")
-celery_command("beat", "Start Celery beat with one move entry per route of CONFIG.")
+celery_command("beat", "Start Celery beat for the routes of CONFIG: readiness sweeps, and ticks where asked.")
 celery_command("flower", "Start Flower for qmover's Celery app: on 127.0.0.1 unless --address is given, "
                "and on any other address only with --basic-auth (or FLOWER_BASIC_AUTH) or --auth.",
                flower_args)

@@ -26,7 +26,14 @@ HAS_TICK_API = """
     select to_regprocedure('pgq_ext.get_last_tick(text)') is not null
        and to_regprocedure('pgq_ext.set_last_tick(text, bigint)') is not null
 """
-IS_REGISTERED = "select exists (select 1 from pgq.get_consumer_info(%s, %s))"
+# Plain tables, not pgq.get_consumer_info(): that one counts pending events,
+# 4 ms a call on a busy source, and every worker process asks it per route.
+IS_REGISTERED = """
+    select exists (select 1 from pgq.subscription s
+                     join pgq.queue q on q.queue_id = s.sub_queue
+                     join pgq.consumer c on c.co_id = s.sub_consumer
+                    where q.queue_name = %s and c.co_name = %s)
+"""
 # Which server and database a connection reached, whatever its DSN says
 # (pg_control_system() is open to every role).
 SERVER_IDENTITY = "select system_identifier::text, current_database() from pg_control_system()"

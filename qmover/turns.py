@@ -35,9 +35,6 @@ class Outcome:
     busy: bool = False  # another mover held it
     error: QmoverError | None = None
 
-    def summary(self) -> dict[str, int]:
-        return {"batches": self.batches, "events": self.events, "filtered": self.filtered, "skipped": self.skipped}
-
 
 def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float,
                  checkpoint: Callable[[Route, str], None] | None = None) -> list[Outcome]:

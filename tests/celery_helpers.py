@@ -33,8 +33,8 @@ def events_per_route(results: Iterable[str]) -> dict[str, int]:
     """Events moved per route, summed over move_next_batch results as Flower or a worker log shows them."""
     totals: dict[str, int] = {}
     for result in results:
-        for route, moved in ast.literal_eval(result)["routes"].items():
-            totals[route] = totals.get(route, 0) + moved["events"]
+        for route, events in ast.literal_eval(result)["moved"].items():
+            totals[route] = totals.get(route, 0) + events
     return totals
 
 

@@ -69,7 +69,7 @@ def test_sweeps_send_no_second_task_for_a_route_being_moved(pipeline):
 
     log, beat = pipe.procs.log("worker"), pipe.procs.log("beat")
     big = re.search(r"\[([\d-]+ [\d:,]+): INFO/\S+\] Task qmover.move_next_batch\[(\S+)\] succeeded in \S+: "
-                    r"\{'routes': \{'partition_0': \{'batches': \d+, 'events': 3000\d\d", log)
+                    r"\{'moved': \{'partition_0': 3000\d\d", log)
     received = re.search(rf"\[([\d-]+ [\d:,]+): INFO/MainProcess\] Task qmover.move_next_batch\[{big[2]}\] received",
                          log)
     sweeps = re.findall(r"\[([\d-]+ [\d:,]+): INFO/MainProcess\] Task qmover.sweep\[\S+\] succeeded in \S+: "

@@ -204,10 +204,10 @@ def test_max_source_connections_caps_the_connections_to_a_source(make_db, tmp_pa
             sender.join()
         client.close()
         peak.stop()
+        log = procs.logs()  # before stopping: a stop while tasks run logs their pool processes' end
         procs.stop()
     assert central.value("select count(distinct ev_data) from pgq.event_1") == 40 * 4 * 50
     assert central.value("select count(*) from pgq.event_1") == 40 * 4 * 50
-    log = procs.logs()
     assert error_lines(log) == []
     assert log.count("'busy': ['") > 0  # tasks did wait for the source's one place
     print(f"peak connections on the source: {peak.partition} (beat's sweep + 1 mover)")

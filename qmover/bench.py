@@ -52,6 +52,8 @@ src_db = {server} dbname={src}
 dst_db = {server} dbname={dst_qmover}
 pgq_queue_name = events
 dst_queue_name = events_copy
+# a batch per tick, as the floor moves them: merged ticks would compare other batches
+merge_ticks = 0
 
 [bench_celery]
 src_db = {server} dbname={src}
@@ -60,6 +62,7 @@ pgq_queue_name = events
 dst_queue_name = events_copy
 move_interval = 0.1
 move_budget = 600
+merge_ticks = 0
 """
 # A web shop's order event: ~150 bytes of JSON plus table name, key and time.
 LOAD = """

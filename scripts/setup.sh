@@ -63,18 +63,24 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# The oldest Celery release pyproject.toml allows, with the kombu of its own
-# minor release and the redis-py of that time (left to itself, pip pairs
-# celery 5.3 with the newest kombu, which does not start): the tests run
-# worker and beat from it beside the newest (tests/test_live.py).
-oldest=".venv-celery-oldest"
-oldest_pins=("celery[redis]==5.3.6" "kombu==5.3.7" "redis==5.0.8")
-oldest_want="$(printf '%s\n' "$want" "${oldest_pins[@]}" | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$oldest/.qmover-installed" 2>/dev/null)" != "$oldest_want" ]; then
-    echo "setup: installing qmover with ${oldest_pins[*]} into $oldest"
-    rm -rf "$oldest"
-    python3 -m venv "$oldest"
-    "$oldest/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$oldest/bin/python" -m pip install -q "${oldest_pins[@]}" -e .
-    echo "$oldest_want" > "$oldest/.qmover-installed"
-fi
+# Every earlier minor release of Celery pyproject.toml allows (the newest is
+# in .venv), each with the kombu of its own minor and a redis-py of its time
+# (left to itself, pip pairs an older celery with the newest kombu, which does
+# not start): the tests run worker and beat from each (tests/test_live.py).
+for pins in "5.3 celery[redis]==5.3.6 kombu==5.3.7 redis==5.0.8" \
+            "5.4 celery[redis]==5.4.0 kombu==5.4.2 redis==5.0.8" \
+            "5.5 celery[redis]==5.5.3 kombu==5.5.4 redis==5.2.1" \
+            "5.6 celery[redis]==5.6.3 kombu==5.6.2 redis==6.4.0"; do
+    read -r minor release_pins <<< "$pins"
+    venv=".venv-celery-$minor"
+    release_want="$(printf '%s\n' "$want" $release_pins | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$venv/.qmover-installed" 2>/dev/null)" != "$release_want" ]; then
+        echo "setup: installing qmover with $release_pins into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+        # shellcheck disable=SC2086  # the pins are words
+        "$venv/bin/python" -m pip install -q $release_pins -e .
+        echo "$release_want" > "$venv/.qmover-installed"
+    fi
+done

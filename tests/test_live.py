@@ -8,8 +8,8 @@ worker and beat move them into central.  What is checked is tied to progress
 
 from __future__ import annotations
 
-import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -27,8 +27,9 @@ from celery_helpers import Processes, error_lines, wait_until
 from conftest import HOST_DSN, Peak, PgqDatabase, installed_processes, partitions_and_central
 
 ROOT = Path(__file__).resolve().parents[1]
-# The oldest Celery release pyproject.toml allows, with the kombu of its minor (scripts/setup.sh builds it).
-OLDEST_CELERY = Path(os.environ.get("QMOVER_OLDEST_CELERY_VENV", ROOT / ".venv-celery-oldest")) / "bin" / "python"
+# Each minor release of Celery pyproject.toml allows: the newest in this venv,
+# the others with the kombu of their minor in venvs of their own (scripts/setup.sh).
+EARLIER_CELERY = ["5.3", "5.4", "5.5", "5.6"]
 TEMPLATE = """
 [part]
 partitions = {names}
@@ -214,9 +215,9 @@ def test_max_source_connections_caps_the_connections_to_a_source(make_db, tmp_pa
     assert peak.partition <= 1 + 1
 
 
-@pytest.mark.parametrize("release", ["newest", "oldest"])
-def test_sweeps_run_in_beat_not_on_workers_on_the_oldest_and_newest_celery(live, release):
-    python = str(OLDEST_CELERY) if release == "oldest" else sys.executable
+@pytest.mark.parametrize("release", [*EARLIER_CELERY, "newest"])
+def test_sweeps_run_in_beat_not_on_workers_on_every_celery_minor(live, release):
+    python = sys.executable if release == "newest" else str(ROOT / f".venv-celery-{release}" / "bin" / "python")
     assert Path(python).exists(), f"{python} is missing: scripts/setup.sh builds it"
     fan = live(6, rate=10, python=python)
     peak = Peak(fan.central, fan.central.name)
@@ -232,8 +233,15 @@ def test_sweeps_run_in_beat_not_on_workers_on_the_oldest_and_newest_celery(live,
     fan.exactly_once(produced)
     worker, beat = fan.procs.log("worker"), fan.procs.log("beat")
     version = re.search(r" \S+@\S+ v(\d+\.\d+\.\d+) ", worker)[1]
-    print(f"celery {version}: {len(fan.sweep_times()[0])} sweeps in beat, none on the worker")
-    assert (tuple(map(int, version.split("."))) < (5, 7)) == (release == "oldest")
+    kombu = subprocess.run([python, "-c", "import kombu; print(kombu.__version__)"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    print(f"celery {version}, kombu {kombu}: {len(fan.sweep_times()[0])} sweeps in beat, none on the worker")
+    minor = version.rsplit(".", 1)[0]
+    assert kombu.rsplit(".", 1)[0] == minor
+    if release == "newest":
+        assert minor not in EARLIER_CELERY
+    else:
+        assert minor == release
     assert "Task qmover.sweep[" not in worker  # none received, none run
     assert len(fan.sweep_times()[0]) >= 10
     assert peak.partition <= 1 + 2

@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     live = parser.add_argument_group("with --routes and --rate: the live fan-in, qmover against skytools")
     live.add_argument("--rate", type=int, metavar="R", help="events a second from each partition (a steady load)")
     live.add_argument("--seconds", type=float, default=60, help="seconds of load measured (default 60)")
-    live.add_argument("--warmup", type=float, help="seconds of load before measuring (default: 10, or routes/10 "
-                                                    "when more: every worker process opens and checks each route)")
+    live.add_argument("--warmup", type=float, help="seconds of load before measuring, at least (default: 10, or "
+                                                    "routes/10 when more: every worker process opens and checks each "
+                                                    "route); then until the tool has caught up, at most 60 s more")
     live.add_argument("--interval", type=float, default=1.0,
                       help="qmover's move_interval and skytools' loop_delay (default 1)")
     live.add_argument("--concurrency", type=int, default=2, help="qmover's worker processes (default 2)")

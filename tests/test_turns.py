@@ -18,16 +18,7 @@ from qmover.connector import Connector
 from qmover.errors import TransientError
 from qmover.turns import move_in_turn
 
-from conftest import partitions_and_central, run_qmover
-
-ROUTE = """
-[part{n}]
-src_db = {src}
-dst_db = {dst}
-pgq_queue_name = events
-dst_queue_name = central_events
-{extra}
-"""
+from conftest import ROUTE, partitions_and_central, run_qmover
 
 
 @pytest.fixture
@@ -36,7 +27,7 @@ def three(make_db, tmp_path, request):
     parts, central = partitions_and_central(make_db, 3)
     config = tmp_path / "three.ini"
     extra = "" if "merged" in request.node.name else "merge_ticks = 0"
-    config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn, extra=extra)
+    config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn, interval=1, extra=extra)
                               for n, part in enumerate(parts)))
     run_qmover("install", str(config), check=True)
     with closing(Connector()) as connector:

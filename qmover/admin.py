@@ -72,10 +72,14 @@ def install(route: Route) -> str:
                     f"the ticker (pgqd) or run select pgq.ticker() once, then install again") from None
             with errors(route, "source"):
                 raise
+    if route.split is None:
+        targets = f"target queue {route.dst_queue!r} ready"
+    else:
+        known = ", ".join(map(repr, route.target_queues))
+        targets = f"target queues named by {route.split.field}" + (f" ({known} ready)" if known else "")
     return (f"route {route.name}: consumer {route.consumer!r} "
             f"{'registered' if new else 'already registered'} on {route.src_queue!r}; "
-            f"target queue {route.dst_queue!r} ready; "
-            f"pgq_ext {'created' if created else 'present'}")
+            f"{targets}; pgq_ext {'created' if created else 'present'}")
 
 
 STATUS_CONNECT_TIMEOUT = 3  # a database that does not answer costs its own routes this, not the others

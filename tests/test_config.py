@@ -38,6 +38,16 @@ def test_manual_example_verbatim(tmp_path):
     assert config.broker_url == config.result_backend == DEFAULT_BROKER
 
 
+@pytest.mark.parametrize("keys, consumer", [
+    ("pgq_consumer_id = legacy\n", "legacy"),
+    ("pgq_consumer_id = legacy\nconsumer_name = newer\n", "legacy"),  # python-pgq reads pgq_consumer_id first
+    ("consumer_name = newer\n", "newer"),
+])
+def test_the_consumer_name_is_read_as_python_pgq_reads_it(tmp_path, keys, consumer):
+    [route] = load_config(write(tmp_path, MANUAL_EXAMPLE + keys)).select()
+    assert route.consumer == consumer
+
+
 def test_several_routes_defaults_and_aliases(tmp_path, monkeypatch):
     monkeypatch.delenv("QMOVER_BROKER_URL", raising=False)
     monkeypatch.setenv("QMOVER_RESULT_BACKEND", "redis://127.0.0.1:6379/9")

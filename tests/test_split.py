@@ -124,3 +124,99 @@ def test_split_config_errors(split_route, keys, message):
     result = run_qmover("run", "--once", str(split_route.config))
 
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# skytools' queue_splitter3 manual: its example config and its USECASE, as written
+# (the DSNs are this test's databases).
+SPLITTER_CONFIG = """
+[queue_splitter3]
+job_name        = queue_spliter_sourcedb_sourceq_targetdb
+
+src_db          = {src}
+dst_db          = {dst}
+
+pgq_queue_name  = sourceq
+
+logfile         = ~/log/%(job_name)s.log
+pidfile         = ~/pid/%(job_name)s.pid
+"""
+USECASE = """
+create table queue.{table} (id int4, name text, primary key (id));
+create trigger redirect_queue1_trg before insert on queue.{table}
+for each row execute procedure pgq.logutriga('sourceq', 'SKIP');
+"""
+
+
+@pytest.fixture
+def manual_splitter(make_db, tmp_path) -> RouteSetup:
+    """The manual's example config over its USECASE: tables queue.event1, queue.event2 into queues of their names."""
+    src, dst = make_db(), make_db()
+    src.create_queue("sourceq")
+    src.execute("create schema queue")
+    for table in ("event1", "event2", "event3"):
+        src.execute(USECASE.format(table=table))
+    for queue in ("queue.event1", "queue.event2"):
+        dst.create_queue(queue)
+    config = tmp_path / "queue_splitter.ini"
+    config.write_text(SPLITTER_CONFIG.format(src=src.dsn, dst=dst.dsn))
+    setup = RouteSetup(src, dst, config, name="queue_spliter_sourcedb_sourceq_targetdb", src_queue="sourceq",
+                       dst_queue="")
+    installed = setup.qmover("install", check=True)
+    assert "target queues named by ev_extra1; pgq_ext created" in installed.stdout, installed.stdout
+    return setup
+
+
+def test_the_queue_splitter_manuals_config_sends_each_event_to_the_queue_extra1_names(manual_splitter):
+    src, dst = manual_splitter.src, manual_splitter.dst
+    src.execute("insert into queue.event1 (id, name) values (1, 'user'), (2, 'admin')")
+    src.execute("insert into queue.event2 (id, name) values (1, 'order')")
+    assert src.value("select count(*) from queue.event1") == 0  # SKIP: only the queue holds them
+    src.tick("sourceq")
+
+    manual_splitter.qmover("run", "--once", check=True)
+
+    assert dst.events("queue.event1", "ev_type, ev_data, ev_extra1") == [
+        ("I:id", "id=1&name=user", "queue.event1"), ("I:id", "id=2&name=admin", "queue.event1")]
+    assert dst.events("queue.event2", "ev_data") == [("id=1&name=order",)]
+    route = load_config(manual_splitter.config).routes[manual_splitter.name]
+    assert (route.kind, route.split.field, route.consumer) == ("split", "ev_extra1", manual_splitter.name)
+
+
+def test_an_event_whose_queue_does_not_exist_stops_the_splitter_and_moves_nothing(manual_splitter):
+    src, dst = manual_splitter.src, manual_splitter.dst
+    src.execute("insert into queue.event1 (id, name) values (1, 'user')")
+    src.execute("insert into queue.event3 (id, name) values (1, 'lost')")  # no queue.event3 on the target
+    src.tick("sourceq")
+
+    result = manual_splitter.qmover("run", "--once")
+
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "ev_extra1 'queue.event3' names no target queue" in errors[0], result.stderr
+    assert dst.events("queue.event1") == []
+    assert src.value("select current_batch from pgq.get_consumer_info()") is not None
+
+
+@pytest.mark.parametrize("field, column", [("type", "ev_type"), ("extra2", "ev_extra2"), ("ev_extra3", "ev_extra3")])
+def test_queue_field_names_the_event_field(tmp_path, field, column):
+    config = tmp_path / "splitter.ini"
+    config.write_text(SPLITTER_CONFIG.format(src="dbname=a", dst="dbname=b") + f"queue_field = {field}\n")
+
+    route = load_config(config).routes["queue_spliter_sourcedb_sourceq_targetdb"]
+
+    assert route.split.field == column and route.dst_queue is None
+
+
+@pytest.mark.parametrize("section, keys, message", [
+    ("queue_splitter3", {"queue_field": "data"}, "queue_field: 'data' is not one of type, extra1"),
+    ("queue_splitter3", {"split_field": "ev_type"}, "split_field: not in a [queue_splitter3] section"),
+    ("mover", {"queue_field": "extra1"}, "queue_field: only a [queue_splitter3] section reads it"),
+])
+def test_queue_field_errors(tmp_path, section, keys, message):
+    config = tmp_path / "splitter.ini"
+    config.write_text(f"[{section}]\nsrc_db = dbname=a\ndst_db = dbname=b\npgq_queue_name = q\n"
+                      + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+
+    result = run_qmover("run", "--once", str(config))
+
+    assert result.returncode == 2 and message in result.stderr, result.stderr

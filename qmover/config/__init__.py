@@ -32,8 +32,13 @@ ROUTE_KEYS = frozenset({
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
     "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
-    "partitions", "max_source_connections", "merge_ticks",
+    "partitions", "max_source_connections", "merge_ticks", "queue_field", "pgq_consumer_id",
 })
+# skytools' queue_splitter reads its config from a section of its own name:
+# each event goes to the target queue its queue_field (default extra1) names.
+SPLITTER_SECTIONS = frozenset({"queue_splitter", "queue_splitter3"})
+QUEUE_FIELDS = {"type": "ev_type", "extra1": "ev_extra1", "extra2": "ev_extra2", "extra3": "ev_extra3",
+                "extra4": "ev_extra4"}
 TICKER_SIDES = {"off": (), "source": ("source",), "target": ("target",), "both": ("source", "target")}
 # Keys skytools scripts understand that have no meaning for qmover.
 SKYTOOLS_IGNORED_KEYS = frozenset({
@@ -342,7 +347,8 @@ def _read_route(section: _Section) -> Route:
     split = _split(section)
     return Route(
         name=job_name,
-        consumer=section.get("consumer_name") or job_name,
+        # python-pgq's order: pgq_consumer_id, then consumer_name, then the job
+        consumer=section.get("pgq_consumer_id") or section.get("consumer_name") or job_name,
         src_dsn=section.dsn("src_db"),
         dst_dsn=section.dsn("dst_db"),
         src_queue=src_queue,
@@ -365,8 +371,16 @@ def _read_route(section: _Section) -> Route:
 
 
 def _split(section: _Section) -> Split | None:
-    """split_field, split_map and split_unknown; None for a one-queue route."""
+    """split_field (or a queue_splitter's queue_field), split_map and split_unknown; None for a one-queue route."""
     field = section.get("split_field")
+    if section.name in SPLITTER_SECTIONS:
+        if field:
+            raise section.fail("split_field", f"not in a [{section.name}] section, which names its field as "
+                                              f"skytools' queue_splitter does: queue_field = extra1")
+        field = _queue_field(section)
+    elif section.get("queue_field"):
+        raise section.fail("queue_field", "only a [queue_splitter3] section reads it, as skytools' queue_splitter "
+                                          "does; elsewhere write split_field = ev_extra1")
     if not field:
         for key in ("split_map", "split_unknown"):
             if section.get(key):
@@ -387,6 +401,15 @@ def _split(section: _Section) -> Split | None:
             raise section.fail("split_map", f"{entry!r} is not value:queue")
         mapping.append((value.strip(), queue.strip()))
     return Split(field, tuple(mapping), section.get("split_unknown") or "error")
+
+
+def _queue_field(section: _Section) -> str:
+    """queue_field as queue_splitter reads it (an event attribute: extra1, type, ...) -> the event column."""
+    value = section.get("queue_field") or "extra1"
+    field = QUEUE_FIELDS.get(value.removeprefix("ev_"))
+    if field is None:
+        raise section.fail("queue_field", f"{value!r} is not one of {', '.join(QUEUE_FIELDS)}")
+    return field
 
 
 def _ticker_sides(section: _Section) -> tuple[str, ...]:

@@ -49,10 +49,14 @@ def install(route: Route) -> str:
         require_queue(dst, route, "target")
         with errors(route, "target"):
             created = not has_schema(dst, "pgq_ext")
-            if created:
-                with dst.cursor() as cur:
-                    cur.execute(resources.files("qmover").joinpath("pgq_ext.sql").read_text())
-                dst.commit()
+            # qmover's own pgq_ext, new or from an earlier install, gets upstream's
+            # rights and upgrade_schema(); anybody else's is left as it is.
+            ours = created or scalar(dst, queries.PGQ_EXT_MADE_BY_QMOVER, (queries.PGQ_EXT_COMMENT,))
+            parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
+            with dst.cursor() as cur:
+                for part in parts:
+                    cur.execute(resources.files("qmover").joinpath(part).read_text())
+            dst.commit()
         require_pgq_ext(dst, route)
         dst.rollback()
         with errors(route, "source"):

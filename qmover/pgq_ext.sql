@@ -3,8 +3,9 @@
 -- Written from the pgq_ext 3.x API so that positions written by skytools'
 -- consumers (SerialConsumer, queue_mover) and by qmover are one and the same:
 -- same schema name, tables, function signatures and results.  `qmover install`
--- runs this file only on a target that has no pgq_ext schema; an existing
--- pgq_ext is never altered.
+-- runs this file only on a target that has no pgq_ext schema, then
+-- pgq_ext_rights.sql; a pgq_ext qmover did not create is never altered.  The
+-- schema's comment marks it as qmover's (queries.PGQ_EXT_COMMENT).
 --
 -- Every position is keyed by (consumer_id, subconsumer_id); the 2-name
 -- function forms use the subconsumer ''.

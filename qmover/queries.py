@@ -21,6 +21,9 @@ SESSION_SETUP = "set datestyle to iso, ymd"
 
 # --- checks -------------------------------------------------------------
 HAS_SCHEMA = "select exists (select 1 from pg_catalog.pg_namespace where nspname = %s)"
+# A pgq_ext schema qmover made (pgq_ext.sql sets this comment): install may bring it up to date.
+PGQ_EXT_MADE_BY_QMOVER = "select obj_description('pgq_ext'::regnamespace, 'pg_namespace') = %s"
+PGQ_EXT_COMMENT = "pgq_ext-compatible position tracking, installed by qmover"
 HAS_QUEUE = "select exists (select 1 from pgq.queue where queue_name = %s)"
 HAS_TICK_API = """
     select to_regprocedure('pgq_ext.get_last_tick(text)') is not null

@@ -103,6 +103,7 @@ def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
     new = manual_route(make_db, tmp_path, install=False)
     dst = new.dst
     dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())
+    dst.execute("comment on schema pgq_ext is 'ours, not qmover''s'")
     dst.execute("create or replace function pgq_ext.version() returns text language sql as $$ select 'theirs' $$")
     dst.execute("create table pgq_ext.their_table (x int)")
 
@@ -111,6 +112,28 @@ def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
     assert "pgq_ext present" in result.stdout
     assert dst.value("select pgq_ext.version()") == "theirs"
     assert dst.value("select count(*) from pg_tables where schemaname = 'pgq_ext'") == 5
+    assert dst.value("select to_regprocedure('pgq_ext.upgrade_schema()')") is None  # not added
+    assert dst.value("select has_function_privilege('public', 'pgq_ext.set_last_tick(text, bigint)', "
+                     "'execute')")  # their rights stay theirs
+
+
+def test_upgrade_schema_gives_old_tables_their_subconsumer(route):
+    dst = route.dst
+    assert dst.value("select pgq_ext.upgrade_schema()") == 0  # nothing to do on qmover's schema
+    dst.execute("alter table pgq_ext.completed_tick drop column subconsumer_id")  # the pkey goes with it
+    dst.execute("alter table pgq_ext.completed_tick add primary key (consumer_id)")
+    dst.execute("insert into pgq_ext.completed_tick values ('old', 7)")
+    dst.execute("alter table pgq_ext.completed_batch alter column subconsumer_id drop default")
+
+    assert dst.value("select pgq_ext.upgrade_schema()") == 2
+
+    assert dst.value("select pgq_ext.get_last_tick('old')") == 7  # the row is subconsumer ''
+    assert dst.value("select pgq_ext.set_last_tick('old', 'sub', 9)") == 1  # a second key for one consumer
+    assert dst.value("select pg_get_constraintdef(oid) from pg_constraint "
+                     "where conrelid = 'pgq_ext.completed_tick'::regclass and contype = 'p'") == \
+        "PRIMARY KEY (consumer_id, subconsumer_id)"
+    assert dst.value("select pgq_ext.set_batch_done('c', 1)") is True  # the default is back
+    assert dst.value("select pgq_ext.upgrade_schema()") == 0
 
 
 def test_incomplete_pgq_ext_is_reported_not_altered(make_db, tmp_path):

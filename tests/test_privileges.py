@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import psycopg2
+import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
@@ -108,3 +110,41 @@ def test_a_target_role_without_pgq_writer_is_told_what_to_grant(make_role, route
     assert len(errors) == 1 and "grant it pgq_writer" in errors[0]
     assert route.target_events() == []
     assert route.src.value("select current_batch from pgq.get_consumer_info()") is None
+
+
+def pgq_ext_functions(db) -> list[str]:
+    return [row[0] for row in db.execute(
+        "select p.oid::regprocedure::text from pg_proc p where p.pronamespace = 'pgq_ext'::regnamespace order by 1")]
+
+
+def callable_by(db, role: str) -> list[str]:
+    return [name for name in pgq_ext_functions(db)
+            if db.value("select has_function_privilege(%s, %s::regprocedure, 'execute')", (role, name))]
+
+
+def test_a_role_granted_nothing_cannot_call_pgq_ext_and_the_target_role_can(make_role, route):
+    nobody, writer = make_role(), make_role("pgq_writer")
+    produce(route, 1)
+    route.qmover("run", "--once", check=True)
+    position = route.dst.value("select pgq_ext.get_last_tick(%s)", (route.name,))
+
+    assert len(pgq_ext_functions(route.dst)) == 14  # upstream's 13 for pgq_writer, and version()
+    assert callable_by(route.dst, nobody) == ["pgq_ext.version()"]
+    assert callable_by(route.dst, writer) == pgq_ext_functions(route.dst)
+    conn = psycopg2.connect(f"{route.dst.dsn} user={nobody}")
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege), conn, conn.cursor() as cur:
+        cur.execute("select pgq_ext.set_last_tick(%s, null::bigint)", (route.name,))
+    conn.close()
+    assert route.dst.value("select pgq_ext.get_last_tick(%s)", (route.name,)) == position is not None
+
+
+def test_install_brings_a_pgq_ext_qmover_made_earlier_to_upstreams_rights(route):
+    route.dst.execute("drop function pgq_ext.upgrade_schema()")
+    route.dst.execute("grant execute on all functions in schema pgq_ext to public")  # as installs before did
+    assert len(callable_by(route.dst, "public")) == 13
+
+    result = route.qmover("install", check=True)
+
+    assert "already registered" in result.stdout and "pgq_ext present" in result.stdout
+    assert callable_by(route.dst, "public") == ["pgq_ext.version()"]
+    assert route.dst.value("select pgq_ext.upgrade_schema()") == 0

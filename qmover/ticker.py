@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from psycopg2.extensions import connection
+
 from qmover import db, queries
+from qmover.connector import Connector, Session
 from qmover.db import Side
 from qmover.route import Route
 
@@ -20,19 +23,21 @@ class Ticked:
     maintenance_steps: int
 
 
-def tick(route: Route, side: Side) -> Ticked:
-    """Tick every queue of one side of a route, then run the due maintenance."""
-    conn = db.connect(route, side, autocommit=True)
-    try:
-        with db.errors(route, side):
-            ticked = db.scalar(conn, queries.TICK_ALL_QUEUES) or 0
-            with conn.cursor() as cur:
-                cur.execute(queries.MAINT_OPERATIONS)
-                steps = cur.fetchall()
-            for func_name, func_arg in steps:
-                with conn.cursor() as cur:
-                    cur.execute(queries.maint_call(func_name, func_arg),
-                                None if func_arg is None or func_name.lower() == "vacuum" else (func_arg,))
-    finally:
-        db.close(conn)
+def tick(route: Route, side: Side, connector: Connector) -> Ticked:
+    """Tick every queue of one side of a route, then run the due maintenance, on
+    the process's connection to that database (as a mover's, so a worker keeps
+    one per database for both)."""
+    return connector.run(route, side, _tick)
+
+
+def _tick(session: Session) -> Ticked:
+    conn: connection = session.conn
+    ticked = db.scalar(conn, queries.TICK_ALL_QUEUES) or 0
+    with conn.cursor() as cur:
+        cur.execute(queries.MAINT_OPERATIONS)
+        steps = cur.fetchall()
+    for func_name, func_arg in steps:
+        with conn.cursor() as cur:
+            cur.execute(queries.maint_call(func_name, func_arg),
+                        None if func_arg is None or func_name.lower() == "vacuum" else (func_arg,))
     return Ticked(ticked, len(steps))

@@ -63,15 +63,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# Every earlier minor release of Celery pyproject.toml allows (the newest is
-# in .venv), each with the kombu of its own minor and a redis-py of its time
-# (left to itself, pip pairs an older celery with the newest kombu, which does
-# not start): the tests run worker and beat from each (tests/test_live.py).
-for pins in "5.3 celery[redis]==5.3.6 kombu==5.3.7 redis==5.0.8" \
-            "5.4 celery[redis]==5.4.0 kombu==5.4.2 redis==5.0.8" \
-            "5.5 celery[redis]==5.5.3 kombu==5.5.4 redis==5.2.1" \
-            "5.6 celery[redis]==5.6.3 kombu==5.6.2 redis==6.4.0"; do
-    read -r minor release_pins <<< "$pins"
+# The earlier Celery releases, one venv each (scripts/celery-releases.txt says
+# which and why), with the Celery set-ups the tests run (pools, redbeat).
+while read -r minor release_pins <&3; do
+    case "$minor" in ''|'#'*) continue ;; esac
     venv=".venv-celery-$minor"
     release_want="$(printf '%s\n' "$want" $release_pins | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$venv/.qmover-installed" 2>/dev/null)" != "$release_want" ]; then
@@ -80,7 +75,7 @@ for pins in "5.3 celery[redis]==5.3.6 kombu==5.3.7 redis==5.0.8" \
         python3 -m venv "$venv"
         "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
         # shellcheck disable=SC2086  # the pins are words
-        "$venv/bin/python" -m pip install -q $release_pins -e .
+        "$venv/bin/python" -m pip install -q $release_pins -e '.[setups]'
         echo "$release_want" > "$venv/.qmover-installed"
     fi
-done
+done 3< scripts/celery-releases.txt

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run the test suite against real PostgreSQL + PgQ and Redis; sets up first,
 # then the code-health gate (ruff and mypy, settings in pyproject.toml; the
-# alert rules through promtool).
-# Extra arguments go to pytest (e.g. -k lost_position, or -m soak).
+# alert rules through promtool), then pytest on the newest Celery, then the
+# Celery layer's tests (-m celery_release) on each earlier Celery minor
+# release in scripts/celery-releases.txt.
+# Extra arguments go to pytest instead, once, on the newest Celery (e.g.
+# -k lost_position, or -m soak); QMOVER_CELERY=5.4 with them runs that release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +14,12 @@ echo "code health: ruff check, mypy, promtool"
 .venv/bin/mypy
 promtool check rules deploy/prometheus/qmover-rules.yml
 (cd deploy/prometheus && promtool test rules qmover-rules.test.yml)
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest
+while read -r minor _ <&3; do
+    case "$minor" in ''|'#'*) continue ;; esac
+    echo "the Celery layer on Celery $minor"
+    QMOVER_CELERY="$minor" .venv/bin/python -m pytest -q -m celery_release
+done 3< scripts/celery-releases.txt

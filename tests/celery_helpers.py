@@ -19,6 +19,25 @@ from qmover.processes import start_celery
 from qmover.processes import stop as stop_celery
 from qmover.sandbox import free_port  # noqa: F401 (the tests import it from here)
 
+# The Celery whose worker, beat and Flower the tests start: the newest, in this
+# venv; with QMOVER_CELERY=5.4, the release scripts/setup.sh put in .venv-celery-5.4.
+CELERY_RELEASE = os.environ.get("QMOVER_CELERY")
+CELERY_PYTHON = (str(Path(__file__).resolve().parents[1] / f".venv-celery-{CELERY_RELEASE}" / "bin" / "python")
+                 if CELERY_RELEASE else sys.executable)
+
+
+def celery_under_test() -> tuple[str, str]:
+    """(celery, kombu) versions of CELERY_PYTHON's environment."""
+    script = "import celery, kombu; print(celery.__version__, kombu.__version__)"
+    versions = subprocess.run([CELERY_PYTHON, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    return versions[0], versions[1]
+
+
+def earlier_celery_releases() -> list[str]:
+    """The minors of scripts/celery-releases.txt."""
+    lines = (Path(__file__).resolve().parents[1] / "scripts" / "celery-releases.txt").read_text().splitlines()
+    return [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
+
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
@@ -109,7 +128,7 @@ class Processes:
     """Celery processes for one config; each logs to its own file."""
 
     def __init__(self, config: Path, logdir: Path, cwd: Path | None = None, app: str = "qmover.tasks",
-                 env: dict[str, str] | None = None, python: str = sys.executable):
+                 env: dict[str, str] | None = None, python: str = CELERY_PYTHON):
         self.config = config
         self.python = python  # the interpreter of the environment whose Celery runs
         self.logdir = logdir

@@ -7,16 +7,41 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from celery_helpers import Processes, error_lines, events_per_route, wait_until
+import pytest
+
+from celery_helpers import (
+    CELERY_PYTHON,
+    CELERY_RELEASE,
+    Processes,
+    celery_under_test,
+    earlier_celery_releases,
+    error_lines,
+    events_per_route,
+    wait_until,
+)
 from conftest import run_qmover
 from servers import RedisServer
 
 
+@pytest.mark.celery_release
+def test_the_celery_under_test_is_the_release_asked_for_with_the_kombu_of_its_minor():
+    """QMOVER_CELERY=5.4 runs Celery 5.4 with kombu 5.4; without it, the newest, newer than every earlier one."""
+    celery, kombu = celery_under_test()
+    minor = celery.rsplit(".", 1)[0]
+    print(f"celery {celery}, kombu {kombu}")
+    assert kombu.rsplit(".", 1)[0] == minor
+    if CELERY_RELEASE:
+        assert minor == CELERY_RELEASE
+    else:
+        assert all(tuple(map(int, minor.split("."))) > tuple(map(int, earlier.split(".")))
+                   for earlier in earlier_celery_releases())
+
+
+@pytest.mark.celery_release
 def test_worker_and_beat_move_two_routes_exactly_once(pipeline):
     pipe = pipeline(2, first_extra="ticker = source")  # partition_0 is ticked by beat, not by the test
     pipe.parts[0].execute("select pgq.set_queue_config('events', 'ticker_max_lag', '0.2 seconds')")
@@ -36,6 +61,7 @@ def test_worker_and_beat_move_two_routes_exactly_once(pipeline):
         assert re.search(rf"route={route} batch=\d+ events=\d+", logs)
 
 
+@pytest.mark.celery_release
 def test_three_workers_share_four_routes(pipeline):
     pipe = pipeline(4)
     for n in range(3):
@@ -55,6 +81,7 @@ def test_three_workers_share_four_routes(pipeline):
     assert error_lines(pipe.procs.logs()) == []
 
 
+@pytest.mark.celery_release
 def test_sweeps_send_no_second_task_for_a_route_being_moved(pipeline):
     """While a task moves a 300,000-event batch, sweeps every 0.2 s find the
     route claimed and send nothing more for it."""
@@ -83,6 +110,7 @@ def test_sweeps_send_no_second_task_for_a_route_being_moved(pipeline):
     assert error_lines(pipe.procs.logs()) == []
 
 
+@pytest.mark.celery_release
 def test_worker_sigkilled_mid_task_is_resumed(pipeline):
     pipe = pipeline(1)
     pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
@@ -123,6 +151,7 @@ def test_broker_down_at_start_then_restarted(pipeline, tmp_path):
         broker.close()
 
 
+@pytest.mark.celery_release
 def test_a_broken_route_fails_alone_and_the_worker_goes_on(pipeline):
     pipe = pipeline(2)
     pipe.parts[0].execute("select pgq.drop_queue('events', true)")
@@ -142,6 +171,7 @@ def test_a_broken_route_fails_alone_and_the_worker_goes_on(pipeline):
     assert pipe.procs.running["worker"].poll() is None
 
 
+@pytest.mark.celery_release
 def test_flower_shows_each_route_succeeding(pipeline):
     pipe = pipeline(2)
     port, produced = pipe.run_with_flower(rounds=3)
@@ -156,6 +186,7 @@ def test_flower_shows_each_route_succeeding(pipeline):
                30, "Flower to list the successful moves of both routes", every=1)
 
 
+@pytest.mark.celery_release
 def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
     pipe = pipeline(2)
     shop = Processes(pipe.config, pipe.procs.logdir, cwd=Path(__file__).parent, app="shop_app",
@@ -166,7 +197,7 @@ def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
         produced = pipe.produce(3)
         pipe.wait_for(produced)
         result = subprocess.run(
-            [sys.executable, "-c", "import shop_app; print(shop_app.add.delay(2, 3).get(timeout=30))"],
+            [CELERY_PYTHON, "-c", "import shop_app; print(shop_app.add.delay(2, 3).get(timeout=30))"],
             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60,
             env={**shop.env, "QMOVER_CONFIG": ""})
         assert result.stdout.strip() == "5", result.stderr
@@ -180,6 +211,7 @@ MARKER = "Pw-marker-7f3a9c"
 ENV_MARKER, PGPASS_MARKER = "Env-pw-marker-51b2", "Pgpass-marker-c0d4"
 
 
+@pytest.mark.celery_release
 def test_no_password_in_args_results_logs_flower_or_status(pipeline, redis_db, tmp_path):
     pipe = pipeline(2, password=MARKER)  # trust auth on 127.0.0.1 ignores it; qmover must hide it
     pgpass = tmp_path / "pgpass"

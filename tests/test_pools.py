@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -14,7 +13,7 @@ from celery import Celery
 
 from qmover import move
 
-from celery_helpers import error_lines
+from celery_helpers import CELERY_PYTHON, error_lines
 from conftest import run_qmover
 
 POOLS = {
@@ -26,6 +25,7 @@ POOLS = {
 CONCURRENCY = {"prefork": 2, "threads": 8, "solo": 1, "gevent": 8}
 
 
+@pytest.mark.celery_release
 @pytest.mark.parametrize("pool", POOLS)
 def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool):
     """Sweeps every 0.05 s, tasks of at most 0.05 s, and beside them move
@@ -163,8 +163,9 @@ def test_a_forked_child_never_uses_its_parents_connections(route):
     connector.close()
 
 
+@pytest.mark.celery_release
 def test_eventlet_pool_is_refused_at_start_with_one_line(route):
-    result = subprocess.run([sys.executable, "-m", "qmover", "worker", str(route.config), "-P", "eventlet"],
+    result = subprocess.run([CELERY_PYTHON, "-m", "qmover", "worker", str(route.config), "-P", "eventlet"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     [line] = [line for line in result.stderr.splitlines() if "qmover" in line and "error" in line]

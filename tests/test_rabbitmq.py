@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from celery_helpers import Processes, RabbitVhost, error_lines, events_per_route, move_results, wait_until
+from celery_helpers import (
+    CELERY_PYTHON,
+    Processes,
+    RabbitVhost,
+    error_lines,
+    events_per_route,
+    move_results,
+    wait_until,
+)
 from conftest import run_qmover
 
 
@@ -22,6 +29,7 @@ def rabbit():
     vhost.close()
 
 
+@pytest.mark.celery_release
 def test_worker_beat_and_flower_on_rabbitmq_move_two_partitions_exactly_once(pipeline, rabbit):
     pipe = pipeline(2, broker=rabbit.url)  # [qmover] broker_url = amqp://... and nothing else
     port, produced = pipe.run_with_flower(rounds=4)
@@ -47,6 +55,7 @@ def test_worker_beat_and_flower_on_rabbitmq_move_two_partitions_exactly_once(pip
     assert re.search(r"^partition_1\s", status.stdout, re.MULTILINE)
 
 
+@pytest.mark.celery_release
 def test_a_shop_app_on_rabbitmq_without_result_backend_runs_qmover_tasks(pipeline, rabbit):
     pipe = pipeline(2, broker=rabbit.url)
     tests = Path(__file__).parent
@@ -56,7 +65,7 @@ def test_a_shop_app_on_rabbitmq_without_result_backend_runs_qmover_tasks(pipelin
         shop.worker("shop", 2, "-B", "-Q", "celery,qmover", "-s", str(pipe.procs.logdir / "shop-beat"))
         produced = pipe.produce(3)
         pipe.wait_for(produced)
-        subprocess.run([sys.executable, "-c", "import shop_app; shop_app.add.delay(2, 3)"],
+        subprocess.run([CELERY_PYTHON, "-c", "import shop_app; shop_app.add.delay(2, 3)"],
                        cwd=tests, check=True, timeout=60, env={**shop.env, "QMOVER_CONFIG": ""})
         wait_until(lambda: re.search(r"Task shop_app.add\[\S+\] succeeded in \S+: 5", shop.log("shop")), 30,
                    "the shop's own task to run beside qmover's")

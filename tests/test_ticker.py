@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 from qmover import ticker
 from qmover.config import load_config
+from qmover.connector import Connector
 
 
 def test_tick_closes_batches_and_runs_maintenance(route):
@@ -15,20 +17,23 @@ def test_tick_closes_batches_and_runs_maintenance(route):
     src.produce_series("eventlog", 25)
     configured = load_config(route.config).select()[0]
     table_before = src.value("select queue_cur_table from pgq.queue where queue_name = 'eventlog'")
+    connector = Connector()
 
-    first = ticker.tick(configured, "source")
+    first = ticker.tick(configured, "source", connector)
     assert first.queues >= 1
     route.qmover("run", "--once", check=True)
     assert len(route.target_events()) == 25
 
     time.sleep(1.2)  # past the rotation period, with the consumer caught up
     src.produce_series("eventlog", 5)
-    steps = ticker.tick(configured, "source").maintenance_steps
+    steps = ticker.tick(configured, "source", connector).maintenance_steps
 
     assert steps >= 2  # rotate step 1 and step 2 at least
     assert src.value("select queue_cur_table from pgq.queue where queue_name = 'eventlog'") != table_before
     route.qmover("run", "--once", check=True)
-    ticker.tick(configured, "source")
+    with closing(connector):
+        ticker.tick(configured, "source", connector)
+        assert connector.idle_count() == 1  # one kept connection served every tick
     route.qmover("run", "--once", check=True)
     assert sorted(route.target_events()) == sorted(route.source_events())
     assert len(route.target_events()) == 30

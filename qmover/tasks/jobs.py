@@ -205,7 +205,7 @@ def sweep(self: Task, interval: float) -> dict[str, Any]:
 def tick_database(self: Task, route_name: str, side: str) -> dict[str, Any]:
     """pgq.ticker() and due maintenance on one side of a route (instead of pgqd)."""
     try:
-        ticked = ticker.tick(route_for(self, route_name), side)  # type: ignore[arg-type]
+        ticked = ticker.tick(route_for(self, route_name), side, connector)  # type: ignore[arg-type]
     except QmoverError as exc:
         _retry_or_fail(self, exc)
     return {"route": route_name, "side": side, "queues_ticked": ticked.queues,

@@ -80,6 +80,11 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": 600},
         "worker_send_task_events": True,  # Flower's task list
         "timezone": "UTC",
+        # Where celery-redbeat keeps the schedule and its lock, for a beat run with
+        # -S redbeat.RedBeatScheduler (other schedulers do not read it): the broker
+        # when it is a Redis, else the counters' Redis (none: set one, metrics_url).
+        "redbeat_redis_url": (config.broker_url if config.broker_url.startswith(("redis://", "rediss://"))
+                              else config.metrics_url),
     }
 
 

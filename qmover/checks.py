@@ -1,7 +1,9 @@
 """What must be true of a route's databases before a batch may move.
 
-Run once per connection, before the first batch: a missing queue or schema
-is reported as a cause and a fix instead of a driver error half-way through.
+Run once per process for each route, before its first batch (a mover's
+process remembers what it checked, and checks again after a failure): a
+missing queue or schema is reported as a cause and a fix instead of a driver
+error half-way through.
 """
 
 from __future__ import annotations

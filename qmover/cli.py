@@ -74,6 +74,7 @@ def for_each_route(config_path: str, route_names: tuple[str, ...],
 
 
 @click.group()
+@click.version_option(package_name="qmover", message="qmover %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
 def main(verbose: bool) -> None:
     """Move PgQ events from source queues to target queues, exactly once."""

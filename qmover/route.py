@@ -111,7 +111,9 @@ class Route:
         return bool(self.type_filter or self.table_filter)
 
     def dsn(self, side: str) -> str:
-        """The DSN of one side, "source" or "target"."""
+        """The DSN of one side, "source" or "target" (any other word is a bug, not the target)."""
+        if side not in ("source", "target"):
+            raise ValueError(f"a route's side is 'source' or 'target', not {side!r}")
         return self.src_dsn if side == "source" else self.dst_dsn
 
     def display(self, side: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 
 from qmover.config import DEFAULT_BROKER, load_config, parse_seconds
@@ -216,3 +218,15 @@ def test_config_error_exits_2_before_touching_any_database(tmp_path):
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
             f"qmover: error: {path}: [r] dst_db: missing; every route needs it"]
+
+
+def test_a_route_side_is_source_or_target_and_nothing_else(tmp_path):
+    [route] = load_config(write(tmp_path, MANUAL_EXAMPLE)).select()
+    assert (route.dsn("source"), route.dsn("target")) == ("dbname=sourcedb", "dbname=targetdb")
+    with pytest.raises(ValueError, match="not 'targte'"):
+        route.dsn("targte")  # once, any word but "source" meant the target
+
+
+def test_qmover_says_its_version():
+    result = run_qmover("--version", check=True)
+    assert result.stdout.strip() == f"qmover {importlib.metadata.version('qmover')}"

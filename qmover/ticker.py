@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psycopg2.extensions import connection
-
 from qmover import db, queries
 from qmover.connector import Connector, Session
 from qmover.db import Side
@@ -31,7 +29,7 @@ def tick(route: Route, side: Side, connector: Connector) -> Ticked:
 
 
 def _tick(session: Session) -> Ticked:
-    conn: connection = session.conn
+    conn = session.conn
     ticked = db.scalar(conn, queries.TICK_ALL_QUEUES) or 0
     with conn.cursor() as cur:
         cur.execute(queries.MAINT_OPERATIONS)

@@ -249,10 +249,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     # A Redis broker doubles as result backend and counter store; any other
     # broker (RabbitMQ) gets neither unless asked: Flower reads results from
     # task events, and the counters need Redis.
-    redis_broker = broker if _is_redis(broker) else None
+    redis_broker = broker if is_redis_url(broker) else None
     backend = _setting(settings, "result_backend", redis_broker)
     metrics = _setting(settings, "metrics_url", redis_broker)
-    if metrics is not None and not _is_redis(metrics):
+    if metrics is not None and not is_redis_url(metrics):
         where = "QMOVER_METRICS_URL" if os.environ.get("QMOVER_METRICS_URL") else f"[{GLOBAL_SECTION}] metrics_url"
         raise ConfigError(f"{path}: {where}: not a Redis URL; the counters live in Redis: give "
                           f"redis://HOST:PORT/DB (or rediss://), or 'none' to turn them off")
@@ -262,7 +262,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                   routes_per_task=int(_or_default(settings.number("routes_per_task", int, 1), DEFAULT_ROUTES_PER_TASK)))
 
 
-def _is_redis(url: str) -> bool:
+def is_redis_url(url: str) -> bool:
+    """A redis:// or rediss:// URL, the scheme in any case."""
     return url.split("://", 1)[0].lower() in ("redis", "rediss")
 
 

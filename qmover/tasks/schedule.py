@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from qmover.config import Config, load_config
+from qmover.config import Config, is_redis_url, load_config
 from qmover.connector import database_key
 from qmover.errors import ConfigError
 from qmover.sweep import slices
@@ -83,8 +83,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
         # Where celery-redbeat keeps the schedule and its lock, for a beat run with
         # -S redbeat.RedBeatScheduler (other schedulers do not read it): the broker
         # when it is a Redis, else the counters' Redis (none: set one, metrics_url).
-        "redbeat_redis_url": (config.broker_url if config.broker_url.startswith(("redis://", "rediss://"))
-                              else config.metrics_url),
+        "redbeat_redis_url": config.broker_url if is_redis_url(config.broker_url) else config.metrics_url,
     }
 
 

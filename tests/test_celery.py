@@ -16,6 +16,7 @@ import pytest
 from celery_helpers import (
     CELERY_PYTHON,
     CELERY_RELEASE,
+    EXITS_ON_REDIS_LOSS,
     Processes,
     celery_under_test,
     earlier_celery_releases,
@@ -147,6 +148,35 @@ def test_broker_down_at_start_then_restarted(pipeline, tmp_path):
         time.sleep(2)
         broker.start()
         pipe.wait_for(produced)
+    finally:
+        broker.close()
+
+
+@pytest.mark.celery_release
+def test_a_redis_restart_while_the_worker_holds_tasks(pipeline):
+    """Redis crashes while a worker copies a batch (its task unacknowledged).  The
+    worker reconnects; on the releases of EXITS_ON_REDIS_LOSS it may exit
+    instead, and started again, as its supervisor would, it moves on.  Every
+    event arrives once either way."""
+    broker = RedisServer()
+    try:
+        pipe = pipeline(1, broker=broker.url)
+        pipe.parts[0].produce_series("events", 300_000, size=60, tag="big")
+        pipe.parts[0].tick("events")
+        produced = 300_000 + pipe.produce(2)
+        pipe.procs.worker(concurrency=1)
+        pipe.procs.beat()
+        wait_until(pipe.central.copy_running, 60, "the worker to start copying", every=0.02)
+
+        broker.restart(down=1)
+        produced += pipe.produce(2)
+        time.sleep(3)  # the worker's reconnect, or its exit
+        if pipe.procs.exited("worker"):
+            assert celery_under_test()[0] in EXITS_ON_REDIS_LOSS, pipe.procs.log("worker")[-3000:]
+            assert "Unrecoverable error: AttributeError" in pipe.procs.log("worker")
+            pipe.procs.worker(concurrency=1)
+        pipe.wait_for(produced, timeout=120)
+        assert not pipe.procs.exited("worker")
     finally:
         broker.close()
 

@@ -32,7 +32,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from celery_helpers import Processes, wait_until
+from celery_helpers import EXITS_ON_REDIS_LOSS, Processes, celery_under_test, wait_until
 from conftest import run_qmover
 from servers import Cluster, RedisServer
 
@@ -125,8 +125,23 @@ class Soak:
     faults: Counter = field(default_factory=Counter)
     kills_in_transaction: int = 0  # kills sent right after a mover's target transaction was seen open
     movers: list[subprocess.Popen] = field(default_factory=list)
+    worker_exits: int = 0  # times the worker exited on its own and was started again
 
     # --- faults -------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Start the worker again if it exited on its own, as systemd or compose's
+        `restart: unless-stopped` would (see EXITS_ON_REDIS_LOSS)."""
+        if self.procs.exited("worker"):
+            self.worker_exits += 1
+            self.procs.worker(concurrency=2)
+
+    def sleep_until(self, moment: float) -> None:
+        while True:
+            self.supervise()
+            if time.monotonic() >= moment:
+                return
+            time.sleep(min(0.5, moment - time.monotonic()))
 
     def kill_worker(self) -> None:
         self.procs.kill("worker")
@@ -220,6 +235,28 @@ class Soak:
         source, target = self.counts()
         return source == target > 0
 
+    def stuck_report(self) -> str:
+        """What a drain that never ends leaves to read: counts, positions, the
+        movers' sessions on the target, and the last warnings of beat and worker."""
+        lines = [f"events (source, target): {self.counts()}"]
+        try:
+            lines.append(f"positions (source tick, target tick): {self.positions()}")
+            for name in ROUTES:
+                lines.append(f"{name} consumer: " + repr(self.source.execute(
+                    name, "select last_tick, current_batch, lag, pending_events"
+                    " from pgq.get_consumer_info(%s, %s)", (SRC_QUEUE, name))))
+            lines.append("target sessions: " + repr(self.target.execute(
+                TARGET_DB, "select application_name, state, xact_start is not null, wait_event"
+                " from pg_stat_activity where application_name like 'qmover%'")))
+        except psycopg2.Error as exc:
+            lines.append(f"(a server did not answer: {exc})")
+        for name in ("beat", "worker"):
+            noted = [line for line in self.procs.log(name).splitlines()
+                     if "WARNING" in line or "ERROR" in line or "Traceback" in line]
+            lines += [f"{name} log, last warnings:"] + [line[:300] for line in noted[-15:]]
+            lines += [f"{name} log, last lines:"] + [line[:300] for line in self.procs.log(name).splitlines()[-8:]]
+        return "\n".join(lines)
+
     def positions(self) -> dict[str, tuple[int, int]]:
         """route: (tick the source finished, tick pgq_ext holds on the target)."""
         found = {}
@@ -295,15 +332,21 @@ def test_soak(soak, request, capsys):
     for producer in producers:
         producer.start()
     for at, _name, act in schedule(soak, window):
-        time.sleep(max(0.0, started + at - time.monotonic()))
+        soak.sleep_until(started + at)
         act()
     last_fault = time.monotonic()
     for producer in producers:
-        producer.join()
+        while producer.is_alive():
+            soak.supervise()
+            producer.join(0.5)
         assert producer.crashed is None, f"producer {producer.tag} crashed: {producer.crashed!r}"
     produced = time.monotonic()
 
-    wait_until(soak.drained, 600, "the target to hold every source event", every=0.5)
+    try:
+        wait_until(lambda: soak.supervise() or soak.drained(), 600, "the target to hold every source event",
+                   every=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (seed {seed})\n{soak.stuck_report()}") from None
     drained = time.monotonic()
     wait_until(lambda: all(s == t for s, t in soak.positions().values()), 60, "both positions of every route")
     soak.procs.stop()
@@ -323,7 +366,8 @@ def test_soak(soak, request, capsys):
         f"  batches logged as moved {len(moved):,} ({sum(map(int, moved)):,} events); kills sent while a target "
         f"transaction was open {soak.kills_in_transaction}; batches found already on the target "
         f"(after a kill, or by a concurrent mover) {skipped}; "
-        f"producer reconnects {sum(p.reconnects for p in producers)}",
+        f"producer reconnects {sum(p.reconnects for p in producers)}; worker exits on its own (started again, "
+        f"as a supervisor would) {soak.worker_exits}",
         f"  drain: {drained - last_fault:.1f} s after the last fault, {drained - produced:.1f} s after the "
         f"producers stopped",
         "  positions (source tick, target tick): " + ", ".join(f"{name} {pos}" for name, pos in positions.items()),
@@ -332,6 +376,9 @@ def test_soak(soak, request, capsys):
         print("\n" + "\n".join(figures))
 
     assert duplicates == 0 and lost == 0
+    if soak.worker_exits:  # only the Celery releases known to exit when Redis drops
+        assert celery_under_test()[0] in EXITS_ON_REDIS_LOSS, soak.worker_exits
+        assert logs.count("Unrecoverable error: AttributeError") == soak.worker_exits
     assert sum(source.values()) >= events
     assert all(s == t for s, t in positions.values()), positions
     assert soak.faults["worker SIGKILL"] >= MIN_WORKER_KILLS and len(soak.faults) == 6, soak.faults

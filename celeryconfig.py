@@ -5,6 +5,7 @@ QMOVER_CONFIG; add or override Celery settings below as in any project.
 """
 
 from qmover.config import load_config
-from qmover.tasks.schedule import celery_settings, config_path_from_env
+from qmover.tasks.names import config_path_from_env
+from qmover.tasks.schedule import celery_settings
 
 globals().update(celery_settings(load_config(config_path_from_env())))

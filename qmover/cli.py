@@ -13,16 +13,19 @@ import sys
 import time
 from collections.abc import Callable
 from functools import wraps
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import click
 
-from qmover import admin, loops, metrics, runner
+from qmover import runner
 from qmover.config import Config, load_config
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.flower_access import flower_args
-from qmover.route import Route
+from qmover.ops import admin, metrics
+from qmover.ops.flower_access import flower_args
+from qmover.protocol import cycles
 
 log = logging.getLogger("qmover")
 
@@ -90,7 +93,7 @@ def main(verbose: bool) -> None:
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
     loaded, routes = selected_routes(config, route_names)
-    loops.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
+    cycles.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
     stop = runner.Stop()
     counters = metrics.Counters(loaded.metrics_url)
     metrics.say_if_off(loaded.metrics_url)
@@ -175,7 +178,7 @@ def route_command(action: Callable[[Route], str], refuse_loops: bool = False) ->
     @expected_errors
     def command(config: str, route_names: tuple[str, ...]) -> None:
         if refuse_loops:
-            loops.check_routes(load_config(config).select())
+            cycles.check_routes(load_config(config).select())
         for_each_route(config, route_names, action)
 
 
@@ -211,11 +214,14 @@ celery_command("flower", "Start Flower for qmover's Celery app: on 127.0.0.1 unl
                flower_args)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
-@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
-def bench(bench_args: tuple[str, ...]) -> None:
-    """Benchmark: floor vs qmover vs Celery on fresh databases (--help for options)."""
-    from qmover import bench as benchmark
+def add_plugin_commands() -> None:
+    """Commands that other packages declare (entry point group qmover.commands):
+    `qmover bench` from qmover_lab, in a checkout; an image without it has none."""
+    for entry in metadata.entry_points(group="qmover.commands"):
+        try:
+            main.add_command(entry.load(), entry.name)
+        except ImportError:
+            continue  # declared by the project, but its package is not installed
 
-    sys.exit(benchmark.main(list(bench_args)))
+
+add_plugin_commands()

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from qmover.connector import Connector
+from qmover.config.route import Route
 from qmover.errors import QmoverError, TransientError
-from qmover.metrics import Counters
-from qmover.mover import RouteMover
-from qmover.route import Route
+from qmover.ops.metrics import Counters
+from qmover.pg.connector import Connector
+from qmover.protocol.mover import RouteMover
 
 log = logging.getLogger("qmover")
 MAX_RETRY_DELAY = 60.0
@@ -85,7 +85,7 @@ class RouteTurns:
 def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: Counters | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
 
-    counters: where each batch and failure is counted (qmover.metrics).
+    counters: where each batch and failure is counted (qmover.ops.metrics).
 
     Returns the exit code: 0, or 1 when a route failed.  Raises
     KeyboardInterrupt when a second signal aborted the batch in hand.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import redis
 
-from qmover.processes import start_celery
-from qmover.processes import stop as stop_celery
-from qmover.sandbox import free_port  # noqa: F401 (the tests import it from here)
+from qmover_lab.processes import start_celery
+from qmover_lab.processes import stop as stop_celery
+from qmover_lab.sandbox import free_port  # noqa: F401 (the tests import it from here)
 
 # The Celery whose worker, beat and Flower the tests start: the newest, in this
 # venv; with QMOVER_CELERY=5.4, the release scripts/setup.sh put in .venv-celery-5.4.

@@ -117,11 +117,11 @@ def multiset(events: list[tuple]) -> Counter:
 def copy_path(request, monkeypatch) -> str:
     """Run an in-process test through one of the copy paths, whatever the batch size
     (spilled: spooled, through a temporary file from the first row on)."""
-    from qmover import move
+    from qmover.protocol import batch as batch_module
 
-    monkeypatch.setattr(move, "SMALL_BATCH", -1 if request.param == "streamed" else 10**12)
+    monkeypatch.setattr(batch_module, "SMALL_BATCH", -1 if request.param == "streamed" else 10**12)
     if request.param == "spilled":
-        monkeypatch.setattr(move, "SPOOL_BYTES", 0)
+        monkeypatch.setattr(batch_module, "SPOOL_BYTES", 0)
     return request.param
 
 

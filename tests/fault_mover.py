@@ -11,7 +11,7 @@ import os
 import sys
 
 from qmover.config import load_config
-from qmover.mover import RouteMover
+from qmover.protocol.mover import RouteMover
 
 CRASH_EXIT = 17
 

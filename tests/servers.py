@@ -1,6 +1,6 @@
 """Throwaway servers a test starts itself, so that it can stop, crash and
 restart them without touching the machine's own PostgreSQL and Redis
-(Cluster lives in qmover.sandbox: the fan-in benchmark runs one too)."""
+(Cluster lives in qmover_lab.sandbox: the fan-in benchmark runs one too)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import redis
 
-from qmover.sandbox import Cluster
+from qmover_lab.sandbox import Cluster
 
 from celery_helpers import free_port, wait_until
 

@@ -295,7 +295,7 @@ def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):
 def test_a_kept_mover_claims_releases_and_survives_dropped_connections(route):
     """What move_next_batch does with the mover a worker process keeps between tasks."""
     from qmover.config import load_config
-    from qmover.mover import RouteMover
+    from qmover.protocol.mover import RouteMover
 
     kept, other = (RouteMover(load_config(route.config).select()[0]) for _ in range(2))
     try:

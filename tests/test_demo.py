@@ -22,7 +22,7 @@ def test_demo_moves_everything_and_prints_the_table(tmp_path):
     broker = Redis()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "qmover.demo", "--seconds", "3", "--prefix", prefix,
+            [sys.executable, "-m", "qmover_lab.demo", "--seconds", "3", "--prefix", prefix,
              "--flower-port", str(free_port()), "--workdir", str(tmp_path),
              "--server", f"host=127.0.0.1 password={MARKER}"],  # trust auth ignores it; qmover hides it
             capture_output=True, text=True, timeout=300,

@@ -74,7 +74,7 @@ def test_flower_in_compose_asks_for_a_login(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "qmover", *args], capture_output=True, text=True, env=env,
                              timeout=60)
     assert refused.returncode == 2 and "without a login" in refused.stderr
-    checked = subprocess.run([sys.executable, "-c", "import sys; from qmover.flower_access import flower_args; "
+    checked = subprocess.run([sys.executable, "-c", "import sys; from qmover.ops.flower_access import flower_args; "
                               "flower_args(sys.argv[1:])", *args[2:]], capture_output=True, text=True,
                              env={**env, "FLOWER_BASIC_AUTH": flower["environment"]["FLOWER_BASIC_AUTH"]}, timeout=60)
     assert checked.returncode == 0, checked.stderr

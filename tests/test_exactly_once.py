@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from qmover import move
 from qmover.config import load_config
 from qmover.errors import QmoverError, TransientError
-from qmover.mover import RouteMover
+from qmover.protocol import batch as batch_module
+from qmover.protocol.mover import RouteMover
 
 from celery_helpers import wait_until
 from conftest import multiset
@@ -273,7 +273,7 @@ def test_target_failing_mid_copy_applies_nothing(route, copy_path):
 
 def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
     """The source backend dies while streaming a big batch: the target rolls back."""
-    monkeypatch.setattr(move, "SMALL_BATCH", -1)
+    monkeypatch.setattr(batch_module, "SMALL_BATCH", -1)
     route.src.produce_series(route.src_queue, 200_000, size=200)
     route.src.tick(route.src_queue)
     mover = RouteMover(load_config(route.config).select()[0])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qmover.sandbox import free_port
+from qmover_lab.sandbox import free_port
 
 from celery_helpers import Redis, wait_until
 

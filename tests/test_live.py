@@ -1,7 +1,7 @@
 """A live fan-in: partitions that produce all the time, moved by a worker and beat.
 
 Each second every partition commits a round of events (the first a probe)
-and ticks, at its own moment of the second (qmover.bench_live.Load), while a
+and ticks, at its own moment of the second (qmover_lab.live.Load), while a
 worker and beat move them into central.  What is checked is tied to progress
 (sweeps, rounds, events), not to this machine's speed.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from qmover.bench_live import Arrivals, Load, watch_probes
+from qmover_lab.live import Arrivals, Load, watch_probes
 
 from celery_helpers import Processes, celery_under_test, error_lines, wait_until
 from conftest import HOST_DSN, Peak, PgqDatabase, installed_processes, partitions_and_central

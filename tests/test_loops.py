@@ -9,7 +9,7 @@ import pytest
 
 from qmover.config import load_config
 from qmover.errors import QmoverError
-from qmover.mover import RouteMover
+from qmover.protocol.mover import RouteMover
 
 from conftest import run_qmover
 

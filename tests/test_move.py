@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-from qmover import move
 from qmover.config import load_config
-from qmover.connector import Connector
-from qmover.mover import RouteMover
+from qmover.pg.connector import Connector
+from qmover.protocol import batch as batch_module
+from qmover.protocol.mover import RouteMover
 
 from conftest import run_qmover
 
@@ -46,7 +46,7 @@ def test_merge_ticks_0_moves_each_waiting_tick_as_a_batch_of_its_own(route):
 
 def test_a_route_behind_takes_its_waiting_ticks_as_batches_of_about_merge_events(route, monkeypatch):
     """Merged up to about MERGE_EVENTS a batch (PgQ's batch collection): here 100."""
-    monkeypatch.setattr(move, "MERGE_EVENTS", 100)
+    monkeypatch.setattr(batch_module, "MERGE_EVENTS", 100)
     for _ in range(12):
         route.src.produce_series(route.src_queue, 30)
         route.src.tick(route.src_queue, force=False)  # force_tick would count extra events into each tick
@@ -146,7 +146,7 @@ def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     probe.write_text(textwrap.dedent(r"""
         import re, sys
         from qmover.config import load_config
-        from qmover.mover import RouteMover
+        from qmover.protocol.mover import RouteMover
         route = load_config(sys.argv[1]).select()[0]
         with RouteMover(route) as mover:
             moved = mover.move_one()

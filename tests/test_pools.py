@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from celery import Celery
 
-from qmover import move
+from qmover.protocol import batch
 
 from celery_helpers import CELERY_PYTHON, error_lines
 from conftest import run_qmover
@@ -33,7 +33,7 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
     alone skip a claimed route): tasks for one route overlap, within a
     process on threads and gevent, across processes on prefork."""
     pipe = pipeline(2, interval=0.05, extra="move_budget = 0.05\nmerge_ticks = 0")  # 2,000 batches to race on
-    big = 2 * move.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
+    big = 2 * batch.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
     pipe.parts[0].produce_series("events", big, size=40, tag="big")
     pipe.parts[0].tick("events")
     worker = pipe.procs.worker("worker", CONCURRENCY[pool], *POOLS[pool])
@@ -110,7 +110,7 @@ def test_two_threads_run_the_task_for_one_route_at_once(route, monkeypatch):
 
 def test_connections_are_lent_to_one_borrower_at_a_time(route):
     from qmover.config import load_config
-    from qmover.connector import Connector
+    from qmover.pg.connector import Connector
 
     [config_route] = load_config(route.config).select()
     connector = Connector(max_idle=3)
@@ -142,7 +142,7 @@ def test_connections_are_lent_to_one_borrower_at_a_time(route):
 
 def test_a_forked_child_never_uses_its_parents_connections(route):
     from qmover.config import load_config
-    from qmover.connector import Connector
+    from qmover.pg.connector import Connector
 
     [config_route] = load_config(route.config).select()
     connector = Connector()

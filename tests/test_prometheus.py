@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from qmover import metrics
-from qmover.sandbox import free_port
+from qmover.ops import metrics
+from qmover_lab.sandbox import free_port
 
 from celery_helpers import wait_until
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from contextlib import closing
 
-from qmover import ticker
 from qmover.config import load_config
-from qmover.connector import Connector
+from qmover.ops import ticker
+from qmover.pg.connector import Connector
 
 
 def test_tick_closes_batches_and_runs_maintenance(route):

@@ -1,4 +1,4 @@
-"""Several routes moved in turn by one task (qmover.turns), failed at the points it touches.
+"""Several routes moved in turn by one task (qmover.protocol.turns), failed at the points it touches.
 
 Three partitions into one central queue, moved in this process on one
 connector: one route's source or the shared target fails mid-task, kept
@@ -14,9 +14,9 @@ from contextlib import closing
 import pytest
 
 from qmover.config import load_config
-from qmover.connector import Connector
 from qmover.errors import TransientError
-from qmover.turns import move_in_turn
+from qmover.pg.connector import Connector
+from qmover.protocol.turns import move_in_turn
 
 from conftest import ROUTE, partitions_and_central, run_qmover
 

@@ -5,8 +5,8 @@ celeryconfig.py, routes from the file QMOVER_CONFIG names).  An existing
 Celery app takes the same tasks and beat entries with attach().
 """
 
-from qmover.tasks.app import app
+from qmover.tasks.app import app, attach
 from qmover.tasks.jobs import move_next_batch, sweep, tick_database
-from qmover.tasks.schedule import attach, beat_schedule
+from qmover.tasks.schedule import beat_schedule
 
 __all__ = ["app", "attach", "beat_schedule", "move_next_batch", "sweep", "tick_database"]

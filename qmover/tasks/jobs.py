@@ -19,20 +19,21 @@ from typing import Any, NoReturn
 from celery import Celery, Task, shared_task
 from celery.signals import beat_init, worker_init, worker_ready
 
-from qmover import loops, metrics, ticker
-from qmover.checks import require_blocking_driver
 from qmover.config import Config, load_config
-from qmover.connector import Connector
+from qmover.config.route import Route
 from qmover.errors import QmoverError, TransientError
-from qmover.route import Route
-from qmover.sweep import Sweeper, chunks
-from qmover.tasks.schedule import CONFIG_ENV, MOVE_TASK, SWEEP_TASK, TICK_TASK, config_path_from_env
-from qmover.turns import move_in_turn
+from qmover.ops import metrics, ticker
+from qmover.pg.checks import require_blocking_driver
+from qmover.pg.connector import Connector
+from qmover.protocol import cycles
+from qmover.protocol.readiness import Sweeper, chunks
+from qmover.protocol.turns import move_in_turn
+from qmover.tasks.names import CONFIG_ENV, MOVE_TASK, SWEEP_TASK, TICK_TASK, config_path_from_env
 
 log = logging.getLogger("qmover")
 MAX_RETRIES = 5
 METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
-# This process's connections, lent to one task at a time (see qmover.connector).
+# This process's connections, lent to one task at a time (see qmover.pg.connector).
 connector = Connector()
 # The readiness sweep's connections, one per database (used where sweeps run: beat).
 sweeper = Sweeper()
@@ -81,7 +82,7 @@ def refuse_what_cannot_work(sender: Any, **_kwargs: Any) -> None:
             require_blocking_driver()
         except QmoverError as exc:
             raise QmoverError(f"qmover cannot run on the {pool} pool: {exc}") from None
-        loops.check_routes(config_for(sender.app).routes.values())
+        cycles.check_routes(config_for(sender.app).routes.values())
     except QmoverError as exc:
         raise SystemExit(f"qmover: error: {exc}") from None
 

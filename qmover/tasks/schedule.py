@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-from celery import Celery
-
-from qmover.config import Config, is_redis_url, load_config
-from qmover.connector import database_key
-from qmover.errors import ConfigError
-from qmover.sweep import slices
-
-CONFIG_ENV = "QMOVER_CONFIG"
-MOVE_TASK = "qmover.move_next_batch"
-SWEEP_TASK = "qmover.sweep"
-TICK_TASK = "qmover.tick_database"
-
-
-def config_path_from_env() -> Path:
-    path = os.environ.get(CONFIG_ENV)
-    if not path:
-        raise ConfigError(f"{CONFIG_ENV} is not set; point it at the qmover config file "
-                          f"(e.g. {CONFIG_ENV}=/etc/qmover/routes.ini)")
-    return Path(path)
+from qmover.config import Config, is_redis_url
+from qmover.pg.connector import database_key
+from qmover.protocol.readiness import slices
+from qmover.tasks.names import SWEEP_TASK, TICK_TASK
 
 
 def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
@@ -32,7 +15,7 @@ def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     that a route asks beat to tick (named after its first route there).
 
     An interval's sweeps run each a slice of its source databases, slices
-    times an interval (qmover.sweep).  Ticks expire after one interval: a
+    times an interval (qmover.protocol.readiness).  Ticks expire after one interval: a
     stalled worker lets beat queue at most one pending tick per entry, not a
     backlog (move tasks do not expire: sweeps send each route one at a time).
     """
@@ -85,16 +68,3 @@ def celery_settings(config: Config) -> dict[str, Any]:
         # when it is a Redis, else the counters' Redis (none: set one, metrics_url).
         "redbeat_redis_url": config.broker_url if is_redis_url(config.broker_url) else config.metrics_url,
     }
-
-
-def attach(app: Celery, config_path: str | os.PathLike[str]) -> None:
-    """Add qmover's tasks and beat entries to an existing Celery app; its
-    tasks go to their own queue (celery_queue), for `-Q qmover` workers."""
-    config = load_config(config_path)
-    import qmover.tasks.jobs  # noqa: F401  (registers the shared tasks)
-
-    app.conf.qmover_config = str(config.path)
-    app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **beat_schedule(config)}
-    theirs = app.conf.task_routes
-    theirs = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs] if theirs else []
-    app.conf.task_routes = [task_routes(config), *theirs]

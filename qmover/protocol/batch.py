@@ -34,10 +34,11 @@ from typing import Any, BinaryIO
 import psycopg2
 from psycopg2.extensions import connection
 
-from qmover import queries, split
-from qmover.db import errors, prepare_once, scalar
+from qmover.config.route import Route
 from qmover.errors import LostPosition
-from qmover.route import Route
+from qmover.pg import queries
+from qmover.pg.db import errors, prepare_once, scalar
+from qmover.protocol import split
 
 # Batches PgQ estimates at up to SMALL_BATCH events are copied through a
 # buffer (SPOOL_BYTES in memory at most); bigger ones stream through a pipe.

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from psycopg2.extensions import connection
 
-from qmover import queries
-from qmover.connector import Connector, database_key
-from qmover.db import Side
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.route import Route
+from qmover.pg import queries
+from qmover.pg.connector import Connector, database_key
+from qmover.pg.db import Side
 
 Server = tuple[str, str]  # (system identifier, database name)
 Queue = tuple[Server, str]

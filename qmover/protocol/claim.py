@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmover import db, queries
-from qmover.connector import Loan, by_database
+from qmover.config.route import Route, database_of
 from qmover.errors import QmoverError, TransientError
-from qmover.route import Route, database_of
+from qmover.pg import db, queries
+from qmover.pg.connector import Loan, by_database
 
 
 def source_name(route: Route) -> str:

@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from qmover import admin
-from qmover.connector import Connector
-from qmover.route import Route
+from qmover.config.route import Route
+from qmover.ops import admin
+from qmover.pg.connector import Connector
 
 log = logging.getLogger("qmover")
 KEY_TTL = 30 * 24 * 3600  # counters of a route that stopped moving fade out after a month

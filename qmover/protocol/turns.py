@@ -1,6 +1,6 @@
 """Several routes moved in turn on one loan: what one move task does with the routes a sweep gave it.
 
-The task claims its routes (qmover.claim), then moves one batch of each in
+The task claims its routes (qmover.protocol.claim), then moves one batch of each in
 turn, again and again while some have more, until move_budget has passed;
 a route's last finish goes alone (PgQ keeps it cheap: no flush waited for).
 Routes that share a database share its connection, so a task holds one
@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from qmover import claim
-from qmover.connector import Connector, Loan, database_key
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.move import no_checkpoint
-from qmover.mover import UNFINISHED, RouteMover, log
-from qmover.route import Route
+from qmover.pg.connector import Connector, Loan, database_key
+from qmover.protocol import claim
+from qmover.protocol.batch import no_checkpoint
+from qmover.protocol.mover import UNFINISHED, RouteMover, log
 
 
 @dataclass
@@ -41,7 +41,7 @@ def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float,
     """Move the routes' ready batches, one batch of each in turn, for up to budget seconds.
 
     checkpoint(route, step): called at each step of the move protocol (see
-    qmover.move.Checkpoint), where tests fail a route.
+    qmover.protocol.batch.Checkpoint), where tests fail a route.
     """
     started = time.monotonic()
     outcomes = {route: Outcome(route) for route in routes}

@@ -30,11 +30,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qmover import db, queries
-from qmover.connector import Connector, Session, by_database, database_key
-from qmover.db import Side, prepare_once
+from qmover.config.route import Route
 from qmover.errors import LoginRefused, QmoverError, TransientError
-from qmover.route import Route
+from qmover.pg import db, queries
+from qmover.pg.connector import Connector, Session, by_database, database_key
+from qmover.pg.db import Side, prepare_once
 
 log = logging.getLogger("qmover")
 PROBE_EVERY = 1.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,17 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import click
 from psycopg2 import sql
 
-from qmover import admin
 from qmover.config import load_config
-from qmover.connector import Connector
-from qmover.db import scalar
-from qmover.mover import RouteMover
-from qmover.processes import start_celery
-from qmover.processes import stop as stop_celery
-from qmover.sandbox import connect, drop_database, recreate_database, run_sql
+from qmover.ops import admin
+from qmover.pg.connector import Connector
+from qmover.pg.db import scalar
+from qmover.protocol.mover import RouteMover
+from qmover_lab.processes import cpu_seconds, pool_children, start_celery, wait_for_celery
+from qmover_lab.processes import stop as stop_celery
+from qmover_lab.sandbox import connect, drop_database, recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
 SOURCE, TARGET_QMOVER, TARGET_CELERY = "qmover_bench_src", "qmover_bench_qmover", "qmover_bench_celery"
@@ -142,19 +142,6 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time of the processes and of their children that ended (PostgreSQL's
-    backends and autovacuum workers, say)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def prepare(server: str, workload: Workload) -> list[int]:
     """Fresh databases and queues, the workload loaded; returns the tick ids."""
     for name in (SOURCE, TARGET_QMOVER, TARGET_CELERY):
@@ -199,7 +186,7 @@ def run_floor(server: str, workload: Workload) -> Result:
 
 def run_qmover(config: Path, workload: Workload) -> Result:
     """The move protocol in a process of its own, so its memory is its own."""
-    out = subprocess.run([sys.executable, "-m", "qmover.bench", "--move", str(config), "bench_qmover"],
+    out = subprocess.run([sys.executable, "-m", "qmover_lab.bench", "--move", str(config), "bench_qmover"],
                          check=True, capture_output=True, text=True).stdout
     moved = json.loads(out)
     if moved["events"] != workload.events:
@@ -259,23 +246,6 @@ def move_all(config: str, route_name: str) -> None:
                       "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()},
                       "cpu_ms": {process: seconds * 1000 / max(1, batches)
                                  for process, seconds in zip(("source", "target", "client"), cpu, strict=True)}}))
-
-
-def pool_children(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in children.read_text().split()] if children.exists() else []
-
-
-def wait_for_celery(logs: list[Path], workers: int, timeout: float = 60) -> None:
-    """Until the workers say ready and beat has swept once (idle routes get no task to wait for)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = "".join(log.read_text() for log in logs if log.exists())
-        if text.count(" ready.") >= workers and re.search(r"Task qmover.sweep\[\S+\] succeeded", text):
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"Celery did not start; see {', '.join(map(str, logs))}")
-        time.sleep(0.1)
 
 
 def run_celery(server: str, config: Path, workdir: Path, workload: Workload, ticks: list[int]) -> Result:
@@ -470,13 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate is not None:
         if args.routes is None:
             parser.error("--rate needs --routes N")
-        from qmover import bench_live
+        from qmover_lab import live as live_benchmark
 
-        return bench_live.main(args)
+        return live_benchmark.main(args)
     if args.routes is not None:
-        from qmover import bench_fanin
+        from qmover_lab import fanin
 
-        return bench_fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds,
+        return fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds,
                                args.json)
     args.server = args.server or SERVER
     args.json = args.json or Path("bench-results.json")
@@ -521,3 +491,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def command(bench_args: tuple[str, ...]) -> None:
+    """Benchmark: floor vs qmover vs Celery on fresh databases (--help for options)."""
+    sys.exit(main(list(bench_args)))

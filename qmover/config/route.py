@@ -91,7 +91,7 @@ class Route:
     # Celery: at most this many worker connections to the source database at
     # once, closed after each task (None: one per worker process, kept open)
     max_source_connections: int | None = None
-    merge_ticks: bool = True  # a route behind takes its waiting ticks as one batch (see qmover.move)
+    merge_ticks: bool = True  # a route behind takes its waiting ticks as one batch (see qmover.protocol.batch)
 
     @property
     def kind(self) -> RouteKind:

@@ -26,10 +26,10 @@ from typing import TypeVar
 
 from psycopg2.extensions import connection, parse_dsn
 
-from qmover import db
-from qmover.db import Side
+from qmover.config.route import Route
 from qmover.errors import QmoverError, TransientError
-from qmover.route import Route
+from qmover.pg import db
+from qmover.pg.db import Side
 
 T = TypeVar("T")
 

@@ -16,8 +16,10 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection
 
-from qmover import db, queries
-from qmover.checks import (
+from qmover.config.route import Route
+from qmover.errors import QmoverError
+from qmover.pg import db, queries
+from qmover.pg.checks import (
     has_schema,
     not_registered,
     pgq_ext_missing,
@@ -27,10 +29,8 @@ from qmover.checks import (
     require_pgq_ext,
     require_queue,
 )
-from qmover.connector import Connector, Session, by_database, database_key
-from qmover.db import Side, errors, first_line, scalar, where
-from qmover.errors import QmoverError
-from qmover.route import Route
+from qmover.pg.connector import Connector, Session, by_database, database_key
+from qmover.pg.db import Side, errors, first_line, scalar, where
 
 
 @contextmanager
@@ -55,7 +55,7 @@ def install(route: Route) -> str:
             parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
             with dst.cursor() as cur:
                 for part in parts:
-                    cur.execute(resources.files("qmover").joinpath(part).read_text())
+                    cur.execute(resources.files("qmover.pg").joinpath(part).read_text())
             dst.commit()
         require_pgq_ext(dst, route)
         dst.rollback()

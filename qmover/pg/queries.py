@@ -11,7 +11,7 @@ from collections.abc import Callable
 from psycopg2 import sql
 from psycopg2.extensions import connection
 
-from qmover.route import Route
+from qmover.config.route import Route
 
 # The columns a consumer can see, in COPY order.  ev_id and ev_txid are
 # assigned by the target queue, as skytools' queue_mover did.

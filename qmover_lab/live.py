@@ -49,14 +49,12 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection
 
-from qmover import admin
-from qmover.bench import cpu_seconds, wait_for_celery
-from qmover.bench_fanin import machine_busy, pids_named
 from qmover.config import load_config
-from qmover.db import scalar
-from qmover.processes import start_celery
-from qmover.processes import stop as stop_processes
-from qmover.sandbox import Cluster, drop_database, run_sql
+from qmover.ops import admin
+from qmover.pg.db import scalar
+from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, start_celery, wait_for_celery
+from qmover_lab.processes import stop as stop_processes
+from qmover_lab.sandbox import Cluster, drop_database, run_sql
 
 PREFIX = "qmover_live"
 CENTRAL = f"{PREFIX}_central"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qmover import db, queries
-from qmover.connector import Connector, Session
-from qmover.db import Side
-from qmover.route import Route
+from qmover.config.route import Route
+from qmover.pg import db, queries
+from qmover.pg.connector import Connector, Session
+from qmover.pg.db import Side
 
 
 @dataclass(frozen=True)

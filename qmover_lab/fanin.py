@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import statistics
@@ -43,15 +42,14 @@ from typing import Any
 
 from psycopg2 import sql
 
-from qmover import admin
-from qmover.bench import cpu_seconds, pool_children, wait_for_celery
 from qmover.config import load_config
-from qmover.connector import Connector
-from qmover.db import scalar
-from qmover.mover import RouteMover
-from qmover.processes import start_celery
-from qmover.processes import stop as stop_celery
-from qmover.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
+from qmover.ops import admin
+from qmover.pg.connector import Connector
+from qmover.pg.db import scalar
+from qmover.protocol.mover import RouteMover
+from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, pool_children, start_celery, wait_for_celery
+from qmover_lab.processes import stop as stop_celery
+from qmover_lab.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
 
 PREFIX = "qmover_fanin"
 PER_PARTITION = 1000
@@ -110,26 +108,9 @@ class Peaks(threading.Thread):
         return self.central, self.partition, self.total
 
 
-def pids_named(name: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip().startswith(name):
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def family(pid: int) -> list[int]:
     """A process and its children (a worker's pool)."""
     return [pid, *pool_children(pid)]
-
-
-def machine_busy() -> tuple[int, int]:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
 
 
 def rss_mb(pids: list[int]) -> float:

@@ -22,11 +22,11 @@ from pathlib import Path
 import redis
 from psycopg2 import sql
 
-from qmover import admin
 from qmover.config import load_config
-from qmover.processes import start_celery
-from qmover.processes import stop as stop_celery
-from qmover.sandbox import recreate_database, run_sql
+from qmover.ops import admin
+from qmover_lab.processes import start_celery
+from qmover_lab.processes import stop as stop_celery
+from qmover_lab.sandbox import recreate_database, run_sql
 
 SERVER = "host=127.0.0.1"
 ROUTE = """

@@ -11,10 +11,10 @@ from __future__ import annotations
 import psycopg2.extensions
 from psycopg2.extensions import connection
 
-from qmover import queries
-from qmover.db import Side, errors, scalar, where
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.route import Route
+from qmover.pg import queries
+from qmover.pg.db import Side, errors, scalar, where
 
 PGQ_FIX = ("install PgQ (Debian: apt-get install postgresql-15-pgq3) "
            "and run CREATE EXTENSION pgq in that database")

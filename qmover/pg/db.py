@@ -15,9 +15,9 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import connection, make_dsn, parse_dsn
 
-from qmover import queries
+from qmover.config.route import Route
 from qmover.errors import LoginRefused, QmoverError, TransientError
-from qmover.route import Route
+from qmover.pg import queries
 
 Side = Literal["source", "target"]
 CONNECT_TIMEOUT = 10

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from psycopg2.extensions import connection
 
-from qmover import queries
-from qmover.db import where
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.route import Route
+from qmover.pg import queries
+from qmover.pg.db import where
 
 
 def prepare(dst: connection) -> None:

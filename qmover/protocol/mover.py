@@ -16,13 +16,14 @@ import logging
 
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from qmover import claim, db, split
-from qmover.checks import check_route, require_blocking_driver, target_can_copy
-from qmover.connector import Connector, Loan, Session
+from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
-from qmover.loops import Hop, require_no_loops, server_identity
-from qmover.move import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
-from qmover.route import Route
+from qmover.pg import db
+from qmover.pg.checks import check_route, require_blocking_driver, target_can_copy
+from qmover.pg.connector import Connector, Loan, Session
+from qmover.protocol import claim, split
+from qmover.protocol.batch import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
+from qmover.protocol.cycles import Hop, require_no_loops, server_identity
 
 log = logging.getLogger("qmover")
 _warned_routes: set[str] = set()  # the insert_event fallback is announced once per process
@@ -192,7 +193,7 @@ class RouteMover:
         return None
 
     def claim(self) -> bool:
-        """Take the route for this mover alone; False when another mover holds it (see qmover.claim)."""
+        """Take the route for this mover alone; False when another mover holds it (see qmover.protocol.claim)."""
         self._claim = claim.take(self.loan, [self.route])
         if self._claim.failed:
             raise self._claim.failed[self.route]

@@ -95,10 +95,9 @@ def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     loaded, routes = selected_routes(config, route_names)
     cycles.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
     stop = runner.Stop()
-    counters = metrics.Counters(loaded.metrics_url)
     metrics.say_if_off(loaded.metrics_url)
     try:
-        with runner.stop_on_signals(stop):
+        with runner.stop_on_signals(stop), metrics.Counters(loaded.metrics_url) as counters:
             code = runner.run(routes, once=once, stop=stop, counters=counters)
     except KeyboardInterrupt:
         fail("interrupted twice: the batch in hand was rolled back and stays on the source", 130)
@@ -115,12 +114,13 @@ def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
 def status(config: str, route_names: tuple[str, ...], as_json: bool, prometheus: bool) -> None:
     """Per route: source lag, pending events, positions, current batch."""
     loaded, routes = selected_routes(config, route_names)
-    counters = metrics.Counters(loaded.metrics_url)
-    if prometheus:
-        click.echo(metrics.render(routes, counters), nl=False)
-        return
+    with metrics.Counters(loaded.metrics_url) as counters:
+        if prometheus:
+            click.echo(metrics.render(routes, counters), nl=False)
+            return
+        counts = counters.read(routes)
     rows = []
-    for found, counted in zip(admin.statuses(routes), counters.read(routes), strict=True):  # counted None: shown as "-"
+    for found, counted in zip(admin.statuses(routes), counts, strict=True):  # counted None: shown as "-"
         rows.append({**found, **{key: None if counted is None else int(counted.get(field, 0))
                                  for key, field in (("events_moved", "events"), ("events_filtered", "filtered"))}})
     if as_json:

@@ -446,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.routes is not None:
         from qmover_lab import fanin
 
-        return fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds,
-                               args.json)
+        return fanin.run(args.server, args.broker, args.routes, args.idle_seconds, args.latency_seconds, args.json)
     args.server = args.server or SERVER
     args.json = args.json or Path("bench-results.json")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from psycopg2.extensions import parse_dsn
@@ -11,10 +13,24 @@ from psycopg2.extensions import parse_dsn
 _SHOWN_DSN_KEYS = ("service", "host", "hostaddr", "port", "dbname", "user")
 
 
+@lru_cache(maxsize=4096)  # sweeps ask it for every route every interval
 def database_of(dsn: str) -> tuple[str | None, ...]:
-    """Which database a DSN names, whoever logs in (user and password left out)."""
+    """Which database a DSN names, whoever logs in (user and password left out).
+
+    qmover's one notion of "the same database": routes are grouped by it for
+    sweeps, ticks, status, claims and loop checks (which then also compare
+    what the servers report, since two host names can reach one server).
+    """
     parts = parse_dsn(dsn)
     return tuple(parts.get(key) for key in ("service", "host", "hostaddr", "port", "dbname"))
+
+
+def by_database(routes: Iterable[Route], side: str) -> list[list[Route]]:
+    """The routes grouped by the database of one side (database_of), in first-seen order."""
+    groups: dict[tuple, list[Route]] = {}
+    for route in routes:
+        groups.setdefault(database_of(route.dsn(side)), []).append(route)
+    return list(groups.values())
 
 
 def describe_dsn(dsn: str) -> str:

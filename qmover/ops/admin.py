@@ -16,7 +16,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection
 
-from qmover.config.route import Route
+from qmover.config.route import Route, by_database, database_of
 from qmover.errors import QmoverError
 from qmover.pg import db, queries
 from qmover.pg.checks import (
@@ -29,7 +29,7 @@ from qmover.pg.checks import (
     require_pgq_ext,
     require_queue,
 )
-from qmover.pg.connector import Connector, Session, by_database, database_key
+from qmover.pg.connector import Connector, Session
 from qmover.pg.db import Side, errors, first_line, scalar, where
 
 
@@ -155,7 +155,7 @@ def _read_each(routes: list[Route], side: Side, connector: Connector,
     """read() once per database of the side; a failure is kept as _Failed."""
     found: dict[tuple, Any] = {}
     for group in by_database(routes, side):
-        key = database_key(group[0].dsn(side))
+        key = database_of(group[0].dsn(side))
         try:
             found[key] = connector.run(group[0], side, functools.partial(_read_on, read, group))
         except QmoverError as exc:
@@ -179,7 +179,7 @@ def statuses(routes: list[Route], connector: Connector | None = None) -> list[di
     finally:
         if own:
             connector.close()
-    return [_status(route, sources[database_key(route.src_dsn)], targets[database_key(route.dst_dsn)])
+    return [_status(route, sources[database_of(route.src_dsn)], targets[database_of(route.dst_dsn)])
             for route in routes]
 
 

@@ -133,6 +133,12 @@ class Counters:
         if self.client is not None:
             self.client.close()
 
+    def __enter__(self) -> Counters:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 def _warn_once(exc: Exception) -> None:
     global _warned

@@ -1,17 +1,16 @@
 """One process's database connections, lent to one mover at a time.
 
 A Connector owns every connection of a worker process (or of `qmover run`)
-and keeps them per database, not per route: routes that share a database
-share its idle connections.  A task borrows through a Loan, at most one
-connection per database however many of its routes use it, and gives them
-back when it ends; a connection is never in two tasks' hands at once,
-whatever the Celery pool (prefork, threads, solo, gevent).  A route's checks
-run once per process (`checked`), not once per task.
+and keeps them per connection settings, not per route: routes that share a
+database and a login share its idle connections.  A task borrows through a
+Loan, at most one connection per database however many of its routes use
+it, and gives them back when it ends; a connection is never in two tasks'
+hands at once, whatever the Celery pool (prefork, threads, solo, gevent).
+It only lends: the route claim is qmover.protocol.claim's, the checks'
+cache qmover.protocol.mover's.
 
-The Connector also keeps the in-process half of the route claim: two tasks of
-one process never move the same route at once (the advisory lock in
-PostgreSQL keeps other processes out, but a session can take its own lock
-twice).
+A kept connection may have died while idle (its server restarted): the one
+retry for that case is once_more_if_stale, which every caller goes through.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TypeVar
@@ -34,18 +33,12 @@ from qmover.pg.db import Side
 T = TypeVar("T")
 
 
-@lru_cache(maxsize=4096)  # sweeps ask it for every route every interval
-def database_key(dsn: str) -> tuple[tuple[str, str], ...]:
-    """The same connection settings, however the DSN text spells them."""
+@lru_cache(maxsize=4096)  # loans ask it for every route every task
+def connection_key(dsn: str) -> tuple[tuple[str, str], ...]:
+    """The same connection settings (login included), however the DSN text
+    spells them: which idle connections a DSN may reuse.  Which *database* a
+    DSN names, whoever logs in, is qmover.config.route.database_of."""
     return tuple(sorted(parse_dsn(dsn).items()))
-
-
-def by_database(routes: Iterable[Route], side: Side) -> list[list[Route]]:
-    """The routes grouped by the database of one side, in first-seen order."""
-    groups: dict[tuple, list[Route]] = {}
-    for route in routes:
-        groups.setdefault(database_key(route.dsn(side)), []).append(route)
-    return list(groups.values())
 
 
 @dataclass(eq=False)
@@ -72,15 +65,12 @@ class Connector:
         self._lock = threading.Lock()
         self._idle: OrderedDict[int, Session] = OrderedDict()  # id(session) -> session, oldest first
         self._idle_by_key: dict[tuple, list[Session]] = {}  # the same, per database, the latest last
-        self._held: set[tuple] = set()
-        # Routes whose checks passed in this process: route -> moves through pgq.insert_event
-        self.checked: dict[Route, bool] = {}
         self._pid = os.getpid()
         self._inherited: list[Session] = []
 
     def borrow(self, route: Route, side: Side) -> Session:
         """An idle connection to the side's database, or a new one."""
-        key = database_key(route.dsn(side))
+        key = connection_key(route.dsn(side))
         with self._lock:
             self._forget_after_fork()
             idle = self._idle_by_key.get(key)
@@ -116,46 +106,33 @@ class Connector:
         for session in sessions:
             db.close(session.conn)
 
-    def hold(self, route: Route) -> bool:
-        """The in-process claim on a route; False when another task of this process has it."""
-        key = (database_key(route.dst_dsn), route.consumer)
-        with self._lock:
-            if key in self._held:
-                return False
-            self._held.add(key)
-            return True
-
-    def unhold(self, route: Route) -> None:
-        with self._lock:
-            self._held.discard((database_key(route.dst_dsn), route.consumer))
-
     def run(self, route: Route, side: Side, work: Callable[[Session], T]) -> T:
         """work(session) on a borrowed connection, errors turned into QmoverErrors.
 
-        A kept connection that fails with a connection error (its server
-        restarted since) is replaced once at once; after a statement error
-        the connection (in autocommit) goes back as it is.
+        A kept connection that fails with a connection error is replaced once
+        (once_more_if_stale); after a statement error the connection (in
+        autocommit) goes back as it is; after a connection error it is closed.
         """
-        for attempt in range(2):
-            session = self.borrow(route, side)
-            try:
-                with db.errors(route, side):
-                    result = work(session)
-            except TransientError:
-                db.close(session.conn)
-                if session.reused and attempt == 0:
-                    self.drop_idle(session.key)
-                    continue
-                raise
-            except QmoverError:
-                self.give_back(session)
-                raise
-            except BaseException:
-                db.close(session.conn)
-                raise
-            self.give_back(session)
-            return result
-        raise AssertionError("unreachable")
+        loan = Loan(self)
+
+        def attempt() -> T:
+            session = loan.session(route, side)
+            with db.errors(route, side):
+                return work(session)
+
+        try:
+            result = once_more_if_stale(attempt, loan, route)
+        except TransientError:
+            loan.close()
+            raise
+        except QmoverError:
+            loan.give_back()
+            raise
+        except BaseException:
+            loan.close()
+            raise
+        loan.give_back()
+        return result
 
     def replace(self, session: Session, route: Route, side: Side) -> Session:
         """A new connection for one that failed before it answered: the
@@ -185,7 +162,6 @@ class Connector:
             self._inherited += self._idle.values()
             self._idle.clear()
             self._idle_by_key.clear()
-            self._held.clear()
 
 
 class Loan:
@@ -204,7 +180,7 @@ class Loan:
         self.sessions: dict[tuple, Session] = {}
 
     def session(self, route: Route, side: Side) -> Session:
-        key = database_key(route.dsn(side))
+        key = connection_key(route.dsn(side))
         session = self.sessions.get(key)
         if session is None or session.conn.closed:
             session = self.sessions[key] = self.connector.borrow(route, side)
@@ -212,7 +188,7 @@ class Loan:
 
     def has(self, route: Route, side: Side) -> bool:
         """Whether the loan holds an open connection to the side's database."""
-        session = self.sessions.get(database_key(route.dsn(side)))
+        session = self.sessions.get(connection_key(route.dsn(side)))
         return session is not None and not session.conn.closed
 
     def replace(self, session: Session, route: Route, side: Side) -> Session:
@@ -222,7 +198,7 @@ class Loan:
 
     def discard(self, route: Route, side: Side) -> None:
         """Close the side's connection (after an error it may have left half-way)."""
-        session = self.sessions.pop(database_key(route.dsn(side)), None)
+        session = self.sessions.pop(connection_key(route.dsn(side)), None)
         if session is not None:
             db.close(session.conn)
 
@@ -247,3 +223,21 @@ class Loan:
             self.give_back()
         else:
             self.close()  # an interrupted task leaves no connection half-way
+
+
+def once_more_if_stale(attempt: Callable[[], T], loan: Loan, route: Route) -> T:
+    """attempt(), and once more if it failed with a connection error on a kept
+    connection that had not answered since it was lent (its server restarted
+    while it sat idle): that connection, and the database's other idle ones,
+    are replaced first.  Any other failure is attempt()'s to report."""
+    try:
+        return attempt()
+    except TransientError as exc:
+        if exc.side not in ("source", "target"):
+            raise
+        side: Side = "source" if exc.side == "source" else "target"
+        session = loan.sessions.get(connection_key(route.dsn(side)))
+        if session is None or not session.reused:
+            raise
+        loan.replace(session, route, side)
+    return attempt()

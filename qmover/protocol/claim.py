@@ -1,9 +1,9 @@
 """The route claim: one mover per route at a time, across threads, processes and hosts.
 
-Two holds, both needed: the connector's in-process one (a PostgreSQL session
-can take its own advisory lock twice, so the threads or greenlets of one
-process are kept apart first), then a session advisory lock on the task's
-target connection, which ends with release() or with the connection, so a
+Two holds, both needed: the in-process one (Holds: a PostgreSQL session can
+take its own advisory lock twice, so the threads or greenlets of one process
+are kept apart first), then a session advisory lock on the task's target
+connection, which ends with release() or with the connection, so a
 killed worker never keeps a route.  The routes of one target database are
 claimed in one statement.  A route whose source is capped
 (max_source_connections) also takes one of its source's places, on the same
@@ -15,14 +15,16 @@ defence: a claim only keeps movers from doing the same work twice.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmover.config.route import Route, database_of
+from qmover.config.route import Route, by_database, database_of
 from qmover.errors import QmoverError, TransientError
 from qmover.pg import db, queries
-from qmover.pg.connector import Loan, by_database
+from qmover.pg.connector import Loan, once_more_if_stale
 
 
 def source_name(route: Route) -> str:
@@ -31,23 +33,51 @@ def source_name(route: Route) -> str:
 
 
 def on_target(loan: Loan, route: Route, query: str, params: Any) -> list[tuple]:
-    """One statement on the loan's connection to the route's target; a kept
-    connection that fails before it ever answered is replaced once at once."""
-    session = loan.session(route, "target")
-    for attempt in range(2):
-        try:
-            with db.errors(route, "target"), session.conn.cursor() as cur:
-                cur.execute(query, params)
-                rows = cur.fetchall()
-        except TransientError:
-            if attempt == 0 and session.reused:
-                session = loan.replace(session, route, "target")
-                continue
-            loan.discard(route, "target")
-            raise
+    """One statement on the loan's connection to the route's target (a stale
+    kept connection replaced once, see once_more_if_stale); a connection that
+    fails is closed, and whatever it had locked with it."""
+
+    def attempt() -> list[tuple]:
+        session = loan.session(route, "target")
+        with db.errors(route, "target"), session.conn.cursor() as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall()
         session.reused = False
         return rows
-    raise AssertionError("unreachable")
+
+    try:
+        return once_more_if_stale(attempt, loan, route)
+    except TransientError:
+        loan.discard(route, "target")
+        raise
+
+
+class Holds:
+    """The in-process half of the claim: the routes a task of this process
+    holds.  Thread- and greenlet-safe; after a fork the child starts empty."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[tuple] = set()
+        self._pid = os.getpid()
+
+    def take(self, route: Route) -> bool:
+        """False when another task of this process holds the route."""
+        key = (database_of(route.dst_dsn), route.consumer)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._held = os.getpid(), set()
+            if key in self._held:
+                return False
+            self._held.add(key)
+            return True
+
+    def give_back(self, route: Route) -> None:
+        with self._lock:
+            self._held.discard((database_of(route.dst_dsn), route.consumer))
+
+
+HOLDS = Holds()  # this process's
 
 
 @dataclass
@@ -72,7 +102,7 @@ class Claim:
             except QmoverError:
                 self.loan.discard(group[0], "target")
         for route in self.routes:
-            self.loan.connector.unhold(route)
+            HOLDS.give_back(route)
         self.routes, self._slots = [], []
 
 
@@ -81,7 +111,7 @@ def take(loan: Loan, routes: Sequence[Route]) -> Claim:
     claim = Claim(loan)
     held: list[Route] = []
     for route in routes:
-        (held if loan.connector.hold(route) else claim.busy).append(route)
+        (held if HOLDS.take(route) else claim.busy).append(route)
     for group in by_database(held, "target"):
         try:
             got = {row[0] for row in on_target(loan, group[0], queries.CLAIM_ROUTES,
@@ -96,7 +126,7 @@ def take(loan: Loan, routes: Sequence[Route]) -> Claim:
             claim.routes = [route for route in claim.routes if route not in group]
         for route in group:
             if route not in claim.routes:
-                loan.connector.unhold(route)
+                HOLDS.give_back(route)
     return claim
 
 

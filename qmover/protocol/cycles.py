@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from psycopg2.extensions import connection
 
-from qmover.config.route import Route
+from qmover.config.route import Route, database_of
 from qmover.errors import QmoverError
 from qmover.pg import queries
-from qmover.pg.connector import Connector, database_key
+from qmover.pg.connector import Connector
 from qmover.pg.db import Side
 
 Server = tuple[str, str]  # (system identifier, database name)
@@ -52,7 +52,7 @@ def check_routes(routes: Iterable[Route]) -> None:
     servers: dict[tuple, Server | None] = {}
 
     def server(route: Route, side: Side) -> Server | None:
-        key = database_key(route.dsn(side))
+        key = database_of(route.dsn(side))
         if key not in servers:
             try:
                 servers[key] = connector.run(route, side, lambda session: server_identity(session.conn))

@@ -20,13 +20,16 @@ from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.pg import db
 from qmover.pg.checks import check_route, require_blocking_driver, target_can_copy
-from qmover.pg.connector import Connector, Loan, Session
+from qmover.pg.connector import Connector, Loan, Session, once_more_if_stale
 from qmover.protocol import claim, split
 from qmover.protocol.batch import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
 from qmover.protocol.cycles import Hop, require_no_loops, server_identity
 
 log = logging.getLogger("qmover")
 _warned_routes: set[str] = set()  # the insert_event fallback is announced once per process
+# Routes whose checks passed in this process: route -> whether it moves through
+# pgq.insert_event.  Dropped after any failure of the route, so they run again.
+checked: dict[Route, bool] = {}
 UNFINISHED = "the route's next mover finishes the batch (the target's position skips it)"
 
 
@@ -72,13 +75,13 @@ class RouteMover:
         return src, dst
 
     def _check(self, src: Session, dst: Session) -> None:
-        """What a move needs: the route's checks once per process (again after
-        any failure), the target session's temporary table once per connection."""
+        """What a move needs: the route's checks once per process (`checked`,
+        again after any failure), the target session's temporary table once per connection."""
         route = self.route
-        via_insert_event = self.connector.checked.get(route)
+        via_insert_event = checked.get(route)
         if via_insert_event is None:
             via_insert_event = self._check_route(src, dst)
-            self.connector.checked[route] = via_insert_event
+            checked[route] = via_insert_event
             src.reused = dst.reused = False  # both answered
         self._via_insert_event = via_insert_event
         if (route.kind == "split" or via_insert_event) and route not in dst.routes:
@@ -112,40 +115,39 @@ class RouteMover:
 
     def move_one(self) -> Moved | None:
         """Move the next batch and log it; None when none is ready."""
-        for attempt in range(2):
-            src, dst = self.open()
+        sessions: list[Session] = []
 
-            def step(name: str, src: Session = src, dst: Session = dst) -> None:
+        def attempt() -> Moved | None:
+            src, dst = sessions[:] = self.open()
+
+            def step(name: str) -> None:
                 if name == "next_batch":
                     src.reused = False
                 elif name == "position":
                     dst.reused = False
                 self.checkpoint(name)
 
-            try:
-                moved = move_batch(self.route, src.conn, dst.conn, src.prepared, dst.prepared, step,
-                                   self._via_insert_event, finish=self._unfinished)
-            except TransientError as exc:
-                failed = {"source": src, "target": dst}.get(exc.side or "")
-                if attempt == 0 and failed is not None and failed.reused:
-                    # a kept connection that was dead before it said a word: once more, afresh
-                    self.loan.replace(failed, self.route, "source" if failed is src else "target")
-                    continue
-                self._failed(exc)
+            return move_batch(self.route, src.conn, dst.conn, src.prepared, dst.prepared, step,
+                              self._via_insert_event, finish=self._unfinished)
+
+        try:
+            moved = once_more_if_stale(attempt, self.loan, self.route)
+        except TransientError as exc:
+            self._failed(exc)
+            raise
+        except QmoverError as exc:
+            precise = None if isinstance(exc, LostPosition) or not sessions else self._diagnose(*sessions)
+            self._failed(exc)
+            if precise is None:
                 raise
-            except QmoverError as exc:
-                precise = None if isinstance(exc, LostPosition) else self._diagnose(src, dst)
-                self._failed(exc)
-                if precise is None:
-                    raise
-                raise precise from None
-            except BaseException:
-                self.close()
-                raise
-            src.reused = dst.reused = False
-            self._log(moved)
-            return moved
-        raise AssertionError("unreachable")
+            raise precise from None
+        except BaseException:
+            self.close()
+            raise
+        src, dst = sessions
+        src.reused = dst.reused = False
+        self._log(moved)
+        return moved
 
     def _log(self, moved: Moved | None) -> None:
         self._unfinished = None if moved is None else moved.batch_id
@@ -163,7 +165,7 @@ class RouteMover:
 
     def _failed(self, exc: QmoverError) -> None:
         """After a failed move: the checks again next time; the connections it may have left half-way closed."""
-        self.connector.checked.pop(self.route, None)
+        checked.pop(self.route, None)
         self._unfinished = None  # the batch comes back, and the target's position skips it
         self.loan.discard(self.route, "source")
         self._drop(exc)

@@ -30,10 +30,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qmover.config.route import Route
+from qmover.config.route import Route, by_database, database_of
 from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.pg import db, queries
-from qmover.pg.connector import Connector, Session, by_database, database_key
+from qmover.pg.connector import Connector, Session
 from qmover.pg.db import Side, prepare_once
 
 log = logging.getLogger("qmover")
@@ -158,7 +158,7 @@ class Sweeper:
              params: tuple) -> set[tuple] | None:
         """The PREPAREd query's rows for the group; None when the database does not answer."""
         route = group[0]
-        key = database_key(route.dsn(side))
+        key = database_of(route.dsn(side))
         if key in self._down:
             return None
 

@@ -17,7 +17,7 @@ from functools import partial
 
 from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.pg.connector import Connector, Loan, database_key
+from qmover.pg.connector import Connector, Loan, connection_key
 from qmover.protocol import claim
 from qmover.protocol.batch import no_checkpoint
 from qmover.protocol.mover import UNFINISHED, RouteMover, log
@@ -45,7 +45,7 @@ def move_in_turn(routes: Sequence[Route], connector: Connector, budget: float,
     """
     started = time.monotonic()
     outcomes = {route: Outcome(route) for route in routes}
-    capped = frozenset(database_key(route.src_dsn) for route in routes if route.max_source_connections is not None)
+    capped = frozenset(connection_key(route.src_dsn) for route in routes if route.max_source_connections is not None)
     with Loan(connector, close_after=capped) as loan:
         taken = claim.take(loan, routes)
         for route in taken.busy:

@@ -35,6 +35,16 @@ MAX_RETRIES = 5
 METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
 # This process's connections, lent to one task at a time (see qmover.pg.connector).
 connector = Connector()
+_bounded_by: Config | None = None  # the config whose max_idle_connections bounds it
+
+
+def connector_for(config: Config) -> Connector:
+    """This process's connector, its idle connections bounded by the config
+    (set when the config is first read, and again only when the file changes)."""
+    global _bounded_by
+    if config is not _bounded_by:
+        connector.max_idle, _bounded_by = config.max_idle_connections, config
+    return connector
 # The readiness sweep's connections, one per database (used where sweeps run: beat).
 sweeper = Sweeper()
 
@@ -130,8 +140,7 @@ def move_next_batch(self: Task, *route_names: str) -> dict[str, Any]:
         routes = config.select(list(route_names))
     except QmoverError as exc:
         _retry_or_fail(self, exc)
-    connector.max_idle = config.max_idle_connections
-    outcomes = move_in_turn(routes, connector, min(route.move_budget for route in routes))
+    outcomes = move_in_turn(routes, connector_for(config), min(route.move_budget for route in routes))
     counters_at(config.metrics_url).record_many(
         [(o.route, {"events": o.events, "filtered": o.filtered, "batches": o.batches - o.skipped,
                     "skipped": o.skipped, "errors": int(o.error is not None)}) for o in outcomes if not o.busy])
@@ -206,7 +215,10 @@ def sweep(self: Task, interval: float) -> dict[str, Any]:
 def tick_database(self: Task, route_name: str, side: str) -> dict[str, Any]:
     """pgq.ticker() and due maintenance on one side of a route (instead of pgqd)."""
     try:
-        ticked = ticker.tick(route_for(self, route_name), side, connector)  # type: ignore[arg-type]
+        if side not in ("source", "target"):
+            raise QmoverError(f"tick_database: side is 'source' or 'target', not {side!r}")
+        ticked = ticker.tick(route_for(self, route_name), "source" if side == "source" else "target",
+                             connector_for(config_for(self.app)))
     except QmoverError as exc:
         _retry_or_fail(self, exc)
     return {"route": route_name, "side": side, "queues_ticked": ticked.queues,

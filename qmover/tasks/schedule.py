@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmover.config import Config, is_redis_url
-from qmover.pg.connector import database_key
+from qmover.config.route import database_of
 from qmover.protocol.readiness import slices
 from qmover.tasks.names import SWEEP_TASK, TICK_TASK
 
@@ -30,7 +30,7 @@ def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     ticked: dict[tuple, dict[str, Any]] = {}
     for route in config.routes.values():
         for side in route.ticker:
-            entry = ticked.setdefault((side, database_key(route.dsn(side))), {
+            entry = ticked.setdefault((side, database_of(route.dsn(side))), {
                 "name": f"qmover tick {side} {route.display(side)}",
                 "task": TICK_TASK, "schedule": route.ticker_interval, "args": (route.name, side)})
             entry["schedule"] = min(entry["schedule"], route.ticker_interval)

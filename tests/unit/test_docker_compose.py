@@ -19,7 +19,7 @@ from psycopg2.extensions import parse_dsn
 from qmover.cli import main as qmover_cli
 from qmover.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KNOWN_ENV = {"QMOVER_BROKER_URL", "QMOVER_RESULT_BACKEND", "PGHOST", "PGUSER", "PGPASSWORD", "POSTGRES_PASSWORD",
              "FLOWER_BASIC_AUTH"}
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "FLOWER_BASIC_AUTH": "ops:flower-secret"}
@@ -127,3 +127,11 @@ def test_every_command_is_a_real_command_line(tmp_path):
             qmover_cli.commands[subcommand].make_context(subcommand, [str(config), *celery_args])
         checked += 1
     assert checked == 5
+
+
+def test_the_image_leaves_the_lab_out():
+    """The image copies the product package only: no benchmarks, demo or sandbox (and its default password)."""
+    copied = [part for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY")
+              for part in line.split()[1:-1]]
+    assert "qmover" in copied
+    assert not [part for part in copied if part in (".", "./") or part.startswith("qmover_lab")], copied

@@ -302,6 +302,7 @@ def test_a_kept_mover_claims_releases_and_survives_dropped_connections(route):
         assert kept.claim() and not other.claim()  # one mover at a time
         kept.release()
         assert other.claim() and not kept.claim()  # released, yet kept's connections stay open
+        other.release()
         other.close()
         for database in (route.src, route.dst):  # e.g. a server restart between two tasks
             database.execute("select pg_terminate_backend(pid) from pg_stat_activity"

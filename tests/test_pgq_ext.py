@@ -102,7 +102,7 @@ def test_skytools_skips_a_batch_qmover_applied_but_did_not_finish(route):
 def test_install_leaves_an_existing_pgq_ext_alone(make_db, tmp_path):
     new = manual_route(make_db, tmp_path, install=False)
     dst = new.dst
-    dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())
+    dst.execute((Path(__file__).parents[1] / "qmover" / "pg" / "pgq_ext.sql").read_text())
     dst.execute("comment on schema pgq_ext is 'ours, not qmover''s'")
     dst.execute("create or replace function pgq_ext.version() returns text language sql as $$ select 'theirs' $$")
     dst.execute("create table pgq_ext.their_table (x int)")
@@ -154,7 +154,7 @@ def test_incomplete_pgq_ext_is_reported_not_altered(make_db, tmp_path):
 def test_migration_steps_from_the_readme(make_db, tmp_path):
     """skytools registered and ran the route; qmover install keeps its position."""
     new = manual_route(make_db, tmp_path, install=False)
-    new.dst.execute((Path(__file__).parents[1] / "qmover" / "pgq_ext.sql").read_text())  # skytools' pgq_ext
+    new.dst.execute((Path(__file__).parents[1] / "qmover" / "pg" / "pgq_ext.sql").read_text())  # skytools' pgq_ext
     skytools_move(new, "--register")
     produce(new, 2, "sky")
     skytools_move(new)

@@ -41,6 +41,16 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     $SUDO pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start
     for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
+# The live fan-in tests put 30 partition databases, their movers (beat and two
+# worker processes: 1 + 2 connections to each) and the load generator on this
+# one server, more than a stock max_connections (100) admits; in a deployment
+# each partition's server sees only its own share.
+if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show max_connections')" -lt 300 ]; then
+    echo "setup: raising PostgreSQL's max_connections to 300 for the fan-in tests (restarts it)"
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "alter system set max_connections = 300"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart
+    for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     echo "setup: starting Redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null

@@ -293,25 +293,35 @@ def test_worker_sigterm_mid_batch_finishes_it_then_stops(pipeline):
 
 
 def test_a_kept_mover_claims_releases_and_survives_dropped_connections(route):
-    """What move_next_batch does with the mover a worker process keeps between tasks."""
+    """What move_next_batch does with the movers and claims a worker process keeps between tasks."""
     from qmover.config import load_config
+    from qmover.protocol import claim
     from qmover.protocol.mover import RouteMover
+
+    def take(mover: RouteMover) -> claim.Claim | None:
+        taken = claim.take(mover.loan, [mover.route])
+        assert not taken.failed
+        return taken if taken.routes else None
 
     kept, other = (RouteMover(load_config(route.config).select()[0]) for _ in range(2))
     try:
-        assert kept.claim() and not other.claim()  # one mover at a time
-        kept.release()
-        assert other.claim() and not kept.claim()  # released, yet kept's connections stay open
-        other.release()
+        first = take(kept)
+        assert first and take(other) is None  # one mover at a time
+        first.release()
+        second = take(other)
+        assert second and take(kept) is None  # released, yet kept's connections stay open
+        second.release()
         other.close()
         for database in (route.src, route.dst):  # e.g. a server restart between two tasks
             database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
                              " where datname = %s and application_name like 'qmover %%'", (database.name,))
 
-        assert kept.claim()  # opened afresh, no error
+        third = take(kept)  # opened afresh, no error
+        assert third
         route.src.produce_series(route.src_queue, 5)
         route.src.tick(route.src_queue)
         assert kept.move_one().events == 5
+        third.release()
     finally:
         kept.close()
         other.close()

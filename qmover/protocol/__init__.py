@@ -1,8 +1,8 @@
 """The third layer: the move protocol, over connections the pg layer lends.
 
 batch moves one batch exactly once; split sends a batch's events to several
-queues; claim keeps one mover per route; mover moves a route batch after
-batch; turns moves a task's routes in turn; readiness says which routes have
-a batch ready; cycles refuses routes that feed a queue back into itself.
-Knows nothing of Celery.
+queues; claim keeps one mover per route; preflight checks a route before its
+first batch; mover moves a route batch after batch; turns moves a task's
+routes in turn; readiness says which routes have a batch ready; cycles
+refuses routes that feed a queue back into itself.  Knows nothing of Celery.
 """

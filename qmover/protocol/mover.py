@@ -1,8 +1,9 @@
-"""A route's mover: the move protocol over two connections a Loan lends.
+"""A route's mover: the move loop, batch after batch, over two connections a Loan lends.
 
 A mover made with a loan shares its connections with the task's other
 routes (one per database); made without one, it borrows its own and gives
-them back on release().  The route is checked once per process.  After an
+them back on release().  Claiming the route is the caller's (qmover.protocol.
+claim), the checks before its first batch preflight's.  After an
 error the source connection is closed rather than given back, so a
 half-finished COPY never leaks into the next batch; the target connection
 is closed only when it failed, so the task's claims on it stay.  A kept
@@ -18,25 +19,18 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
-from qmover.pg import db
-from qmover.pg.checks import check_route, require_blocking_driver, target_can_copy
 from qmover.pg.connector import Connector, Loan, Session, once_more_if_stale
-from qmover.protocol import claim, split
+from qmover.protocol import preflight, split
 from qmover.protocol.batch import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
-from qmover.protocol.cycles import Hop, require_no_loops, server_identity
 
 log = logging.getLogger("qmover")
-_warned_routes: set[str] = set()  # the insert_event fallback is announced once per process
-# Routes whose checks passed in this process: route -> whether it moves through
-# pgq.insert_event.  Dropped after any failure of the route, so they run again.
-checked: dict[Route, bool] = {}
 UNFINISHED = "the route's next mover finishes the batch (the target's position skips it)"
 
 
 class RouteMover:
-    """Moves batches of one route.  Use as a context manager: on exit the
-    route and its own connections go back to the connector (a mover made
-    without one has a private connector, closed on exit)."""
+    """Moves batches of one route.  Use as a context manager: on exit its own
+    connections go back to the connector (a mover made without one has a
+    private connector, closed on exit)."""
 
     def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint, connector: Connector | None = None,
                  loan: Loan | None = None):
@@ -46,7 +40,6 @@ class RouteMover:
         self._own_connector = loan is None and connector is None
         self.loan = loan or Loan(self.connector)
         self._own_loan = loan is None
-        self._claim: claim.Claim | None = None
         self._via_insert_event = False  # the target role may not COPY into the queue's event tables
         self._unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
 
@@ -75,43 +68,18 @@ class RouteMover:
         return src, dst
 
     def _check(self, src: Session, dst: Session) -> None:
-        """What a move needs: the route's checks once per process (`checked`,
+        """What a move needs: the route's checks once per process (preflight,
         again after any failure), the target session's temporary table once per connection."""
         route = self.route
-        via_insert_event = checked.get(route)
+        via_insert_event = preflight.checked.get(route)
         if via_insert_event is None:
-            via_insert_event = self._check_route(src, dst)
-            checked[route] = via_insert_event
+            via_insert_event = preflight.check(route, src.conn, dst.conn)
+            preflight.checked[route] = via_insert_event
             src.reused = dst.reused = False  # both answered
         self._via_insert_event = via_insert_event
         if (route.kind == "split" or via_insert_event) and route not in dst.routes:
             split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
             dst.routes.add(route)
-
-    def _check_route(self, src: Session, dst: Session) -> bool:
-        """Raise the first thing that keeps the route from moving; returns
-        whether it must move through pgq.insert_event."""
-        route = self.route
-        require_blocking_driver()
-        with db.errors(route, "source"):
-            source = server_identity(src.conn)
-        with db.errors(route, "target"):
-            target = server_identity(dst.conn)
-        require_no_loops([Hop(route, source, target)])
-        check_route(src.conn, dst.conn, route)
-        via_insert_event = route.kind == "queue" and not target_can_copy(dst.conn, route)
-        if via_insert_event and route.keep_event_id:
-            raise QmoverError(
-                f"route {route.name}: keep_event_id needs the target role to write queue "
-                f"{route.dst_queue!r}'s event tables itself (pgq.insert_event cannot keep ids); grant "
-                f"it INSERT on the event tables and UPDATE on the event sequence, or set keep_event_id = 0")
-        if via_insert_event and route.name not in _warned_routes:
-            _warned_routes.add(route.name)
-            log.warning("route %s: the target role may not COPY into queue %r's event tables; moving "
-                        "through pgq.insert_event instead, still exactly once, but slower and with "
-                        "ev_time set by the target; grant INSERT on the event tables and USAGE on the "
-                        "event sequence to keep it", route.name, route.dst_queue)
-        return via_insert_event
 
     def move_one(self) -> Moved | None:
         """Move the next batch and log it; None when none is ready."""
@@ -136,7 +104,8 @@ class RouteMover:
             self._failed(exc)
             raise
         except QmoverError as exc:
-            precise = None if isinstance(exc, LostPosition) or not sessions else self._diagnose(*sessions)
+            precise = None if isinstance(exc, LostPosition) or not sessions else preflight.diagnose(
+                self.route, sessions[0].conn, sessions[1].conn)
             self._failed(exc)
             if precise is None:
                 raise
@@ -165,7 +134,7 @@ class RouteMover:
 
     def _failed(self, exc: QmoverError) -> None:
         """After a failed move: the checks again next time; the connections it may have left half-way closed."""
-        checked.pop(self.route, None)
+        preflight.checked.pop(self.route, None)
         self._unfinished = None  # the batch comes back, and the target's position skips it
         self.loan.discard(self.route, "source")
         self._drop(exc)
@@ -180,28 +149,6 @@ class RouteMover:
         broken = exc.side == "target" and isinstance(exc, TransientError)
         if broken or conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
             self.loan.discard(self.route, "target")
-
-    def _diagnose(self, src: Session, dst: Session) -> QmoverError | None:
-        """After a failed move, the route's checks again: a queue dropped or a
-        consumer unregistered while running is reported as such, with its fix."""
-        if src.conn.closed or dst.conn.closed:
-            return None
-        try:
-            check_route(src.conn, dst.conn, self.route)
-        except TransientError:
-            return None
-        except QmoverError as found:
-            return found
-        return None
-
-    def claim(self) -> bool:
-        """Take the route for this mover alone; False when another mover holds it (see qmover.protocol.claim)."""
-        self._claim = claim.take(self.loan, [self.route])
-        if self._claim.failed:
-            raise self._claim.failed[self.route]
-        if not self._claim.routes:
-            self.release()
-        return self._claim is not None
 
     def finish(self) -> None:
         """Finish on the source the last batch moved, if a next request has not."""
@@ -218,7 +165,7 @@ class RouteMover:
             self._unfinished = None
 
     def release(self, finish: bool = True) -> None:
-        """Give back the route and, from its own loan, the connections, kept open for the next task.
+        """Give back, from its own loan, the connections, kept open for the next task.
 
         finish: finish the last batch moved now.  Without, the finish goes with
         this mover's next request for a batch (`qmover run`, back at this route
@@ -229,9 +176,6 @@ class RouteMover:
                 self.finish()
             except QmoverError as exc:
                 log.warning("%s; %s", exc, UNFINISHED)
-        if self._claim is not None:
-            self._claim.release()
-            self._claim = None
         if self._own_loan:
             self.loan.give_back()
 

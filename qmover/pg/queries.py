@@ -200,21 +200,22 @@ IS_QUEUE_WRITER = """
 """
 # The pgq_writer path: COPY into a session's temporary table, then one
 # pgq.insert_event per row, server-side, in the same transaction.
-CREATE_INCOMING = """
-    create temporary table if not exists qmover_incoming (
+INCOMING = "qmover_incoming"
+CREATE_INCOMING = f"""
+    create temporary table if not exists {INCOMING} (
         ev_time timestamptz, ev_type text, ev_data text,
         ev_extra1 text, ev_extra2 text, ev_extra3 text, ev_extra4 text
     ) on commit delete rows
 """
-INCOMING_TO_QUEUE = """
+INCOMING_TO_QUEUE = f"""
     select count(pgq.insert_event(%s, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4))
-      from qmover_incoming
+      from {INCOMING}
 """
 
-# The split path: the batch is COPYed into qmover_incoming, then each
-# group of events goes on to the queue its field value names.
+# The split path: the batch is COPYed into INCOMING, then each group of
+# events goes on to the queue its field value names.
 def split_values(field: str) -> sql.Composed:
-    return sql.SQL("select {}, count(*) from qmover_incoming group by 1").format(sql.Identifier(field))
+    return sql.SQL("select {}, count(*) from {} group by 1").format(sql.Identifier(field), sql.Identifier(INCOMING))
 
 
 # Which of the candidate names are queues, with the table each writes to now.
@@ -225,9 +226,10 @@ def split_insert(field: str, event_table: str) -> sql.Composed:
     """The incoming events whose field is one of %(values)s (or NULL, with %(with_null)s)."""
     schema, _, table = event_table.rpartition(".")
     columns = sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
-    return sql.SQL("insert into {} ({}) select {} from qmover_incoming"
+    return sql.SQL("insert into {} ({}) select {} from {}"
                    " where {} = any(%(values)s) or (%(with_null)s and {} is null)").format(
-        sql.Identifier(schema, table), columns, columns, sql.Identifier(field), sql.Identifier(field))
+        sql.Identifier(schema, table), columns, columns, sql.Identifier(INCOMING), sql.Identifier(field),
+        sql.Identifier(field))
 
 
 # --- target side, other commands --------------------------------------------------------

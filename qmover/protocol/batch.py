@@ -50,7 +50,6 @@ SPOOL_BYTES = 16 * 1024 * 1024
 # of one per tick.
 MERGE_EVENTS = 10_000
 
-INCOMING = "qmover_incoming"  # the temporary table of the pgq_writer path
 
 # Called with the name of each step as it completes: "next_batch" (with the
 # finish of the batch before, when there is one), "position", "copy",
@@ -115,8 +114,8 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
             if position != cur_tick:
                 small = estimate is not None and estimate <= SMALL_BATCH
                 copy = copy_spooled if small or threads_are_green() else copy_streamed
-                split_route = route.kind == "split"
-                events = copy(route, src, dst, select, INCOMING if via_insert_event or split_route else event_table)
+                into = queries.INCOMING if via_insert_event or route.kind == "split" else event_table
+                events = copy(route, src, dst, select, into)
                 if via_insert_event:
                     _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
                 if route.keep_event_id:
@@ -124,7 +123,7 @@ def move_batch(route: Route, src: connection, dst: connection, src_prepared: set
                 if route.filtered:
                     with errors(route, "source"):
                         filtered = scalar(src, queries.count_batch(select)) - events
-                if split_route:
+                if route.kind == "split":
                     events, left_out = split.distribute(route, dst, batch_id)
                     filtered += left_out
                 checkpoint("copy")

@@ -135,3 +135,12 @@ def test_the_image_leaves_the_lab_out():
               for part in line.split()[1:-1]]
     assert "qmover" in copied
     assert not [part for part in copied if part in (".", "./") or part.startswith("qmover_lab")], copied
+
+
+def test_without_the_lab_the_command_line_works_and_has_no_bench():
+    """As in the image: qmover_lab's entry point is declared, but its package cannot be imported."""
+    script = ("import sys; sys.modules['qmover_lab'] = None; from qmover.cli import main; "
+              "main(['--help'], prog_name='qmover')")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert " run " in out.stdout and " bench " not in out.stdout

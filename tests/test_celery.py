@@ -299,29 +299,37 @@ def test_a_kept_mover_claims_releases_and_survives_dropped_connections(route):
     from qmover.protocol.mover import RouteMover
 
     def take(mover: RouteMover) -> claim.Claim | None:
+        """A task's claim on the route; None, and the connections given back, when another mover holds it."""
         taken = claim.take(mover.loan, [mover.route])
         assert not taken.failed
+        if not taken.routes:
+            mover.release()
         return taken if taken.routes else None
+
+    def let_go(mover: RouteMover, taken: claim.Claim) -> None:
+        """The end of a task: the claim released, the connections back in the connector, kept open."""
+        taken.release()
+        mover.release()
 
     kept, other = (RouteMover(load_config(route.config).select()[0]) for _ in range(2))
     try:
         first = take(kept)
         assert first and take(other) is None  # one mover at a time
-        first.release()
+        let_go(kept, first)
         second = take(other)
         assert second and take(kept) is None  # released, yet kept's connections stay open
-        second.release()
+        let_go(other, second)
         other.close()
         for database in (route.src, route.dst):  # e.g. a server restart between two tasks
             database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
                              " where datname = %s and application_name like 'qmover %%'", (database.name,))
 
-        third = take(kept)  # opened afresh, no error
+        third = take(kept)  # its kept connections replaced at once, no error
         assert third
         route.src.produce_series(route.src_queue, 5)
         route.src.tick(route.src_queue)
         assert kept.move_one().events == 5
-        third.release()
+        let_go(kept, third)
     finally:
         kept.close()
         other.close()

@@ -170,7 +170,9 @@ def test_a_redis_restart_while_the_worker_holds_tasks(pipeline):
 
         broker.restart(down=1)
         produced += pipe.produce(2)
-        time.sleep(3)  # the worker's reconnect, or its exit
+        # Progress, not a pause: the worker connects to the new Redis, or exits.
+        wait_until(lambda: pipe.procs.exited("worker") or pipe.procs.log("worker").count("Connected to redis") >= 2,
+                   60, "the worker to reconnect or exit")
         if pipe.procs.exited("worker"):
             assert celery_under_test()[0] in EXITS_ON_REDIS_LOSS, pipe.procs.log("worker")[-3000:]
             assert "Unrecoverable error: AttributeError" in pipe.procs.log("worker")

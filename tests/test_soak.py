@@ -251,10 +251,10 @@ class Soak:
         except psycopg2.Error as exc:
             lines.append(f"(a server did not answer: {exc})")
         for name in ("beat", "worker"):
-            noted = [line for line in self.procs.log(name).splitlines()
-                     if "WARNING" in line or "ERROR" in line or "Traceback" in line]
+            logged = self.procs.log(name).splitlines()
+            noted = [line for line in logged if "WARNING" in line or "ERROR" in line or "Traceback" in line]
             lines += [f"{name} log, last warnings:"] + [line[:300] for line in noted[-15:]]
-            lines += [f"{name} log, last lines:"] + [line[:300] for line in self.procs.log(name).splitlines()[-8:]]
+            lines += [f"{name} log, last lines:"] + [line[:300] for line in logged[-8:]]
         return "\n".join(lines)
 
     def positions(self) -> dict[str, tuple[int, int]]:

@@ -7,7 +7,7 @@ Loan, at most one connection per database however many of its routes use
 it, and gives them back when it ends; a connection is never in two tasks'
 hands at once, whatever the Celery pool (prefork, threads, solo, gevent).
 It only lends: the route claim is qmover.protocol.claim's, the checks'
-cache qmover.protocol.mover's.
+cache qmover.protocol.preflight's.
 
 A kept connection may have died while idle (its server restarted): the one
 retry for that case is once_more_if_stale, which every caller goes through.

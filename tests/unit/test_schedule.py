@@ -3,6 +3,7 @@ is one database however many logins reach it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from qmover.config import load_config
@@ -46,7 +47,7 @@ def test_routes_are_grouped_by_database_whoever_logs_in(tmp_path):
     routes = list(two_logins(tmp_path).routes.values())
     assert [[route.name for route in group] for group in by_database(routes, "source")] == [
         ["alice_route", "bob_route"]]
-    other = routes[1].__class__(**{**routes[1].__dict__, "src_dsn": "host=127.0.0.1 port=5433 dbname=shop"})
+    other = replace(routes[1], src_dsn="host=127.0.0.1 port=5433 dbname=shop")
     assert len(by_database([routes[0], other], "source")) == 2
 
 

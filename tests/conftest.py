@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -282,11 +284,15 @@ class Pipeline:
         return ticks * per_tick * len(self.parts)
 
     def run_with_flower(self, rounds: int) -> tuple[int, int]:
-        """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced)."""
+        """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced).
+
+        Flower lists only the tasks whose events it received, so nothing is
+        produced before it has heard from the worker."""
         port = free_port()
-        self.procs.worker(concurrency=2)
-        self.procs.beat()
         self.procs.flower(port)
+        self.procs.worker(concurrency=2)
+        wait_until(lambda: flower_hears_workers(port), 60, "Flower to receive the worker's events", every=0.5)
+        self.procs.beat()
         produced = self.produce(rounds)
         self.wait_for(produced)
         return port, produced
@@ -301,6 +307,15 @@ class Pipeline:
         wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
         time.sleep(1.5)  # a straggler doubling an event would show now
         assert Counter(self.central_events()) == Counter(self.source_events())
+
+
+def flower_hears_workers(port: int) -> bool:
+    """Flower answers and has a worker alive by its events (so it is subscribed to them)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/workers?status=true", timeout=5) as response:
+            return any(json.load(response).values())
+    except OSError:
+        return False
 
 
 @pytest.fixture

@@ -78,8 +78,9 @@ PRODUCE = ("select count(pgq.insert_event('events', 'order', %s || i || ':' || r
            " 'public.orders', i::text, null, null)) from generate_series(1, %s) i")
 # force_tick marks the queue as due, ticker then ticks it (in a statement of its own).
 TICK_NOW = "select pgq.force_tick('events'); select pgq.ticker('events')"
+# Only the bench's own databases count: other work may share the server.
 CONNECTIONS = ("select datname, count(*) from pg_stat_activity where application_name like 'qmover %%'"
-               " group by datname")
+               f" and datname like '{PREFIX}\\_%%' group by datname")
 
 
 class Peaks(threading.Thread):
@@ -96,7 +97,7 @@ class Peaks(threading.Thread):
     def run(self) -> None:
         with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
             while not self.done.wait(2.0 if self.quiet else 0.05):
-                cur.execute(CONNECTIONS)
+                cur.execute(CONNECTIONS, ())
                 counts = dict(cur.fetchall())
                 self.central = max(self.central, counts.get(self.central_name, 0))
                 self.partition = max([self.partition, *(n for name, n in counts.items() if name != self.central_name)])

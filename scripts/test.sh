@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the test suite against real PostgreSQL + PgQ and Redis; sets up first,
 # then the code-health gate (ruff and mypy, settings in pyproject.toml; the
-# alert rules through promtool), then pytest on the newest Celery, then the
-# Celery layer's tests (-m celery_release) on each earlier Celery minor
-# release in scripts/celery-releases.txt.
+# alert rules through promtool), then two test runs side by side: the whole
+# suite on the newest Celery, and the Celery layer's tests (-m celery_release)
+# on each earlier Celery minor release in scripts/celery-releases.txt, one
+# release after another.  Each test keeps to databases, a Redis database and a
+# RabbitMQ vhost of its own, so the two runs share the servers safely.
 # Extra arguments go to pytest instead, once, on the newest Celery (e.g.
 # -k lost_position, or -m soak); QMOVER_CELERY=5.4 with them runs that release.
 set -euo pipefail
@@ -24,9 +26,28 @@ if [ "$#" -gt 0 ]; then
     .venv/bin/python -m pytest "$@"
     exit
 fi
-.venv/bin/python -m pytest
-while read -r minor _ <&3; do
-    case "$minor" in ''|'#'*) continue ;; esac
-    echo "the Celery layer on Celery $minor"
-    QMOVER_CELERY="$minor" .venv/bin/python -m pytest -q -m celery_release
-done 3< scripts/celery-releases.txt
+earlier_releases() {
+    local minor failed=0
+    while read -r minor _ <&3; do
+        case "$minor" in ''|'#'*) continue ;; esac
+        echo "the Celery layer on Celery $minor"
+        QMOVER_CELERY="$minor" .venv/bin/python -m pytest -q -p no:cacheprovider -m celery_release || failed=1
+    done 3< scripts/celery-releases.txt
+    return "$failed"
+}
+# PgQ's roles belong to the server and are made by its first `create extension
+# pgq`; made here, before two runs could race to make them.
+psql -h 127.0.0.1 -U postgres -d postgres -qAt -c "set client_min_messages = warning" \
+    -c "drop database if exists qmover_tests_pgq_roles" \
+    -c "create database qmover_tests_pgq_roles" \
+    -c "\\c qmover_tests_pgq_roles" -c "create extension pgq" \
+    -c "\\c postgres" -c "drop database qmover_tests_pgq_roles" >/dev/null
+matrix_log="$(mktemp -d)/earlier-releases.log"
+echo "the Celery layer on the earlier releases runs beside the suite; its output follows the suite's"
+earlier_releases >"$matrix_log" 2>&1 &
+matrix=$!
+status=0
+.venv/bin/python -m pytest || status=$?
+wait "$matrix" || status=$?
+cat "$matrix_log"
+exit "$status"

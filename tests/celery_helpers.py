@@ -74,11 +74,22 @@ def error_lines(text: str) -> list[str]:
 
 
 class Redis:
-    """A Redis database of the machine's server, emptied before and after a test."""
+    """A Redis database of the machine's server, the test's alone, emptied before and after it.
+
+    Test runs side by side (scripts/test.sh runs two) share the server: each
+    database 1-15 is taken by a key in database 0 that only one test can set,
+    and that lapses if its run is killed."""
+
+    CLAIM = "qmover-tests:redis-db:{}"
 
     def __init__(self, port: int = 6379):
         self.port = port
-        self.db = random.randint(1, 15)
+        self._claims = redis.Redis(host="127.0.0.1", port=port, db=0)
+        taken = (db for db in random.sample(range(1, 16), 15)
+                 if self._claims.set(self.CLAIM.format(db), os.getpid(), nx=True, ex=1800))
+        self.db = next(taken, None)
+        if self.db is None:
+            raise AssertionError("every Redis database 1-15 is taken by other tests")
         self.client = redis.Redis(host="127.0.0.1", port=port, db=self.db)
         self.client.flushdb()
 
@@ -109,6 +120,8 @@ class Redis:
     def close(self) -> None:
         self.client.flushdb()
         self.client.close()
+        self._claims.delete(self.CLAIM.format(self.db))
+        self._claims.close()
 
 
 class RabbitVhost:

@@ -369,16 +369,18 @@ def pipeline(make_db, tmp_path, redis_db):
 
 # qmover's own connections, per database (the test's are not named 'qmover ...').
 CONNECTIONS = ("select datname, count(*) from pg_stat_activity"
-               " where application_name like 'qmover %' group by datname")
+               " where application_name like 'qmover %%' and datname = any(%s) group by datname")
 
 
 class Peak:
-    """The most connections qmover held, on the central database, on the
-    busiest other database and on the whole server, sampled every 20 ms while running."""
+    """The most connections qmover held on the central database, on the busiest
+    of the others and on them all, sampled every 20 ms while running.  Only the
+    test's own databases count: another test run may share the server."""
 
-    def __init__(self, admin: PgqDatabase, central: str):
-        self.central_name, self.central, self.partition, self.server = central, 0, 0, 0
-        self._conn = admin.connect()
+    def __init__(self, central: PgqDatabase, others: Sequence[PgqDatabase]):
+        self.central_name, self.central, self.partition, self.server = central.name, 0, 0, 0
+        self._names = [central.name, *(database.name for database in others)]
+        self._conn = central.connect()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample)
         self._thread.start()
@@ -386,7 +388,7 @@ class Peak:
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
             with self._conn.cursor() as cur:
-                cur.execute(CONNECTIONS)
+                cur.execute(CONNECTIONS, (self._names,))
                 counts = dict(cur.fetchall())
             self.central = max(self.central, counts.get(self.central_name, 0))
             self.partition = max([self.partition, *(n for name, n in counts.items() if name != self.central_name)])

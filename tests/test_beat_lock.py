@@ -69,7 +69,7 @@ def test_a_standby_beat_takes_over_sweeps_and_ticks_when_the_active_one_is_kille
     for part in pipe.parts:
         part.execute("select pgq.set_queue_config('events', 'ticker_max_lag', '0.2 seconds')")
     beats = ("beat_a", "beat_b")
-    peak = Peak(pipe.central, pipe.central.name)  # every beat's connections counted
+    peak = Peak(pipe.central, pipe.parts)  # every beat's connections counted
     producer = Producer(pipe)
     try:
         pipe.procs.worker("worker", 2, *(["-Q", "celery,qmover"] if app == "shop" else []))
@@ -107,7 +107,7 @@ def test_two_beats_without_a_lock_both_sweep_and_nothing_is_lost_or_doubled(pipe
     Moves stay exactly once (the route claim), at twice the sweeps' connections."""
     pipe = pipeline(4)
     beats = ("beat_a", "beat_b")
-    peak = Peak(pipe.central, pipe.central.name)
+    peak = Peak(pipe.central, pipe.parts)
     try:
         pipe.procs.worker("worker", 2)
         for name in beats:

@@ -96,7 +96,7 @@ def fan_in(make_db, tmp_path, redis_db):
 
 def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fan_in):
     fan = fan_in()
-    peak = Peak(fan.central, fan.central.name)
+    peak = Peak(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)  # 2 pool processes
         fan.procs.beat()

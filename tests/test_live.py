@@ -114,7 +114,7 @@ def wait_for_first_sweep(live: Live) -> None:
 
 def test_under_a_steady_load_every_route_moves_within_two_intervals_on_bounded_connections(live):
     fan = live(30, rate=5)
-    peak = Peak(fan.central, fan.central.name)
+    peak = Peak(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)
         fan.procs.beat()
@@ -172,7 +172,7 @@ def test_max_source_connections_caps_the_connections_to_a_source(make_db, tmp_pa
     config = tmp_path / "capped.ini"
     config.write_text("\n".join(sections) + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
     procs = installed_processes(config, tmp_path)
-    peak = Peak(central, central.name)
+    peak = Peak(central, [source])
     client = Celery(broker=redis_db.url)
     done = threading.Event()
 
@@ -213,7 +213,7 @@ def test_sweeps_run_in_beat_not_on_workers(live):
     """On every Celery release (scripts/test.sh runs this on each): beat's process is
     known by the beat_init signal, not by a header only 5.7 sends."""
     fan = live(6, rate=10)
-    peak = Peak(fan.central, fan.central.name)
+    peak = Peak(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)
         fan.procs.beat()

@@ -5,7 +5,9 @@
 # suite on the newest Celery, and the Celery layer's tests (-m celery_release)
 # on each earlier Celery minor release in scripts/celery-releases.txt, one
 # release after another.  Each test keeps to databases, a Redis database and a
-# RabbitMQ vhost of its own, so the two runs share the servers safely.
+# RabbitMQ vhost of its own, so the two runs share the servers safely.  The
+# promptness tests (-m alone: moves within two sweep intervals under a steady
+# load) run last, by themselves: the other run's load would delay the sweeps.
 # Extra arguments go to pytest instead, once, on the newest Celery (e.g.
 # -k lost_position, or -m soak); QMOVER_CELERY=5.4 with them runs that release.
 set -euo pipefail
@@ -31,7 +33,7 @@ earlier_releases() {
     while read -r minor _ <&3; do
         case "$minor" in ''|'#'*) continue ;; esac
         echo "the Celery layer on Celery $minor"
-        QMOVER_CELERY="$minor" .venv/bin/python -m pytest -q -p no:cacheprovider -m celery_release || failed=1
+        QMOVER_CELERY="$minor" .venv/bin/python -m pytest -q -m celery_release || failed=1
     done 3< scripts/celery-releases.txt
     return "$failed"
 }
@@ -47,7 +49,9 @@ echo "the Celery layer on the earlier releases runs beside the suite; its output
 earlier_releases >"$matrix_log" 2>&1 &
 matrix=$!
 status=0
-.venv/bin/python -m pytest || status=$?
+.venv/bin/python -m pytest -m "not alone" || status=$?
 wait "$matrix" || status=$?
 cat "$matrix_log"
+echo "the promptness tests, alone on the machine (-m alone)"
+.venv/bin/python -m pytest -q -m alone || status=$?
 exit "$status"

@@ -94,6 +94,7 @@ def fan_in(make_db, tmp_path, redis_db):
         built.procs.stop()
 
 
+@pytest.mark.alone
 def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fan_in):
     fan = fan_in()
     peak = Peak(fan.central, fan.parts)

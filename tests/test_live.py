@@ -112,6 +112,7 @@ def wait_for_first_sweep(live: Live) -> None:
     wait_until(lambda: live.sweep_times()[0] and " ready." in live.procs.log("worker"), 60, "worker and beat")
 
 
+@pytest.mark.alone
 def test_under_a_steady_load_every_route_moves_within_two_intervals_on_bounded_connections(live):
     fan = live(30, rate=5)
     peak = Peak(fan.central, fan.parts)

@@ -7,7 +7,8 @@
 # release after another.  Each test keeps to databases, a Redis database and a
 # RabbitMQ vhost of its own, so the two runs share the servers safely.  The
 # promptness tests (-m alone: moves within two sweep intervals under a steady
-# load) run last, by themselves: the other run's load would delay the sweeps.
+# load) run last, by themselves: beside the other run, the worker's moves fall
+# behind the sweeps they are counted in.
 # Extra arguments go to pytest instead, once, on the newest Celery (e.g.
 # -k lost_position, or -m soak); QMOVER_CELERY=5.4 with them runs that release.
 set -euo pipefail

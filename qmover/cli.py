@@ -201,6 +201,10 @@ def celery_command(name: str, help_text: str,
     @expected_errors
     def command(config: str, celery_args: tuple[str, ...]) -> None:
         load_config(config)  # a bad file fails here with its one line, before Celery starts
+        from qmover.tasks.app import settings_file, settings_in  # Celery is imported for these commands only
+
+        if (path := settings_file()) is not None:
+            settings_in(path)  # so does a bad Celery settings file
         args = checked_args(list(celery_args))
         os.environ["QMOVER_CONFIG"] = str(Path(config).resolve())
         argv = [sys.executable, "-m", "celery", "-A", "qmover.tasks", name, *args]

@@ -18,6 +18,7 @@ from celery_helpers import (
     CELERY_RELEASE,
     EXITS_ON_REDIS_LOSS,
     Processes,
+    Redis,
     celery_under_test,
     earlier_celery_releases,
     error_lines,
@@ -235,6 +236,55 @@ def test_an_existing_celery_app_takes_qmover_tasks(pipeline, redis_db):
         assert result.stdout.strip() == "5", result.stderr
     finally:
         shop.stop()
+
+
+SHOP_APP = """
+import os
+from celery import Celery
+import qmover.tasks
+
+app = Celery("shop")
+app.config_from_object("celeryconfig")
+qmover.tasks.attach(app, os.environ["SHOP_QMOVER_CONFIG"])
+"""
+
+
+@pytest.mark.celery_release
+def test_qmover_app_and_a_shop_app_in_one_folder_each_move_on_their_own_settings(pipeline, tmp_path):
+    """A shop's folder, with its celeryconfig.py (its own broker, no beat entries,
+    early acks) and its app: started there, qmover's worker (`qmover worker`) and
+    beat (`celery -A qmover.tasks beat`) move on qmover's settings; then the
+    shop's worker and beat, with qmover's tasks attached, move on the shop's."""
+    pipe = pipeline(2)
+    shop_broker = Redis()
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "celeryconfig.py").write_text(f"broker_url = {shop_broker.url!r}\ntask_acks_late = False\n"
+                                            f"beat_schedule = {{}}\n")
+    (folder / "shop.py").write_text(SHOP_APP)
+    try:
+        ours = [Processes(pipe.config, pipe.procs.logdir, cwd=folder, app=app) for app in ("qmover", "qmover.tasks")]
+        ours[0].worker("ours", 1)
+        ours[1].beat()
+        try:
+            pipe.wait_for(pipe.produce(3))
+        finally:
+            for processes in ours:
+                processes.stop()
+        assert shop_broker.client.dbsize() == 0  # nothing of qmover's app went through the shop's broker
+
+        shop = Processes(pipe.config, pipe.procs.logdir, cwd=folder, app="shop",
+                         env={"SHOP_QMOVER_CONFIG": str(pipe.config)})
+        shop.worker("shop", 1, "-Q", "qmover")
+        shop.beat()
+        try:
+            pipe.wait_for(pipe.produce(3))
+        finally:
+            shop.stop()
+        assert shop_broker.client.exists("_kombu.binding.qmover")  # the shop's broker carried qmover's tasks
+        assert error_lines(pipe.procs.logs()) == []
+    finally:
+        shop_broker.close()
 
 
 MARKER = "Pw-marker-7f3a9c"

@@ -1,8 +1,9 @@
 """The Celery layer: tasks and a beat schedule over the move protocol; no SQL.
 
 `celery -A qmover.tasks worker|beat` runs qmover's own app (settings from
-celeryconfig.py, routes from the file QMOVER_CONFIG names).  An existing
-Celery app takes the same tasks and beat entries with attach().
+the routes file QMOVER_CONFIG names, with qmover's celeryconfig.py on top,
+see qmover.tasks.app).  An existing Celery app takes the same tasks and beat
+entries with attach().
 """
 
 from qmover.tasks.app import app, attach

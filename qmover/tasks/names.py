@@ -9,6 +9,8 @@ from pathlib import Path
 from qmover.errors import ConfigError
 
 CONFIG_ENV = "QMOVER_CONFIG"
+# A file of Celery settings for qmover's own app, on top of those built from the routes (qmover.tasks.app).
+SETTINGS_ENV = "QMOVER_CELERY_SETTINGS"
 MOVE_TASK = "qmover.move_next_batch"
 SWEEP_TASK = "qmover.sweep"
 TICK_TASK = "qmover.tick_database"

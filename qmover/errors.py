@@ -10,9 +10,10 @@ class QmoverError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, side: str | None = None):
+    def __init__(self, message: str, side: str | None = None, sqlstate: str | None = None):
         super().__init__(message)
         self.side = side  # "source" or "target": the database that failed, where one did
+        self.sqlstate = sqlstate  # the server's error code, where the server said no
 
 
 class ConfigError(QmoverError):

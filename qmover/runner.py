@@ -1,8 +1,10 @@
 """`qmover run`: move batches of several routes in a loop, like skytools' daemon.
 
-A route whose error needs an operator (lost position, missing queue, ...)
-stops; the others go on.  Connection errors are retried with a growing
-delay, except with --once, which reports them and exits non-zero.
+Round after round of the one move loop (qmover.protocol.mover), sleeping
+loop_delay when a round moved nothing.  A route whose error needs an
+operator (lost position, missing queue, ...) stops; the others go on.
+Connection errors are retried with a growing delay, except with --once,
+which reports them and exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qmover.config.route import Route
-from qmover.errors import QmoverError, TransientError
+from qmover.errors import TransientError
 from qmover.ops.metrics import Counters
-from qmover.pg.connector import Connector
-from qmover.protocol.mover import RouteMover
+from qmover.protocol.mover import Mover, Outcome
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
 MAX_RETRY_DELAY = 60.0
 
 
@@ -63,75 +64,66 @@ def stop_on_signals(stop: Stop) -> Iterator[None]:
 
 
 @dataclass
-class RouteTurns:
-    """One route in the loop: its mover, and how its failures stand."""
+class Backoff:
+    """One route's standing in the loop: stopped, or when it may move again."""
 
-    mover: RouteMover
     stopped: bool = False  # an error that needs an operator
     retries: int = 0  # connection errors in a row
-    retry_at: float = 0.0  # monotonic time before which it is skipped
+    retry_at: float = 0.0  # monotonic time before which it is left out
 
-    def due(self) -> bool:
-        return not self.stopped and time.monotonic() >= self.retry_at
+    def due(self, now: float) -> bool:
+        return not self.stopped and now >= self.retry_at
 
-    def failed(self, delay_base: float) -> float:
-        """Count a connection error; the delay before the next turn."""
+    def failed(self, delay_base: float, now: float) -> float:
+        """Count a connection error; the delay before the route's next turn."""
         self.retries += 1
         delay = min(MAX_RETRY_DELAY, delay_base * 2 ** self.retries)
-        self.retry_at = time.monotonic() + delay
+        self.retry_at = now + delay
         return delay
 
 
 def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: Counters | None = None) -> int:
     """Move until stopped (or, with once, until no route has a batch ready).
 
-    counters: where each batch and failure is counted (qmover.ops.metrics).
+    Each round is the move loop (qmover.protocol.mover) over the routes that
+    are due, claims included: a route another mover holds waits for it.
+    counters: where each round's outcomes are counted (qmover.ops.metrics).
 
     Returns the exit code: 0, or 1 when a route failed.  Raises
     KeyboardInterrupt when a second signal aborted the batch in hand.
     """
     stop = stop or Stop()
-    connector = Connector()
-    turns = [RouteTurns(RouteMover(route, connector=connector)) for route in routes]
+    mover = Mover()
+    standing = {route: Backoff() for route in routes}
     try:
-        while not stop.requested:
-            active = [turn for turn in turns if not turn.stopped]
-            if not active:
-                break
-            busy = False
-            for turn in active:
-                mover = turn.mover
-                if stop.requested or not turn.due():
-                    continue
-                try:
-                    moved = mover.move_one()
-                    # Its connections may serve the next route of the same database; the
-                    # batch's finish goes with the route's next turn.
-                    mover.release(finish=False)
-                except QmoverError as exc:
-                    if stop.abort:  # the driver turned our interrupt into an error
-                        raise KeyboardInterrupt from None
-                    if counters:
-                        counters.record(mover.route, errors=1)
-                    if once or not isinstance(exc, TransientError):
-                        log.error("%s; route stopped", exc)
-                        turn.stopped = True
-                        continue
-                    log.error("%s; retrying in %.1fs", exc, turn.failed(mover.route.loop_delay))
-                    continue
-                turn.retries = 0
-                busy = busy or moved is not None
-                if counters and moved is not None:
-                    counters.record(mover.route, events=moved.events, filtered=moved.filtered,
-                                    batches=int(not moved.skipped), skipped=int(moved.skipped))
-            if not busy:
+        while not stop.requested and not all(backoff.stopped for backoff in standing.values()):
+            now = time.monotonic()
+            due = [route for route in routes if standing[route].due(now)]
+            outcomes = mover.move(due, min((route.move_budget for route in due), default=0.0),
+                                  stop=lambda: stop.requested)
+            if stop.abort:  # the driver may have turned our interrupt into an error
+                raise KeyboardInterrupt
+            if counters:
+                counters.record(outcomes)
+            for outcome in outcomes:
+                _after(outcome, standing[outcome.route], once)
+            if not any(outcome.moved for outcome in outcomes):
                 if once:
                     break
-                stop.sleep(min(turn.mover.route.loop_delay for turn in active))
-        for turn in turns:
-            turn.mover.finish_pending()
+                stop.sleep(min((route.loop_delay for route in routes if not standing[route].stopped), default=0))
     finally:
-        for turn in turns:
-            turn.mover.close()
-        connector.close()
-    return 1 if any(turn.stopped for turn in turns) else 0
+        mover.close()
+    return 1 if any(backoff.stopped for backoff in standing.values()) else 0
+
+
+def _after(outcome: Outcome, backoff: Backoff, once: bool) -> None:
+    """A route's round: its error logged, and the route stopped or its retry put off."""
+    exc = outcome.error
+    if exc is None:
+        backoff.retries = 0
+        return
+    if once or not isinstance(exc, TransientError):
+        log.error("%s; route stopped", exc)
+        backoff.stopped = True
+        return
+    log.error("%s; retrying in %.1fs", exc, backoff.failed(outcome.route.loop_delay, time.monotonic()))

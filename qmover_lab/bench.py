@@ -6,7 +6,7 @@ same ticks once, and lets three consumers of that one source queue move them:
 - floor:   a server-side loop in the source database (next_batch,
            insert ... select from get_batch_events, finish_batch, commit) into
            a second queue there: the database's own cost, no client involved;
-- qmover:  the move protocol, as `qmover run --once` runs it, in its own process;
+- qmover:  the move loop, as `qmover run --once` runs it, in its own process;
 - celery:  a real Celery worker and beat moving the same route.
 
 After each mode the target's content must equal the source's, or the run
@@ -31,14 +31,15 @@ from pathlib import Path
 import click
 from psycopg2 import sql
 
-from qmover.config import load_config
+from qmover.config import Route, load_config
 from qmover.ops import admin
-from qmover.pg.connector import Connector
-from qmover.pg.db import scalar
-from qmover.protocol.mover import RouteMover
+from qmover.pg.connector import Loan
+from qmover.protocol.batch import Moved
+from qmover.protocol.mover import Mover
 from qmover_lab.processes import cpu_seconds, pool_children, start_celery, wait_for_celery
 from qmover_lab.processes import stop as stop_celery
 from qmover_lab.sandbox import connect, drop_database, recreate_database, run_sql
+from qmover_lab.sandbox import value as scalar
 
 SERVER = "host=127.0.0.1"
 SOURCE, TARGET_QMOVER, TARGET_CELERY = "qmover_bench_src", "qmover_bench_qmover", "qmover_bench_celery"
@@ -216,31 +217,30 @@ class StepClock:
 
 
 def move_all(config: str, route_name: str) -> None:
-    """Entry of the --move child: move every ready batch, print what it took."""
+    """Entry of the --move child: move every ready batch with the move loop, print what it took."""
     route = load_config(config).select([route_name])[0]
     events = batches = 0
     clock = StepClock()
-    connector = Connector()
-    backends = []
-    for side in ("source", "target"):  # the connections the mover then borrows: one per database
-        session = connector.borrow(route, side)
-        backends.append(session.conn.get_backend_pid())
-        connector.give_back(session)
-    with RouteMover(route, clock, connector) as mover:
-        mover.open()
-        cpu = [cpu_seconds([pid]) for pid in backends] + [time.process_time()]
-        started = time.perf_counter()
-        clock.start()
-        while (moved := mover.move_one()) is not None:  # and give back, as `qmover run` does a batch
-            mover.release(finish=False)
-            events += moved.events
-            batches += 1
-            clock.start()  # what follows the batch's commit (logging, the loan) is no step of the protocol
-        mover.finish_pending()
-        seconds = time.perf_counter() - started
-        cpu = [after - before for before, after in
-               zip(cpu, [cpu_seconds([pid]) for pid in backends] + [time.process_time()], strict=True)]
-    connector.close()
+    mover = Mover()
+    with Loan(mover.connector) as loan:  # the connections the loop then borrows, and the route's checks
+        src, dst = loan.link(route, "source"), loan.link(route, "target")
+        mover.preflight.via_insert_event(route, src, dst)
+        backends = [link.session.conn.get_backend_pid() for link in (src, dst)]
+
+    def moved(_route: Route, batch: Moved) -> None:
+        nonlocal events, batches
+        events += batch.events
+        batches += 1
+        clock.start()  # what follows the batch's commit (the loop's own work) is no step of the protocol
+
+    cpu = [cpu_seconds([pid]) for pid in backends] + [time.process_time()]
+    started = time.perf_counter()
+    clock.start()
+    mover.move([route], budget=float("inf"), checkpoint=lambda _route, step: clock(step), moved=moved)
+    seconds = time.perf_counter() - started
+    cpu = [after - before for before, after in
+           zip(cpu, [cpu_seconds([pid]) for pid in backends] + [time.process_time()], strict=True)]
+    mover.close()
     print(json.dumps({"events": events, "batches": batches, "seconds": seconds,
                       "rss_mb": vm_hwm_mb(os.getpid()),
                       "step_ms": {step: total * 1000 / max(1, batches) for step, total in clock.totals.items()},
@@ -326,19 +326,23 @@ def latency(server: str, config: Path, seconds: float, rate: int) -> dict[str, f
         thread.start()
     last_id = 0
     ended = time.monotonic() + seconds
-    with RouteMover(route) as mover, closing(connect(server, TARGET_QMOVER)) as dst, dst.cursor() as cur:
-        while time.monotonic() < ended:
-            moved = mover.move_one()
-            if moved is None:
-                time.sleep(0.1)
-                continue
+    mover = Mover()
+    with closing(connect(server, TARGET_QMOVER)) as dst, dst.cursor() as cur:
+
+        def arrived(_route: Route, batch: Moved) -> None:
+            nonlocal last_id
             committed = time.time()
-            moves.append(moved.seconds)
+            moves.append(batch.seconds)
             cur.execute("select ev_id, extract(epoch from ev_data::timestamptz) from pgq.event_1 where ev_id > %s",
                         (last_id,))
             for ev_id, inserted in cur.fetchall():
                 delays.append(committed - float(inserted))
                 last_id = max(last_id, ev_id)
+
+        while time.monotonic() < ended:
+            if not mover.move([route], budget=ended - time.monotonic(), moved=arrived)[0].moved:
+                time.sleep(0.1)
+    mover.close()
     stop.set()
     for thread in threads:
         thread.join()

@@ -11,7 +11,6 @@ what it started.  Run it with `bash scripts/demo.sh`; it is safe to run again.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +21,9 @@ from pathlib import Path
 import redis
 from psycopg2 import sql
 
-from qmover.config import load_config
+from qmover.config import Route, load_config
 from qmover.ops import admin
+from qmover.ops.metrics import Counters
 from qmover_lab.processes import start_celery
 from qmover_lab.processes import stop as stop_celery
 from qmover_lab.sandbox import recreate_database, run_sql
@@ -93,13 +93,10 @@ def screenshot(url: str, path: Path) -> None:
     print(f"screenshot of {url} saved to {path}")
 
 
-def per_route(workdir: Path) -> dict[str, tuple[int, int]]:
-    """route -> (events, batches) from the worker's one line per batch."""
-    totals: dict[str, tuple[int, int]] = {}
-    for route, events in re.findall(r"route=(\S+) batch=\d+ events=(\d+)", (workdir / "worker.log").read_text()):
-        moved, batches = totals.get(route, (0, 0))
-        totals[route] = (moved + int(events), batches + 1)
-    return totals
+def counted(counters: Counters, routes: list[Route]) -> list[tuple[int, int]]:
+    """(events, batches) of each route, as the metrics counters hold them."""
+    return [(int(found.get("events", 0)), int(found.get("batches", 0))) if found else (0, 0)
+            for found in counters.read(routes)]
 
 
 def count_events(server: str, database: str) -> int:
@@ -134,16 +131,16 @@ def wait_for(server: str, central: str, produced: int, timeout: float = 120) -> 
     time.sleep(1)  # a duplicate arriving late would show in the report
 
 
-def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, routes: list, produced: int) -> bool:
-    """Print the per-route table; True when the central queue equals what was produced."""
+def report(args: argparse.Namespace, parts: tuple[str, ...], central: str, routes: list[Route], produced: int,
+           moved: list[tuple[int, int]]) -> bool:
+    """Print the per-route table (moved: each route's events and batches); True
+    when the central queue equals what was produced."""
     source = Counter(row for part in parts for row in run_sql(args.server, part, EVENTS))
     target = Counter(run_sql(args.server, central, EVENTS))
     exact = source == target and sum(target.values()) == produced
-    moved = per_route(args.workdir)
     print()
     print(f"{'route':24} {'events':>8} {'batches':>8} {'lag_s':>6}")
-    for route, found in zip(routes, admin.statuses(routes), strict=True):
-        events, batches = moved.get(route.name, (0, 0))
+    for route, found, (events, batches) in zip(routes, admin.statuses(routes), moved, strict=True):
         lag = found["lag_seconds"]
         print(f"{route.name:24} {events:>8} {batches:>8} {lag:>6.1f}")
     print()
@@ -171,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     create_databases(args.server, parts, central)
     config_path = args.workdir / "demo.ini"
     config_path.write_text("".join(ROUTE.format(db=part, central=central, server=args.server) for part in parts))
-    routes = load_config(config_path).select()
+    config = load_config(config_path)
+    routes = config.select()
     for route in routes:
         print(admin.install(route))
+    counters = Counters(config.metrics_url)
+    before = counted(counters, routes)  # an earlier demo's routes had the same names
 
     redis_server = ensure_redis()
     flower_url = f"http://127.0.0.1:{args.flower_port}"
@@ -187,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.screenshot:
             screenshot(f"{flower_url}/tasks", args.screenshot)
 
-        exact = report(args, parts, central, routes, produced)
+        moved = [(events - earlier[0], batches - earlier[1])
+                 for (events, batches), earlier in zip(counted(counters, routes), before, strict=True)]
+        exact = report(args, parts, central, routes, produced, moved)
         print(f"Flower: {flower_url}/tasks")
     finally:
         if args.keep_running:
             print("--keep-running: worker, beat and Flower keep running (Ctrl-C or kill to stop)")
         else:
             stop_celery(processes)
+            counters.close()
             if redis_server:
                 redis_server.terminate()
             print("stopped worker, beat and Flower")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import statistics
 import tempfile
 import threading
@@ -45,11 +44,19 @@ from psycopg2 import sql
 from qmover.config import load_config
 from qmover.ops import admin
 from qmover.pg.connector import Connector
-from qmover.pg.db import scalar
-from qmover.protocol.mover import RouteMover
-from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, pool_children, start_celery, wait_for_celery
+from qmover.protocol.mover import Mover
+from qmover_lab.processes import (
+    cpu_seconds,
+    machine_busy,
+    moves_in,
+    pids_named,
+    pool_children,
+    start_celery,
+    wait_for_celery,
+)
 from qmover_lab.processes import stop as stop_celery
 from qmover_lab.sandbox import Cluster, connect, drop_database, recreate_database, run_sql
+from qmover_lab.sandbox import value as scalar
 
 PREFIX = "qmover_fanin"
 PER_PARTITION = 1000
@@ -287,14 +294,13 @@ def server_cpu_per_move(server: str, config: Path, partitions: list[str]) -> dic
     routes = [route for route in load_config(config).select() if route.name.startswith("part_")]
     figures = {}
     for label, max_idle in (("fresh_source_ms", 1), ("kept_source_ms", None)):
-        with closing(Connector(max_idle=max_idle)) as connector:
+        with closing(Mover(Connector(max_idle=max_idle))) as mover:
             for warm_up in (True, False):  # checks, the target's session and, when kept, every source
                 for database in partitions:
                     produce(server, database, "cpu", PER_PARTITION, tick=True)
                 before = cpu_seconds(pids_named("postgres"))
-                for route in routes:
-                    with RouteMover(route, connector=connector) as mover:
-                        mover.move_one()
+                for route in routes:  # each route a loop of its own, as a task with one route has it
+                    mover.move([route], budget=60)
                 if not warm_up:
                     figures[label] = round(1000 * (cpu_seconds(pids_named("postgres")) - before) / len(routes), 1)
     return figures
@@ -337,8 +343,8 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
         peaks.quiet = False
         if latency_seconds > 0:
             result["latency"] = latency(server, partitions, latency_seconds)
-        result["batches_moved_by_each_worker"] = [
-            len(re.findall(r"route=part_\S+ batch=\d+ events=", log.read_text())) for log in logs]
+        result["batches_moved_by_each_worker"] = [sum(moved["batches"] for moved in moves_in(log.read_text()))
+                                                  for log in logs]
     finally:
         stop_celery([beat, *workers], timeout=30)
         (result["peak_connections_central"], result["peak_connections_partition"],

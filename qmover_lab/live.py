@@ -51,10 +51,10 @@ from psycopg2.extensions import connection
 
 from qmover.config import load_config
 from qmover.ops import admin
-from qmover.pg.db import scalar
 from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, start_celery, wait_for_celery
 from qmover_lab.processes import stop as stop_processes
 from qmover_lab.sandbox import Cluster, drop_database, run_sql
+from qmover_lab.sandbox import value as scalar
 
 PREFIX = "qmover_live"
 CENTRAL = f"{PREFIX}_central"

@@ -5,6 +5,7 @@ and of the machine in /proc."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def start_celery(config: Path, log: Path, *args: str, app: str = "qmover.tasks", mode: str = "a",
@@ -75,6 +77,16 @@ def wait_for_celery(logs: list[Path], workers: int, timeout: float = 60) -> None
             raise SystemExit(f"Celery did not start; see {', '.join(map(str, logs))}")
         time.sleep(0.1)
 
+
+
+def move_results(log: str) -> list[str]:
+    """The results of every move_next_batch task a worker log says succeeded (Celery's own line)."""
+    return re.findall(r"Task qmover.move_next_batch\[\S+\] succeeded in \S+: (\{.*\})", log)
+
+
+def moves_in(log: str) -> list[dict[str, Any]]:
+    """The results of the move tasks a worker log says succeeded, as dicts."""
+    return [ast.literal_eval(result) for result in move_results(log)]
 
 
 def pids_named(name: str) -> list[int]:

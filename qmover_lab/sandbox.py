@@ -10,6 +10,7 @@ import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from psycopg2 import sql
@@ -20,6 +21,14 @@ def connect(server: str, database: str, autocommit: bool = True) -> connection:
     conn = psycopg2.connect(f"{server} dbname={database}")
     conn.autocommit = autocommit
     return conn
+
+
+def value(conn: connection, query: str | sql.Composable, params: tuple | None = None) -> Any:
+    """The first value of the query's first row (None without one), on a connection of the lab's own."""
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    return None if row is None else row[0]
 
 
 def run_sql(server: str, database: str, *statements: str | sql.Composable) -> list[tuple]:

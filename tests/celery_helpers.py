@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from qmover_lab.processes import start_celery
+from qmover_lab.processes import move_results, moves_in, start_celery  # noqa: F401 (the tests import them from here)
 from qmover_lab.processes import stop as stop_celery
 from qmover_lab.sandbox import free_port  # noqa: F401 (the tests import it from here)
 
@@ -64,9 +63,6 @@ def events_per_route(results: Iterable[str]) -> dict[str, int]:
     return totals
 
 
-def move_results(log: str) -> list[str]:
-    """The results of every move_next_batch task a worker log says succeeded."""
-    return re.findall(r"Task qmover.move_next_batch\[\S+\] succeeded in \S+: (\{.*\})", log)
 
 
 def error_lines(text: str) -> list[str]:

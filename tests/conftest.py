@@ -11,13 +11,19 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2 import sql
+
+from qmover.config import Route, load_config
+from qmover.errors import QmoverError
+from qmover.ops.metrics import Counters
+from qmover.protocol.batch import Moved
+from qmover.protocol.mover import Mover
 
 from celery_helpers import Processes, Redis, free_port, wait_until
 from fault_mover import CRASH_EXIT
@@ -181,6 +187,49 @@ logfile = pid/%(job_name)s.log
 
 
 @dataclass
+class Moves:
+    """What the move loop did, batch by batch, and the errors it met."""
+
+    batches: list[tuple[str, Moved]] = field(default_factory=list)  # (route name, batch), in order
+    errors: list[QmoverError] = field(default_factory=list)
+
+    @property
+    def applied(self) -> list[Moved]:
+        return [batch for _, batch in self.batches if not batch.skipped]
+
+    @property
+    def skipped(self) -> list[int]:
+        """The ids of the batches found applied already."""
+        return [batch.batch_id for _, batch in self.batches if batch.skipped]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Events of each batch applied."""
+        return [batch.events for batch in self.applied]
+
+
+def move(routes: Sequence[Route], mover: Mover | None = None, budget: float = 60,
+         checkpoint: Callable[[Route, str], None] | None = None) -> Moves:
+    """The one move loop in this process, round after round until a round moves
+    nothing, as `qmover run --once` does (a route that fails stops)."""
+    moves = Moves()
+    own = mover is None
+    mover = mover or Mover()
+    try:
+        while routes:
+            outcomes = mover.move(routes, budget, checkpoint=checkpoint,
+                                  moved=lambda route, batch: moves.batches.append((route.name, batch)))
+            moves.errors += [outcome.error for outcome in outcomes if outcome.error]
+            if not any(outcome.moved for outcome in outcomes):
+                break
+            routes = [outcome.route for outcome in outcomes if outcome.error is None]
+    finally:
+        if own:
+            mover.close()
+    return moves
+
+
+@dataclass
 class RouteSetup:
     """A source and a target database wired up as the manual's example route."""
 
@@ -193,6 +242,22 @@ class RouteSetup:
 
     def qmover(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
         return run_qmover(*args, str(self.config), timeout=timeout, check=check)
+
+    def route(self) -> Route:
+        return load_config(self.config).select()[0]
+
+    def move(self, mover: Mover | None = None, checkpoint: Callable[[Route, str], None] | None = None) -> Moves:
+        """The route moved in this process until nothing is ready (see move()); raises its first error."""
+        moves = move([self.route()], mover, checkpoint=checkpoint)
+        if moves.errors:
+            raise moves.errors[0]
+        return moves
+
+    def counters(self) -> dict[str, float]:
+        """The route's metrics counters (events, batches, skipped, filtered, errors), as every mover adds to them."""
+        config = load_config(self.config)
+        with Counters(config.metrics_url) as counters:
+            return counters.read(config.select())[0] or {}
 
     def crash_at(self, point: str) -> None:
         """Move one batch in a process that dies hard at the protocol step named point."""

@@ -203,9 +203,10 @@ def test_wrong_password(scram_cluster, tmp_path):
         assert result.returncode == 1, result.stderr
         errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
         assert len(errors) == 1, result.stderr
-        assert "source database" in errors[0] and "login refused" in errors[0]
+        # the target first: the route's claim is taken there before its source opens
+        assert "target database" in errors[0] and "login refused" in errors[0]
         assert 'password authentication failed for user "postgres"' in errors[0]
-        assert "check the user and password in src_db (or PGPASSWORD / ~/.pgpass)" in errors[0]
+        assert "check the user and password in dst_db (or PGPASSWORD / ~/.pgpass)" in errors[0]
         assert "wrong-staple" not in result.stderr + result.stdout
     assert scram_cluster.execute("src", "select current_batch from pgq.get_consumer_info()") == [(None,)]
     assert scram_cluster.execute("dst", "select count(*) from pgq.event_1") == [(0,)]

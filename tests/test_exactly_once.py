@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import time
 
 import pytest
 
-from qmover.config import load_config
 from qmover.errors import QmoverError, TransientError
+from qmover.pg.connector import Connector, Loan
+from qmover.pg.queries import NEXT_LOCK
 from qmover.protocol import batch as batch_module
-from qmover.protocol.mover import RouteMover
+from qmover.protocol.mover import Mover
 
 from celery_helpers import wait_until
 from conftest import multiset
@@ -49,13 +49,12 @@ def produce_batches(route, batches: int, per_batch: int = 10) -> None:
 def test_failure_before_target_commit_applies_nothing(route, copy_path):
     produce_batches(route, 2)
 
-    def fail(point: str) -> None:
+    def fail(_route, point: str) -> None:
         if point == "before_target_commit":
             raise Boom(point)
 
-    mover = RouteMover(load_config(route.config).select()[0], fail)
     with pytest.raises(Boom):
-        mover.move_one()
+        route.move(checkpoint=fail)
     assert route.target_events() == []
     assert route.dst.last_tick(route.name) is None
     assert active_batch(route) is not None  # not finished: will be redelivered
@@ -73,8 +72,8 @@ def test_crash_before_target_commit_applies_nothing(route):
     batch = active_batch(route)
     assert batch is not None
 
-    result = route.qmover("run", "--once", check=True)
-    assert f"batch={batch} events=10" in result.stderr  # the same batch, redelivered
+    moves = route.move()
+    assert (moves.applied[0].batch_id, moves.sizes, moves.skipped) == (batch, [10, 10], [])  # the same batch again
     assert route.target_events() == route.source_events()
 
 
@@ -86,8 +85,8 @@ def test_crash_after_target_commit_skips_redelivery(route):
     batch = active_batch(route)
     assert batch is not None  # ... but not finished on the source
 
-    result = route.qmover("run", "--once", check=True)
-    assert f"batch={batch} skipped: already applied" in result.stderr
+    moves = route.move()
+    assert (moves.skipped, moves.sizes) == ([batch], [10])
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 20
 
@@ -102,9 +101,9 @@ def test_crash_with_the_finish_pending_moves_each_batch_once(route):
     open_batch = active_batch(route)
     assert open_batch is not None  # batch 2, taken with batch 1's finish
 
-    result = route.qmover("run", "--once", check=True)
-    assert f"batch={open_batch} events=10" in result.stderr  # batch 2 moved, not skipped
-    assert "skipped" not in result.stderr  # batch 1 was finished before the crash
+    moves = route.move()
+    assert moves.applied[0].batch_id == open_batch  # batch 2 moved, not skipped
+    assert moves.skipped == []  # batch 1 was finished before the crash
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 30
 
@@ -113,22 +112,20 @@ def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
     """The source connection dies after batch 1's target commit, before the
     transaction that would finish it: batch 1 comes back and is skipped."""
     produce_batches(route, 2)
-    with RouteMover(load_config(route.config).select()[0]) as mover:
+    batches = []
 
-        def kill_source(point: str) -> None:
-            if point == "after_target_commit":
-                source = mover.loan.session(mover.route, "source").conn
-                route.src.value("select pg_terminate_backend(%s)", (source.get_backend_pid(),))
+    def kill_source(_route, point: str) -> None:
+        if point == "after_target_commit":
+            batches.append(active_batch(route))
+            route.src.value("select pg_terminate_backend(pid) from pg_stat_activity"
+                            " where datname = %s and application_name like 'qmover %%'", (route.src.name,))
 
-        mover.checkpoint = kill_source
-        assert mover.move_one().events == 10
-        batch = active_batch(route)
-        with pytest.raises(TransientError):
-            mover.move_one()  # finish + next batch, on a dead connection
-    assert active_batch(route) == batch  # applied on the target, still open on the source
+    with pytest.raises(TransientError):
+        route.move(checkpoint=kill_source)  # finish + next batch, on a dead connection
+    assert active_batch(route) == batches[0]  # applied on the target, still open on the source
 
-    result = route.qmover("run", "--once", check=True)
-    assert f"batch={batch} skipped: already applied" in result.stderr
+    moves = route.move()
+    assert (moves.skipped, moves.sizes) == (batches, [10])
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 20
 
@@ -138,31 +135,34 @@ def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
     when the taking fails, N is not finished either; it comes back and is skipped."""
     produce_batches(route, 2)
     holder = route.src.connect()
-    with RouteMover(load_config(route.config).select()[0]) as mover:
-        assert mover.move_one().events == 10
-        batch = active_batch(route)
-        pid = mover.loan.session(mover.route, "source").conn.get_backend_pid()
-        holder.autocommit = False
-        with holder.cursor() as cur:  # the lock the next-batch statement queues on, after the finish ran
-            cur.execute("select pg_advisory_xact_lock(hashtextextended('qmover-next:' || %s, 0))", (route.name,))
+    holder.autocommit = False
+    batches, cancellers = [], []
 
-        def cancel_when_waiting() -> None:
-            wait_until(lambda: route.src.value("select wait_event_type from pg_stat_activity where pid = %s",
-                                               (pid,)) == "Lock",
-                       timeout=10, what="the mover to queue on the lock", every=0.02)
-            route.src.value("select pg_cancel_backend(%s)", (pid,))
+    def cancel_when_waiting() -> None:
+        waiting = ("select pid from pg_stat_activity where datname = %s and application_name like 'qmover %%'"
+                   " and wait_event_type = 'Lock'")
+        wait_until(lambda: route.src.value(waiting, (route.src.name,)), timeout=10,
+                   what="the mover to queue on the lock", every=0.02)
+        route.src.value("select pg_cancel_backend(pid) from pg_stat_activity where pid = (%s)",
+                        (route.src.value(waiting, (route.src.name,)),))
 
-        canceller = threading.Thread(target=cancel_when_waiting)
-        canceller.start()
-        with pytest.raises(QmoverError):
-            mover.move_one()
-        canceller.join()
-        holder.rollback()
+    def hold_the_next_batch(_route, point: str) -> None:
+        if point == "after_target_commit" and not batches:
+            batches.append(active_batch(route))
+            with holder.cursor() as cur:  # the lock the next-batch statement queues on, after the finish ran
+                cur.execute(f"select pg_advisory_xact_lock({NEXT_LOCK.key('%s')})", (route.name,))
+            cancellers.append(threading.Thread(target=cancel_when_waiting))
+            cancellers[0].start()
+
+    with pytest.raises(QmoverError, match="canceling statement"):
+        route.move(checkpoint=hold_the_next_batch)
+    cancellers[0].join()
+    holder.rollback()
     holder.close()
-    assert active_batch(route) == batch  # applied on the target, still open on the source
+    assert active_batch(route) == batches[0]  # applied on the target, still open on the source
 
-    result = route.qmover("run", "--once", check=True)
-    assert f"batch={batch} skipped: already applied" in result.stderr
+    moves = route.move()
+    assert (moves.skipped, moves.sizes) == (batches, [10])
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 20
 
@@ -213,9 +213,12 @@ def pending(route) -> int:
 
 
 def test_four_concurrent_movers_on_one_route(route):
-    with route.config.open("a") as config:
-        config.write("loop_delay = 0.02\n")
+    """Four movers of their own (as four processes have: connections, claims,
+    checks) move one route while it produces: each batch is applied once, in
+    order, whoever holds the route when."""
     stop = threading.Event()
+    applied: list[list[int]] = [[] for _ in range(4)]
+    skipped = []
 
     def producer() -> None:
         n = 0
@@ -224,31 +227,59 @@ def test_four_concurrent_movers_on_one_route(route):
             route.src.tick(route.src_queue)
             n += 1
 
-    thread = threading.Thread(target=producer)
-    thread.start()
-    movers = [subprocess.Popen([sys.executable, "-m", "qmover", "run", str(route.config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-              for _ in range(4)]
+    def mover(n: int) -> None:
+        def note(_route, batch) -> None:
+            (skipped if batch.skipped else applied[n]).append(batch.batch_id)
+        own = Mover()
+        while not stop.is_set() or pending(route):
+            if not own.move([route.route()], budget=0.2, moved=note)[0].moved:
+                time.sleep(0.02)  # as qmover run's loop_delay
+        own.close()
+
+    threads = [threading.Thread(target=producer)] + [threading.Thread(target=mover, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
     time.sleep(8)
     stop.set()
-    thread.join()
-    deadline = time.monotonic() + 60
-    while pending(route) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for mover in movers:
-        mover.send_signal(signal.SIGTERM)
-    logs = [mover.communicate(timeout=30)[1] for mover in movers]
+    for thread in threads:
+        thread.join(timeout=60)
 
-    assert all(mover.returncode == 0 for mover in movers), logs
     source, target = route.source_events(), route.target_events()
     assert len(source) > 100
     assert target == source
-    batches = [set(re.findall(r"batch=(\d+) events", log)) for log in logs]
-    assert sum(1 for b in batches if b) >= 2, "more than one mover must have applied batches"
-    skipped = sum(log.count("skipped: already applied") for log in logs)
-    applied_ids = [b for s in batches for b in s]
+    assert sum(1 for batches in applied if batches) >= 2, "more than one mover must have applied batches"
+    applied_ids = [batch for batches in applied for batch in batches]
     assert len(applied_ids) == len(set(applied_ids)), "a batch was applied twice"
-    print(f"{len(source)} events, {len(applied_ids)} batches applied, {skipped} redundant deliveries skipped")
+    print(f"{len(source)} events, {len(applied_ids)} batches applied, {len(skipped)} redundant deliveries skipped")
+
+
+def test_concurrent_moves_without_a_claim_apply_each_batch_once(route):
+    """The last line of defence: four threads take and move the route's batches
+    through the protocol itself, with no claim between them; the per-consumer
+    lock and the target's position still apply each batch once."""
+    produce_batches(route, 100, per_batch=7)
+    applied: list[int] = []
+    skipped: list[int] = []
+
+    def move_all() -> None:
+        with Loan(Connector()) as loan:
+            src, dst = loan.link(route.route(), "source"), loan.link(route.route(), "target")
+            unfinished = None
+            while (done := batch_module.move_batch(route.route(), src, dst, finish=unfinished)) is not None:
+                (skipped if done.skipped else applied).append(done.batch_id)
+                unfinished = done.batch_id
+            if unfinished is not None:
+                batch_module.finish_batch(route.route(), src, unfinished)
+
+    threads = [threading.Thread(target=move_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert route.target_events() == route.source_events()
+    assert len(applied) == len(set(applied)) == 100
+    print(f"100 batches applied once each, {len(skipped)} found applied by another thread and skipped")
 
 
 def test_target_failing_mid_copy_applies_nothing(route, copy_path):
@@ -258,16 +289,16 @@ def test_target_failing_mid_copy_applies_nothing(route, copy_path):
                       + [("ok", str(n), None, None, None, None) for n in range(500, 1000)])
     route.src.tick(route.src_queue)
     route.dst.execute("alter table pgq.event_1 add constraint no_poison check (ev_type <> 'poison')")
-    mover = RouteMover(load_config(route.config).select()[0])
+    mover = Mover()
 
     with pytest.raises(QmoverError, match="no_poison"):
-        mover.move_one()
+        route.move(mover)
     assert route.target_events() == []
     assert route.dst.last_tick(route.name) is None
     assert active_batch(route) is not None
 
     route.dst.execute("alter table pgq.event_1 drop constraint no_poison")
-    assert mover.move_one().events == 1001
+    assert route.move(mover).sizes == [1001]
     assert route.target_events() == route.source_events()
 
 
@@ -276,7 +307,7 @@ def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
     monkeypatch.setattr(batch_module, "SMALL_BATCH", -1)
     route.src.produce_series(route.src_queue, 200_000, size=200)
     route.src.tick(route.src_queue)
-    mover = RouteMover(load_config(route.config).select()[0])
+    mover = Mover()
 
     def kill_source_while_copying() -> None:
         deadline = time.monotonic() + 30
@@ -291,12 +322,12 @@ def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
     killer = threading.Thread(target=kill_source_while_copying)
     killer.start()
     with pytest.raises(TransientError, match="source database"):
-        mover.move_one()
+        route.move(mover)
     killer.join()
     assert route.target_events() == []
     assert route.dst.last_tick(route.name) is None
 
-    assert mover.move_one().events == 200_000  # reconnects, same batch
+    assert route.move(mover).sizes == [200_000]  # reconnects, same batch
     assert multiset(route.target_events()) == multiset(route.source_events())
 
 
@@ -309,8 +340,9 @@ def test_a_merged_batch_crashed_at_each_point_comes_back_whole(route, point):
     batch = active_batch(route)
     assert batch is not None
 
-    result = route.qmover("run", "--once", check=True)
+    moves = route.move()
     applied = point == "after_target_commit"
-    assert (f"batch={batch} skipped: already applied" if applied else f"batch={batch} events=30") in result.stderr
+    assert (moves.skipped, moves.sizes) == (([batch], []) if applied else ([], [30]))
+    assert moves.batches[0][1].batch_id == batch
     assert multiset(route.target_events()) == multiset(route.source_events())
     assert len(route.target_events()) == 30

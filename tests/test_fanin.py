@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qmover.protocol import readiness
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT
 
 from celery_helpers import Processes, error_lines, wait_until
 from conftest import Peak, PgqDatabase, installed_processes, partitions_and_central
@@ -168,7 +168,7 @@ def test_a_partition_that_hangs_holds_up_only_its_own_route(fan_in):
         for round_no in range(4):
             fan.tick_moves_within_two_intervals(others[1 + round_no % (len(others) - 1)], f"r{round_no}")
         # Not held up: at most the sweep that found it hung waited for the connect timeout (2 s).
-        assert sum(seconds >= readiness.CONNECT_TIMEOUT for seconds, _, _ in fan.sweeps()) <= 1
+        assert sum(seconds >= QUICK_CONNECT_TIMEOUT for seconds, _, _ in fan.sweeps()) <= 1
         beat = fan.procs.log("beat")
         assert "sweep: route part_" in beat and "its 1 route(s) wait until it answers" in beat
         assert beat.count("wait until it answers") == 1  # said once, not every sweep

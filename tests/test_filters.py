@@ -36,11 +36,10 @@ def test_type_filter_with_wildcards(route):
     with_filters(route, type_filter="order.*, audit_x, x'; drop table pgq.queue; --")
     produce(route)
 
-    result = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
 
     assert moved_data(route) == ["a1", "o1", "o2", "q1"]  # audit_x is literal: auditYx stays
-    assert "events=4 filtered=2" in result.stderr
-    assert status(route)["events_filtered"] == 2
+    assert (status(route)["events_moved"], status(route)["events_filtered"]) == (4, 2)
     assert route.src.value("select count(*) from pgq.queue") == 1  # the quote did not escape
 
 
@@ -80,9 +79,9 @@ def test_filtered_route_crash_after_target_commit_is_exactly_once(route):
     produce(route)
 
     route.crash_at("after_target_commit")
-    again = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
 
-    assert "skipped: already applied" in again.stderr
+    assert route.counters()["skipped"] == 1  # already applied
     assert moved_data(route) == ["o1", "o2"]
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import textwrap
 
 from qmover.config import load_config
-from qmover.pg.connector import Connector
 from qmover.protocol import batch as batch_module
-from qmover.protocol.mover import RouteMover
+from qmover.protocol.mover import Mover
 
 from conftest import run_qmover
 
@@ -22,12 +20,12 @@ def test_manual_example_moves_events_end_to_end(route):
     route.src.produce(route.src_queue, [("payment", f"p={i}", None, None, None, None) for i in range(20)])
     route.src.tick(route.src_queue)
 
-    result = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
 
     assert route.target_events() == route.source_events()
     assert len(route.target_events()) == 70
-    batch_lines = re.findall(r"route=eventlog_to_target_mover batch=\d+ events=(\d+) ms=", result.stderr)
-    assert [int(n) for n in batch_lines] == [70]  # the two waiting ticks, as one batch
+    counted = route.counters()
+    assert (counted["events"], counted["batches"]) == (70, 1)  # the two waiting ticks, as one batch
     tick = route.src.value("select last_tick from pgq.get_consumer_info(%s, %s)",
                            (route.src_queue, route.name))
     assert route.dst.last_tick(route.name) == tick
@@ -39,8 +37,7 @@ def test_merge_ticks_0_moves_each_waiting_tick_as_a_batch_of_its_own(route):
     for count in (50, 20, 5):
         route.src.produce_series(route.src_queue, count)
         route.src.tick(route.src_queue)
-    result = route.qmover("run", "--once", check=True)
-    assert re.findall(r"events=(\d+)", result.stderr) == ["50", "20", "5"]
+    assert route.move().sizes == [50, 20, 5]
     assert route.target_events() == route.source_events()
 
 
@@ -50,8 +47,7 @@ def test_a_route_behind_takes_its_waiting_ticks_as_batches_of_about_merge_events
     for _ in range(12):
         route.src.produce_series(route.src_queue, 30)
         route.src.tick(route.src_queue, force=False)  # force_tick would count extra events into each tick
-    with RouteMover(load_config(route.config).select()[0]) as mover:
-        sizes = [moved.events for moved in iter(mover.move_one, None)]
+    sizes = route.move().sizes
     assert sizes == [120, 120, 120], sizes  # the first tick that reaches 100 events ends each batch
     assert route.target_events() == route.source_events()
 
@@ -74,19 +70,13 @@ FIDELITY_EVENTS = [
 ]
 
 
-def move_in_process(route) -> int:
-    """Move every ready batch with the protocol in this process; return the batch count."""
-    with RouteMover(load_config(route.config).select()[0]) as mover:
-        return sum(1 for _ in iter(mover.move_one, None))
-
-
 def test_every_visible_column_survives(route, copy_path):
     route.src.produce(route.src_queue, FIDELITY_EVENTS)
     route.src.execute("select pgq.insert_event_raw('eventlog', null, '2026-01-02 03:04:05.123456+00',"
                       " null, null, 'micro', 'x', null, null, null, null)")
     route.src.tick(route.src_queue)
 
-    assert move_in_process(route) == 1
+    assert len(route.move().batches) == 1
 
     source, target = route.source_events(), route.target_events()
     assert target == source
@@ -105,7 +95,7 @@ def test_ten_megabyte_event(route, copy_path):
                                         ("small", "s", None, None, None, None)])
     route.src.tick(route.src_queue)
 
-    assert move_in_process(route) == 1
+    assert len(route.move().batches) == 1
 
     assert route.dst.value("select length(ev_data) from pgq.event_1 where ev_type = 'big'") == len(big)
     assert route.target_events() == route.source_events()
@@ -114,10 +104,10 @@ def test_ten_megabyte_event(route, copy_path):
 def test_empty_batches_advance_the_position(route):
     ticks = [route.src.tick(route.src_queue) for _ in range(3)]
 
-    result = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
 
     assert route.target_events() == []
-    assert result.stderr.count("events=0") == 1  # three waiting ticks, one batch
+    assert route.counters()["batches"] == 1  # three waiting ticks, one batch
     assert route.dst.last_tick(route.name) == ticks[-1]
 
 
@@ -131,12 +121,14 @@ def test_batch_collect_settings_merge_ticks(route):
             route.src.tick(route.src_queue, force=False)
 
     produce_ticks(5)
-    first = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
+    first = route.counters()
     produce_ticks(2)
-    second = route.qmover("run", "--once", check=True)
+    route.qmover("run", "--once", check=True)
 
-    assert re.findall(r"events=(\d+)", first.stderr) == ["150"]  # 5 ticks, one batch
-    assert re.findall(r"events=(\d+)", second.stderr) == []  # 60 < 100: held back
+    assert (first["events"], first["batches"]) == (150, 1)  # 5 ticks, one batch
+    second = route.counters()
+    assert (second["events"], second["batches"]) == (150, 1)  # 60 < 100: held back
     assert len(route.target_events()) == 150
 
 
@@ -146,10 +138,8 @@ def test_memory_does_not_grow_with_batch_size(route, tmp_path):
     probe.write_text(textwrap.dedent(r"""
         import re, sys
         from qmover.config import load_config
-        from qmover.protocol.mover import RouteMover
-        route = load_config(sys.argv[1]).select()[0]
-        with RouteMover(route) as mover:
-            moved = mover.move_one()
+        from qmover.protocol.mover import Mover
+        [moved] = Mover().move(load_config(sys.argv[1]).select(), budget=60)
         # VmHWM, unlike ru_maxrss, starts afresh at exec: this process only.
         status = open("/proc/self/status").read()
         print(moved.events, re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
@@ -194,7 +184,7 @@ def test_a_table_rotation_during_a_batch_hides_no_event_from_target_consumers(ro
     route.src.tick(route.src_queue)
     rotated = []
 
-    def rotate(point: str) -> None:
+    def rotate(_route, point: str) -> None:
         if point == "position":
             before = route.dst.value("select queue_cur_table from pgq.queue where queue_name = %s",
                                      (route.dst_queue,))
@@ -204,8 +194,7 @@ def test_a_table_rotation_during_a_batch_hides_no_event_from_target_consumers(ro
             rotated.append(before != route.dst.value(
                 "select queue_cur_table from pgq.queue where queue_name = %s", (route.dst_queue,)))
 
-    with RouteMover(load_config(route.config).select()[0], rotate) as mover:
-        assert mover.move_one().events == 10
+    assert route.move(checkpoint=rotate).sizes == [10]
     route.dst.tick(route.dst_queue)
 
     assert rotated == [True]
@@ -230,15 +219,13 @@ def test_routes_sharing_a_source_connection_take_batches_in_turn(make_db, tmp_pa
         src.produce_series("eventlog", 20)
         src.tick("eventlog")
 
-    connector = Connector()
+    mover = Mover()
     try:
-        for _ in range(2):  # each route twice, one batch a turn
-            for route in load_config(str(config)).select():
-                with RouteMover(route, connector=connector) as mover:
-                    assert mover.move_one() is not None
-            assert connector.idle_count() == 3  # one source connection, one per target
+        outcomes = mover.move(load_config(str(config)).select(), budget=60)
+        assert [(outcome.route.name, outcome.batches) for outcome in outcomes] == [("left", 3), ("right", 3)]
+        assert mover.connector.idle_count() == 3  # one source connection, one per target
     finally:
-        connector.close()
+        mover.close()
 
     for dst in (left, right):
-        assert len(dst.events("copy_of_eventlog")) == 40
+        assert len(dst.events("copy_of_eventlog")) == 60

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from celery_helpers import EXITS_ON_REDIS_LOSS, Processes, celery_under_test, wait_until
+from celery_helpers import EXITS_ON_REDIS_LOSS, Processes, celery_under_test, moves_in, wait_until
 from conftest import run_qmover
 from servers import Cluster, RedisServer
 
@@ -356,16 +355,16 @@ def test_soak(soak, request, capsys):
     lost = sum((source - target).values())
     positions = soak.positions()
     logs = soak.procs.logs()
-    moved = re.findall(r"route=part\d batch=\d+ events=(\d+)", logs)
-    skipped = len(re.findall(r"skipped: already applied on target", logs))
+    results = moves_in(logs)  # of the tasks that ended: a killed worker's batches are not in them
     figures = [
         f"soak: seed {seed}, {events:,} events wanted from {len(ROUTES)} producers over {window:.0f} s",
         f"  events: source {sum(source.values()):,}, target {sum(target.values()):,}, "
         f"duplicates {duplicates}, lost {lost}",
         "  faults: " + ", ".join(f"{kind} {count}" for kind, count in sorted(soak.faults.items())),
-        f"  batches logged as moved {len(moved):,} ({sum(map(int, moved)):,} events); kills sent while a target "
+        f"  batches moved by tasks that ended {sum(r['batches'] for r in results):,} "
+        f"({sum(r['events'] for r in results):,} events); kills sent while a target "
         f"transaction was open {soak.kills_in_transaction}; batches found already on the target "
-        f"(after a kill, or by a concurrent mover) {skipped}; "
+        f"(after a kill, or by a concurrent mover) {sum(r['skipped'] for r in results)}; "
         f"producer reconnects {sum(p.reconnects for p in producers)}; worker exits on its own (started again, "
         f"as a supervisor would) {soak.worker_exits}",
         f"  drain: {drained - last_fault:.1f} s after the last fault, {drained - produced:.1f} s after the "

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import psycopg2
-from psycopg2.extensions import connection
+from psycopg2 import sql
 
 from qmover.config.route import Route, by_database, database_of
 from qmover.errors import QmoverError
-from qmover.pg import db, queries
 from qmover.pg.checks import (
     has_schema,
+    is_registered,
     not_registered,
     pgq_ext_missing,
     pgq_ext_too_old,
@@ -29,53 +28,45 @@ from qmover.pg.checks import (
     require_pgq_ext,
     require_queue,
 )
-from qmover.pg.connector import Connector, Session
-from qmover.pg.db import Side, errors, first_line, scalar, where
+from qmover.pg.connector import Connector, Loan
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side, where
+from qmover.pg.queries import PGQ_EXT_COMMENT, Admin, Status
+from qmover.pg.session import Link
 
 
 @contextmanager
-def _opened(route: Route, side: Side) -> Iterator[connection]:
-    conn = db.connect(route, side, autocommit=side == "source")
-    try:
-        yield conn
-    finally:
-        db.close(conn)
+def _opened(route: Route, *sides: Side) -> Iterator[list[Link]]:
+    """New connections to the route's sides, closed after (admin commands run once)."""
+    with Loan(Connector(max_idle=0)) as loan:
+        yield [loan.link(route, side) for side in sides]
 
 
 def install(route: Route) -> str:
     """Check pgq and queues on both sides, create pgq_ext if absent, register the consumer."""
-    with _opened(route, "source") as src, _opened(route, "target") as dst:
-        require_queue(src, route, "source")
-        require_queue(dst, route, "target")
-        with errors(route, "target"):
-            created = not has_schema(dst, "pgq_ext")
-            # qmover's own pgq_ext, new or from an earlier install, gets upstream's
-            # rights and upgrade_schema(); anybody else's is left as it is.
-            ours = created or scalar(dst, queries.PGQ_EXT_MADE_BY_QMOVER, (queries.PGQ_EXT_COMMENT,))
-            parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
-            with dst.cursor() as cur:
-                for part in parts:
-                    cur.execute(resources.files("qmover.pg").joinpath(part).read_text())
-            dst.commit()
-        require_pgq_ext(dst, route)
-        dst.rollback()
-        with errors(route, "source"):
-            new = not scalar(src, queries.IS_REGISTERED, (route.src_queue, route.consumer))
+    with _opened(route, "source", "target") as (src, dst):
+        require_queue(src)
+        require_queue(dst)
+        created = not has_schema(dst, "pgq_ext")
+        # qmover's own pgq_ext, new or from an earlier install, gets upstream's
+        # rights and upgrade_schema(); anybody else's is left as it is.
+        ours = created or dst.value(Admin.PGQ_EXT_MADE_BY_QMOVER, comment=PGQ_EXT_COMMENT)
+        parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
+        if parts:  # one script, so one transaction: all of it or nothing
+            dst.run(sql.SQL("\n".join(resources.files("qmover.pg").joinpath(part).read_text() for part in parts)))
+        require_pgq_ext(dst)
+        new = not is_registered(src)
         if new:
             # As skytools' SerialConsumer: a fresh registration starts at the
             # source's current tick, so an old target position is meaningless.
-            with errors(route, "target"):
-                scalar(dst, queries.SET_LAST_TICK, (route.consumer, None))
-                dst.commit()
+            dst.run(Admin.SET_LAST_TICK, consumer=route.consumer, tick=None)
         try:
-            scalar(src, queries.REGISTER, (route.src_queue, route.consumer))
-        except psycopg2.Error as exc:
-            if "No ticks" in first_line(exc):
+            src.run(Admin.REGISTER, queue=route.src_queue, consumer=route.consumer)
+        except QmoverError as exc:
+            if "No ticks" in str(exc):
                 raise QmoverError(
                     f"{where(route, 'source')}: queue {route.src_queue!r} has no tick yet; start "
                     f"the ticker (pgqd) or run select pgq.ticker() once, then install again") from None
-            with errors(route, "source"):
-                raise
+            raise
     if route.split is None:
         targets = f"target queue {route.dst_queue!r} ready"
     else:
@@ -84,9 +75,6 @@ def install(route: Route) -> str:
     return (f"route {route.name}: consumer {route.consumer!r} "
             f"{'registered' if new else 'already registered'} on {route.src_queue!r}; "
             f"{targets}; pgq_ext {'created' if created else 'present'}")
-
-
-STATUS_CONNECT_TIMEOUT = 3  # a database that does not answer costs its own routes this, not the others
 
 
 @dataclass
@@ -105,31 +93,23 @@ class _TargetState:
     ticks: dict[str, int | None] = field(default_factory=dict)  # consumer -> pgq_ext last tick
 
 
-def _read_source(conn: connection, _group: list[Route]) -> _SourceState:
-    if not has_schema(conn, "pgq"):
+def _read_source(src: Link, _group: list[Route]) -> _SourceState:
+    if not has_schema(src, "pgq"):
         return _SourceState(pgq=False)
     state = _SourceState(pgq=True)
-    with conn.cursor() as cur:
-        cur.execute(queries.SOURCE_STATE)
-        for queue, consumer, *info in cur.fetchall():
-            state.queues.add(queue)
-            if consumer is not None:
-                state.consumers[(queue, consumer)] = tuple(info)
+    for queue, consumer, *info in src.rows(Status.SOURCE):
+        state.queues.add(queue)
+        if consumer is not None:
+            state.consumers[(queue, consumer)] = tuple(info)
     return state
 
 
-def _read_target(conn: connection, group: list[Route]) -> _TargetState:
-    with conn.cursor() as cur:
-        cur.execute(queries.TARGET_SCHEMAS)
-        row = cur.fetchone()
-        assert row is not None, "TARGET_SCHEMAS returns one row"
-        state = _TargetState(*row)
-        if state.pgq:
-            cur.execute(queries.QUEUE_NAMES)
-            state.queues = {queue for (queue,) in cur.fetchall()}
-        if state.pgq_ext and state.tick_api:
-            cur.execute(queries.LAST_TICKS, ([route.consumer for route in group],))
-            state.ticks = dict(cur.fetchall())
+def _read_target(dst: Link, group: list[Route]) -> _TargetState:
+    state = _TargetState(*dst.one(Status.TARGET_SCHEMAS))
+    if state.pgq:
+        state.queues = {queue for (queue,) in dst.rows(Status.QUEUE_NAMES)}
+    if state.pgq_ext and state.tick_api:
+        state.ticks = dict(dst.rows(Status.LAST_TICKS, consumers=[route.consumer for route in group]))
     return state
 
 
@@ -146,18 +126,18 @@ class _Failed:
         return where(route, self.side) + str(self.error).removeprefix(where(self.route, self.side))
 
 
-def _read_on(read: Callable[[connection, list[Route]], Any], group: list[Route], session: Session) -> Any:
-    return read(session.conn, group)
+def _read_group(read: Callable[[Link, list[Route]], Any], group: list[Route], link: Link) -> Any:
+    return read(link, group)
 
 
 def _read_each(routes: list[Route], side: Side, connector: Connector,
-               read: Callable[[connection, list[Route]], Any]) -> dict[tuple, Any]:
+               read: Callable[[Link, list[Route]], Any]) -> dict[tuple, Any]:
     """read() once per database of the side; a failure is kept as _Failed."""
     found: dict[tuple, Any] = {}
     for group in by_database(routes, side):
         key = database_of(group[0].dsn(side))
         try:
-            found[key] = connector.run(group[0], side, functools.partial(_read_on, read, group))
+            found[key] = connector.run(group[0], side, functools.partial(_read_group, read, group))
         except QmoverError as exc:
             found[key] = _Failed(group[0], side, exc)
     return found
@@ -167,12 +147,12 @@ def statuses(routes: list[Route], connector: Connector | None = None) -> list[di
     """Per route: source position and lag, target position; problems go in 'error'.
 
     Each database is asked once, whatever the number of routes on it; one
-    that does not answer within STATUS_CONNECT_TIMEOUT marks only its own
+    that does not answer within QUICK_CONNECT_TIMEOUT marks only its own
     routes.  connector: kept connections (qmover metrics keeps them between
     scrapes); without one, connections are opened and closed here.
     """
     own = connector is None
-    connector = connector or Connector(connect_timeout=STATUS_CONNECT_TIMEOUT)
+    connector = connector or Connector(connect_timeout=QUICK_CONNECT_TIMEOUT)
     try:
         sources = _read_each(routes, "source", connector, _read_source)
         targets = _read_each(routes, "target", connector, _read_target)
@@ -230,49 +210,42 @@ def _target_problem(route: Route, target: Any) -> str | None:
 
 def rewind(route: Route) -> str:
     """skytools --rewind: move the source consumer back to the target's tick."""
-    with _opened(route, "target") as dst:
-        require_pgq_ext(dst, route)
-        with errors(route, "target"):
-            tick = scalar(dst, queries.GET_LAST_TICK, (route.consumer,))
+    with _opened(route, "target") as (dst,):
+        require_pgq_ext(dst)
+        tick = dst.value(Admin.GET_LAST_TICK, consumer=route.consumer)
     if tick is None:
         raise QmoverError(
             f"{where(route, 'target')}: no position recorded for consumer {route.consumer!r}, "
             f"so there is nothing to rewind to; the next batch will be applied as it comes")
-    with _opened(route, "source") as src:
-        require_queue(src, route, "source")
+    with _opened(route, "source") as (src,):
+        require_queue(src)
         try:
-            scalar(src, queries.REGISTER_AT, (route.src_queue, route.consumer, tick))
-        except psycopg2.Error as exc:
-            if "tick not found" in first_line(exc):
+            src.run(Admin.REGISTER_AT, queue=route.src_queue, consumer=route.consumer, tick=tick)
+        except QmoverError as exc:
+            if "tick not found" in str(exc):
                 raise QmoverError(
                     f"{where(route, 'source')}: tick {tick} is no longer kept on queue "
                     f"{route.src_queue!r}; use 'qmover reset' to drop the target position and "
                     f"continue from the source's current position") from None
-            with errors(route, "source"):
-                raise
+            raise
     return f"route {route.name}: source consumer {route.consumer!r} moved to tick {tick}"
 
 
 def reset(route: Route) -> str:
     """skytools --reset: forget the target's position; the next batch applies as it comes."""
-    with _opened(route, "target") as dst:
-        require_pgq_ext(dst, route)
-        with errors(route, "target"):
-            scalar(dst, queries.SET_LAST_TICK, (route.consumer, None))
-            dst.commit()
+    with _opened(route, "target") as (dst,):
+        require_pgq_ext(dst)
+        dst.run(Admin.SET_LAST_TICK, consumer=route.consumer, tick=None)
     return f"route {route.name}: target position of consumer {route.consumer!r} cleared"
 
 
 def unregister(route: Route) -> str:
     """Unregister the source consumer and clear its target position."""
-    with _opened(route, "source") as src:
-        require_queue(src, route, "source")
-        with errors(route, "source"):
-            count = scalar(src, queries.UNREGISTER, (route.src_queue, route.consumer))
-    with _opened(route, "target") as dst:
+    with _opened(route, "source") as (src,):
+        require_queue(src)
+        count = src.value(Admin.UNREGISTER, queue=route.src_queue, consumer=route.consumer)
+    with _opened(route, "target") as (dst,):
         if has_schema(dst, "pgq_ext"):
-            with errors(route, "target"):
-                scalar(dst, queries.SET_LAST_TICK, (route.consumer, None))
-                dst.commit()
+            dst.run(Admin.SET_LAST_TICK, consumer=route.consumer, tick=None)
     state = "unregistered" if count else "was not registered"
     return f"route {route.name}: consumer {route.consumer!r} {state} on {route.src_queue!r}; target position cleared"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from wsgiref.simple_server import WSGIServer
@@ -26,10 +26,11 @@ from prometheus_client.registry import Collector
 from qmover.config.route import Route
 from qmover.ops import admin
 from qmover.pg.connector import Connector
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT
+from qmover.protocol.mover import Outcome
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
 KEY_TTL = 30 * 24 * 3600  # counters of a route that stopped moving fade out after a month
-_warned = False
 
 
 @dataclass(frozen=True)
@@ -77,43 +78,43 @@ def say_if_off(url: str | None) -> None:
 
 
 class Counters:
-    """A route's counters in Redis (url None: counters off, nothing recorded).
+    """The routes' counters in Redis (url None: counters off, nothing recorded).
 
     A failing store never fails a move: after any failure, recording pauses
-    for PAUSE seconds with one warning, so an unreachable Redis costs a move
-    at most one timeout."""
+    for PAUSE seconds, with one warning the first time, so an unreachable
+    Redis costs a move at most one timeout."""
 
     PAUSE = 30.0
 
     def __init__(self, url: str | None):
         self.client = None if url is None else redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._paused_until = 0.0
+        self._warned = False
 
-    def record(self, route: Route, *, events: int = 0, filtered: int = 0, batches: int = 0, skipped: int = 0,
-               errors: int = 0) -> None:
-        """Add a task's or a batch's outcome; a success also stamps the time."""
-        self.record_many([(route, {"events": events, "filtered": filtered, "batches": batches, "skipped": skipped,
-                                   "errors": errors})])
-
-    def record_many(self, outcomes: list[tuple[Route, dict[str, int]]]) -> None:
-        """record() for several routes, in one round trip (fields: events, filtered, batches, skipped, errors)."""
-        if self.client is None or time.monotonic() < self._paused_until or not outcomes:
+    def record(self, outcomes: Iterable[Outcome]) -> None:
+        """Add what a move loop did for each route (a route another mover held
+        counts nothing), in one round trip; a route without an error also
+        stamps the time of its last success."""
+        counted = [outcome for outcome in outcomes if not outcome.busy]
+        if self.client is None or time.monotonic() < self._paused_until or not counted:
             return
         now = time.time()
         try:
             pipe = self.client.pipeline(transaction=False)
-            for route, amounts in outcomes:
-                key = _key(route)
+            for outcome in counted:
+                key = _key(outcome.route)
+                amounts = {"events": outcome.events, "filtered": outcome.filtered, "batches": outcome.batches,
+                           "skipped": outcome.skipped, "errors": int(outcome.error is not None)}
                 for field, amount in amounts.items():
                     if amount:
                         pipe.hincrby(key, field, amount)
-                if not amounts.get("errors"):
+                if outcome.error is None:
                     pipe.hset(key, "last_success", now)
                 pipe.expire(key, KEY_TTL)
             pipe.execute()
         except Exception as exc:  # whatever the store does, the move it counts has happened
             self._paused_until = time.monotonic() + self.PAUSE
-            _warn_once(exc)
+            self._warn_once(exc)
 
     def read(self, routes: list[Route]) -> list[dict[str, float]] | list[None]:
         """Each route's stored numbers, in one round trip; Nones when the counters are off or did not answer."""
@@ -125,9 +126,14 @@ class Counters:
                 pipe.hgetall(_key(route))
             found = pipe.execute()
         except Exception as exc:
-            _warn_once(exc)
+            self._warn_once(exc)
             return [None] * len(routes)
         return [{field.decode(): float(value) for field, value in raw.items()} for raw in found]
+
+    def _warn_once(self, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("metrics not recorded: the Redis of metrics_url failed (%s); moving goes on", exc)
 
     def close(self) -> None:
         if self.client is not None:
@@ -138,13 +144,6 @@ class Counters:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def _warn_once(exc: Exception) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning("metrics not recorded: the Redis of metrics_url failed (%s); moving goes on", exc)
 
 
 class RouteCollector(Collector):
@@ -194,6 +193,6 @@ def serve(routes: list[Route], counters: Counters, port: int, address: str = "12
 
     Its connections are kept between scrapes, one per database.
     """
-    connector = Connector(connect_timeout=admin.STATUS_CONNECT_TIMEOUT)
+    connector = Connector(connect_timeout=QUICK_CONNECT_TIMEOUT)
     server, _thread = start_http_server(port, address, registry(routes, counters, connector))
     return server

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qmover.config.route import Route
-from qmover.pg import db, queries
-from qmover.pg.connector import Connector, Session
+from qmover.pg import queries
+from qmover.pg.connector import Connector
 from qmover.pg.db import Side
+from qmover.pg.queries import Ticker
+from qmover.pg.session import Link
 
 
 @dataclass(frozen=True)
@@ -28,14 +30,9 @@ def tick(route: Route, side: Side, connector: Connector) -> Ticked:
     return connector.run(route, side, _tick)
 
 
-def _tick(session: Session) -> Ticked:
-    conn = session.conn
-    ticked = db.scalar(conn, queries.TICK_ALL_QUEUES) or 0
-    with conn.cursor() as cur:
-        cur.execute(queries.MAINT_OPERATIONS)
-        steps = cur.fetchall()
+def _tick(link: Link) -> Ticked:
+    ticked = link.value(Ticker.TICK_ALL_QUEUES) or 0
+    steps = link.rows(Ticker.MAINT_OPERATIONS)
     for func_name, func_arg in steps:
-        with conn.cursor() as cur:
-            cur.execute(queries.maint_call(func_name, func_arg),
-                        None if func_arg is None or func_name.lower() == "vacuum" else (func_arg,))
+        link.run(queries.maint_call(func_name, func_arg), arg=func_arg)
     return Ticked(ticked, len(steps))

@@ -1,27 +1,27 @@
 """What must be true of a route's databases before a batch may move.
 
-Run once per process for each route, before its first batch (a mover's
-process remembers what it checked, and checks again after a failure): a
-missing queue or schema is reported as a cause and a fix instead of a driver
-error half-way through.
+Each check raises a QmoverError that names the cause and the fix instead of
+a driver error half-way through a batch.  qmover.protocol.preflight runs
+them before a route's first batch in a process; install and status ask the
+same questions.
 """
 
 from __future__ import annotations
 
 import psycopg2.extensions
-from psycopg2.extensions import connection
 
 from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.pg import queries
-from qmover.pg.db import Side, errors, scalar, where
+from qmover.pg.db import Side, where
+from qmover.pg.queries import Checks
+from qmover.pg.session import Link
 
 PGQ_FIX = ("install PgQ (Debian: apt-get install postgresql-15-pgq3) "
            "and run CREATE EXTENSION pgq in that database")
 
 
-def has_schema(conn: connection, name: str) -> bool:
-    return bool(scalar(conn, queries.HAS_SCHEMA, (name,)))
+def has_schema(link: Link, name: str) -> bool:
+    return bool(link.value(Checks.HAS_SCHEMA, schema=name))
 
 
 def pgq_missing(route: Route, side: Side) -> QmoverError:
@@ -49,29 +49,30 @@ def pgq_ext_too_old(route: Route) -> QmoverError:
                        f"bigint); upgrade it to pgq_ext 3.x (qmover does not alter an existing pgq_ext)")
 
 
-def require_queue(conn: connection, route: Route, side: Side) -> None:
-    """pgq installed and the route's queues created on this side."""
-    queues = (route.src_queue,) if side == "source" else route.target_queues
-    with errors(route, side):
-        if not has_schema(conn, "pgq"):
-            raise pgq_missing(route, side)
-        for queue in queues:
-            if not scalar(conn, queries.HAS_QUEUE, (queue,)):
-                raise queue_missing(route, side, queue)
+def require_queue(link: Link) -> None:
+    """pgq installed and the route's queues created on the link's side."""
+    route, side = link.route, link.side
+    if not has_schema(link, "pgq"):
+        raise pgq_missing(route, side)
+    for queue in (route.src_queue,) if side == "source" else route.target_queues:
+        if not link.value(Checks.HAS_QUEUE, queue=queue):
+            raise queue_missing(route, side, queue)
 
 
-def require_registered(conn: connection, route: Route) -> None:
-    with errors(route, "source"):
-        if not scalar(conn, queries.IS_REGISTERED, (route.src_queue, route.consumer)):
-            raise not_registered(route)
+def is_registered(src: Link) -> bool:
+    return bool(src.value(Checks.IS_REGISTERED, queue=src.route.src_queue, consumer=src.route.consumer))
 
 
-def require_pgq_ext(conn: connection, route: Route) -> None:
-    with errors(route, "target"):
-        if not has_schema(conn, "pgq_ext"):
-            raise pgq_ext_missing(route)
-        if not scalar(conn, queries.HAS_TICK_API):
-            raise pgq_ext_too_old(route)
+def require_registered(src: Link) -> None:
+    if not is_registered(src):
+        raise not_registered(src.route)
+
+
+def require_pgq_ext(dst: Link) -> None:
+    if not has_schema(dst, "pgq_ext"):
+        raise pgq_ext_missing(dst.route)
+    if not dst.value(Checks.HAS_TICK_API):
+        raise pgq_ext_too_old(dst.route)
 
 
 def require_blocking_driver() -> None:
@@ -83,24 +84,30 @@ def require_blocking_driver() -> None:
             "run then; run qmover's tasks on the prefork, threads, solo or gevent pool, without psycogreen")
 
 
-def check_route(src: connection, dst: connection, route: Route) -> None:
+def check_route(src: Link, dst: Link) -> None:
     """Everything a move needs; raises the first problem found."""
-    require_queue(src, route, "source")
-    require_registered(src, route)
-    require_queue(dst, route, "target")
-    require_pgq_ext(dst, route)
+    require_queue(src)
+    require_registered(src)
+    require_queue(dst)
+    require_pgq_ext(dst)
 
 
-def target_can_copy(conn: connection, route: Route) -> bool:
+def target_can_copy(dst: Link) -> bool:
     """Whether the target role may COPY into the queue's event tables.
 
     If not, it needs at least pgq_writer (pgq.insert_event), whose path
-    copies into a temporary table first (split.prepare).
+    copies into a temporary table first (Target.CREATE_INCOMING).
     """
-    with errors(route, "target"):
-        if not scalar(conn, queries.IS_QUEUE_WRITER):
-            raise QmoverError(
-                f"{where(route, 'target')}: the role may not write to queue {route.dst_queue!r}; "
-                f"grant it pgq_writer, and to keep ev_time also INSERT on the queue's event tables "
-                f"and USAGE on its event sequence (the rights of pgq_admin)")
-        return bool(scalar(conn, queries.CAN_COPY_INTO_QUEUE, (route.dst_queue,)))
+    route = dst.route
+    if not dst.value(Checks.IS_QUEUE_WRITER):
+        raise QmoverError(
+            f"{where(route, 'target')}: the role may not write to queue {route.dst_queue!r}; "
+            f"grant it pgq_writer, and to keep ev_time also INSERT on the queue's event tables "
+            f"and USAGE on its event sequence (the rights of pgq_admin)")
+    return bool(dst.value(Checks.CAN_COPY_INTO_QUEUE, queue=route.dst_queue))
+
+
+def server_identity(link: Link) -> tuple[str, str]:
+    """The server (system identifier) and database a connection reached."""
+    system, database = link.one(Checks.SERVER_IDENTITY)
+    return system, database

@@ -20,7 +20,12 @@ from qmover.errors import LoginRefused, QmoverError, TransientError
 from qmover.pg import queries
 
 Side = Literal["source", "target"]
-CONNECT_TIMEOUT = 10
+RAISED = "P0001"  # the SQLSTATE of a PL/pgSQL RAISE EXCEPTION (PgQ's "batch not found", say)
+# Seconds to wait for a server to answer a new connection, unless the DSN sets connect_timeout:
+CONNECT_TIMEOUT = 10  # a mover's, whose routes wait for that database anyway
+# whoever asks many databases in turn (sweeps, status, metrics, the checks at
+# a worker's start): one that does not answer holds up the others this long
+QUICK_CONNECT_TIMEOUT = 2
 # Connection failures that waiting will not cure: the server answered and said no.
 LOGIN_REFUSED = ("password authentication failed", "no password supplied", "pg_hba.conf")
 
@@ -39,8 +44,8 @@ def where(route: Route, side: Side) -> str:
     return f"route {route.name}: {side} database ({display})"
 
 
-def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNECT_TIMEOUT) -> connection:
-    """Open one side of a route with the session settings the COPY relies on.
+def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connection:
+    """Open one side of a route, in autocommit, with the session settings the COPY relies on.
 
     timeout: seconds to wait for the server, unless the DSN sets connect_timeout.
     """
@@ -64,11 +69,9 @@ def connect(route: Route, side: Side, *, autocommit: bool, timeout: int = CONNEC
             f"{where(route, side)}: cannot connect: {reason}; "
             f"check {key} in the config and that the server is up", side) from None
     with errors(route, side):
-        conn.autocommit = autocommit
+        conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(queries.SESSION_SETUP)
-        if not autocommit:
-            conn.commit()
+            cur.execute(queries.Session.SETUP.text)
     return conn
 
 
@@ -88,23 +91,7 @@ def errors(route: Route, side: Side) -> Iterator[None]:
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}", side) from None
     except psycopg2.Error as exc:
-        raise QmoverError(f"{where(route, side)}: {first_line(exc)}", side) from None
-
-
-def prepare_once(conn: connection, prepared: set[str], name: str, query: str) -> None:
-    """PREPARE query as name on conn, unless prepared (the record kept with the
-    connection, Session.prepared) says it is done: planned once per connection."""
-    if name not in prepared:
-        with conn.cursor() as cur:
-            cur.execute(queries.prepare(name, query))
-        prepared.add(name)
-
-
-def scalar(conn: connection, query: Any, params: Any = None) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(query, params)
-        row = cur.fetchone()
-    return None if row is None else row[0]
+        raise QmoverError(f"{where(route, side)}: {first_line(exc)}", side, exc.pgcode) from None
 
 
 def close(conn: connection | None) -> None:

@@ -13,8 +13,8 @@
    alone, by finish_batch(), when the mover stops).
 A crash before 4 commits leaves nothing applied; after it, step 2 of the
 redelivered batch sees the end tick and skips.  Knows nothing of Celery.
-Both connections are in autocommit mode; the target transaction is spelled
-out in SQL so that each step is one round trip.
+Both links are in autocommit mode; the target transaction is spelled out
+in SQL so that each step is one round trip.
 """
 
 from __future__ import annotations
@@ -27,17 +27,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-import psycopg2
-from psycopg2.extensions import connection
+from typing import BinaryIO
 
 from qmover.config.route import Route
-from qmover.errors import LostPosition
+from qmover.errors import LostPosition, QmoverError
 from qmover.pg import queries
-from qmover.pg.db import errors, prepare_once, scalar
+from qmover.pg.db import RAISED
+from qmover.pg.queries import Source, Target, Transaction
+from qmover.pg.session import Link
 from qmover.protocol import split
 
 # Batches PgQ estimates at up to SMALL_BATCH events are copied through a
@@ -49,6 +48,8 @@ SPOOL_BYTES = 16 * 1024 * 1024
 # keeps a lag of its own, or says merge_ticks = 0: one batch's cost instead
 # of one per tick.
 MERGE_EVENTS = 10_000
+# Times next_batch asks when another mover of the route finishes the batch it is reading.
+NEXT_BATCH_ATTEMPTS = 3
 
 
 # Called with the name of each step as it completes: "next_batch" (with the
@@ -59,11 +60,21 @@ MERGE_EVENTS = 10_000
 Checkpoint = Callable[[str], None]
 
 
-Params = Sequence[Any] | Mapping[str, Any]
-
-
 def no_checkpoint(_step: str) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A source batch, as next_batch() found it."""
+
+    id: int
+    prev_tick: int
+    cur_tick: int
+    select: str  # pgq.batch_event_sql(): the SELECT over its events
+    estimate: int | None  # events, as PgQ's event sequence counts them
+    last_event_seq: int  # the source's event sequence at the batch's end tick
+    more: bool  # the source had a tick past this batch: another batch may be ready now
 
 
 @dataclass(frozen=True)
@@ -79,84 +90,110 @@ class Moved:
     more: bool = True  # the source had a tick past this batch: another batch may be ready now
 
 
-def move_batch(route: Route, src: connection, dst: connection, src_prepared: set[str], dst_prepared: set[str],
-               checkpoint: Checkpoint = no_checkpoint, via_insert_event: bool = False,
-               finish: int | None = None) -> Moved | None:
+def move_batch(route: Route, src: Link, dst: Link, *, finish: int | None = None, via_insert_event: bool = False,
+               checkpoint: Checkpoint = no_checkpoint) -> Moved | None:
     """Move the route's next batch; None when no batch is ready.
 
-    src_prepared, dst_prepared: the statements PREPAREd on src and dst so far
-    (kept with each connection); this call adds to them.
     The batch moved is left unfinished on the source (step 5): pass its id
     as `finish` to the next call, or to finish_batch().
     via_insert_event: the target role may not write event tables, so events
     go through a temporary table and pgq.insert_event (which sets ev_time).
     """
     started = time.monotonic()
-    with errors(route, "source"):
-        batch_id, prev_tick, cur_tick, select, estimate, last_event_seq, more = _next_batch(
-            route, src, src_prepared, finish)
-    if batch_id is None:
+    batch = next_batch(route, src, finish)
+    if batch is None:
         return None
     checkpoint("next_batch")
     events = filtered = 0
+    incoming = via_insert_event or route.kind == "split"
+    if incoming:
+        dst.ensure(Target.CREATE_INCOMING)
     try:
-        with errors(route, "target"):
-            for name, statement in queries.TARGET_STATEMENTS:
-                prepare_once(dst, dst_prepared, name, statement)
-            position, event_table = _row(dst, queries.BEGIN_AND_READ_POSITION,
-                                         {"consumer": route.consumer, "queue": route.dst_queue})
-            checkpoint("position")
-            if position not in (None, prev_tick, cur_tick):
-                if not _still_active(route, src, batch_id):
-                    _rollback(dst)
-                    return None  # another mover applied and finished it meanwhile
-                raise lost_position(route, position, batch_id, prev_tick, cur_tick)
-            if position != cur_tick:
-                small = estimate is not None and estimate <= SMALL_BATCH
-                copy = copy_spooled if small or threads_are_green() else copy_streamed
-                into = queries.INCOMING if via_insert_event or route.kind == "split" else event_table
-                events = copy(route, src, dst, select, into)
-                if via_insert_event:
-                    _row(dst, queries.INCOMING_TO_QUEUE, (route.dst_queue,))
-                if route.keep_event_id:
-                    _row(dst, queries.ADVANCE_EVENT_SEQ, (last_event_seq, route.dst_queue))
-                if route.filtered:
-                    with errors(route, "source"):
-                        filtered = scalar(src, queries.count_batch(select)) - events
-                if route.kind == "split":
-                    events, left_out = split.distribute(route, dst, batch_id)
-                    filtered += left_out
-                checkpoint("copy")
-            checkpoint("before_target_commit")
-            _run(dst, queries.RECORD_POSITION_AND_COMMIT, (route.consumer, cur_tick))
+        position, event_table = dst.one(Transaction.BEGIN, Target.LOCK, Target.POSITION,
+                                        consumer=route.consumer, queue=route.dst_queue)
+        checkpoint("position")
+        if position not in (None, batch.prev_tick, batch.cur_tick):
+            if src.value(Source.ACTIVE_BATCH, queue=route.src_queue, consumer=route.consumer) != batch.id:
+                dst.run(Transaction.ROLLBACK)
+                return None  # another mover applied and finished it meanwhile
+            raise lost_position(route, position, batch)
+        if position != batch.cur_tick:
+            small = batch.estimate is not None and batch.estimate <= SMALL_BATCH
+            copy = copy_spooled if small or threads_are_green() else copy_streamed
+            events = copy(route, src, dst, batch.select, queries.INCOMING if incoming else event_table)
+            if via_insert_event:
+                dst.run(Target.INCOMING_TO_QUEUE, queue=route.dst_queue)
+            if route.keep_event_id:
+                dst.run(Target.ADVANCE_EVENT_SEQ, last_event_seq=batch.last_event_seq, queue=route.dst_queue)
+            if route.filtered:
+                filtered = src.value(queries.count_batch(batch.select)) - events
+            if route.kind == "split":
+                events, left_out = split.distribute(route, dst, batch.id)
+                filtered += left_out
+            checkpoint("copy")
+        checkpoint("before_target_commit")
+        dst.run(Target.RECORD, Transaction.COMMIT, consumer=route.consumer, tick=batch.cur_tick)
     except BaseException:
         _rollback(dst)
         raise
     checkpoint("after_target_commit")
-    return Moved(batch_id, events, position == cur_tick, time.monotonic() - started, position is None, filtered,
-                 bool(more))
+    return Moved(batch.id, events, position == batch.cur_tick, time.monotonic() - started, position is None,
+                 filtered, batch.more)
 
 
-def lost_position(route: Route, position: int, batch_id: int, prev_tick: int, cur_tick: int) -> LostPosition:
+def next_batch(route: Route, src: Link, finish: int | None = None) -> Batch | None:
+    """Finish the batch before (if any), then take the next batch; None when none is ready.
+
+    When another mover of the route finishes the batch while this call is
+    reading it, PgQ raises "batch not found"; asking again gets the next one.
+    """
+    own_rule = route.min_count is not None or route.min_interval is not None or route.keep_lag is not None
+    statements = (Source.NEXT_BATCH,) if finish is None else (Source.FINISH, Source.NEXT_BATCH)
+    params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
+              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish,
+              "merge": MERGE_EVENTS if route.merge_ticks and not own_rule else None}
+    for attempt in range(1, NEXT_BATCH_ATTEMPTS + 1):
+        try:
+            row = src.one(*statements, **params)
+            break
+        except QmoverError as exc:
+            if attempt == NEXT_BATCH_ATTEMPTS or exc.sqlstate != RAISED:
+                raise
+    batch_id, prev_tick, cur_tick, select, estimate, last_event_seq, more = row
+    return None if batch_id is None else Batch(batch_id, prev_tick, cur_tick, select, estimate, last_event_seq,
+                                               bool(more))
+
+
+def finish_batch(route: Route, src: Link, batch_id: int, checkpoint: Checkpoint = no_checkpoint) -> None:
+    """Step 5 on its own, for the last batch a mover moved: not waiting for the flush."""
+    src.run(Transaction.BEGIN, Transaction.NO_FLUSH_WAIT, Source.FINISH, Transaction.COMMIT, finish=batch_id)
+    checkpoint("finished")
+
+
+def lost_position(route: Route, position: int, batch: Batch) -> LostPosition:
     return LostPosition(
         f"route {route.name}: lost position: target holds tick {position} but the source "
-        f"batch {batch_id} runs from tick {prev_tick} to {cur_tick}; nothing was moved. "
+        f"batch {batch.id} runs from tick {batch.prev_tick} to {batch.cur_tick}; nothing was moved. "
         f"Run 'qmover rewind CONFIG --route {route.name}' to move the source back to the "
         f"target's tick, or 'qmover reset CONFIG --route {route.name}' to drop the target's position")
 
 
-def copy_spooled(route: Route, src: connection, dst: connection, select: str, event_table: str) -> int:
+def copy_statements(route: Route, src: Link, dst: Link, select: str, table: str) -> tuple[str, str]:
+    """The batch's COPY out of the source and into the table on the target, rendered once per connection."""
+    head, tail = src.render(("copy out", route), lambda: queries.copy_batch_out(route))
+    into = dst.render(("copy in", route, table), lambda: queries.copy_events_in(table, route))[0]
+    return head + select + tail, into
+
+
+def copy_spooled(route: Route, src: Link, dst: Link, select: str, table: str) -> int:
     """Copy a small batch out, then in: no thread hand-off, which costs more than
     it saves on a few hundred events.  Beyond SPOOL_BYTES the buffer spills to a
     temporary file, so memory stays bounded even when PgQ's estimate is wrong."""
+    out, into = copy_statements(route, src, dst, select, table)
     with Spool(SPOOL_BYTES) as buffer:
-        with errors(route, "source"), src.cursor() as cur:
-            cur.copy_expert(queries.copy_batch_out(select, route, src), buffer)
-            sent = cur.rowcount
+        sent = src.copy_out(out, buffer)
         buffer.rewind()
-        with dst.cursor() as cur:
-            cur.copy_expert(queries.copy_events_in(event_table, route, dst), buffer, size=65536)
-            return _same_count(sent, cur.rowcount)
+        return _same_count(sent, dst.copy_in(into, buffer))
 
 
 class Spool:
@@ -194,42 +231,39 @@ class Spool:
         self.buffer.close()
 
 
-def copy_streamed(route: Route, src: connection, dst: connection, select: str, event_table: str) -> int:
-    """Stream the batch's events (select: its pgq.batch_event_sql) into event_table.
+def copy_streamed(route: Route, src: Link, dst: Link, select: str, table: str) -> int:
+    """Stream the batch's events (select: its pgq.batch_event_sql) into table.
 
     The source COPY writes into a pipe from a helper thread while the target
     COPY reads from it, so memory stays at the pipe's size whatever the batch.
     """
+    out, into = copy_statements(route, src, dst, select, table)
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
-    counts = {}
+    sent: list[int] = []
 
     def produce() -> None:
         try:
-            with os.fdopen(write_fd, "wb") as sink, src.cursor() as cur:
-                cur.copy_expert(queries.copy_batch_out(select, route, src), sink)
-                counts["source"] = cur.rowcount
+            with os.fdopen(write_fd, "wb") as sink:
+                sent.append(src.copy_out(out, sink))
         except BaseException as exc:  # re-raised below in the caller's thread
             failure.append(exc)
 
     producer = threading.Thread(target=produce, name=f"qmover-copy-{route.name}", daemon=True)
     producer.start()
     try:
-        with os.fdopen(read_fd, "rb") as source, dst.cursor() as cur:
-            cur.copy_expert(queries.copy_events_in(event_table, route, dst), source, size=65536)
-            written = cur.rowcount
-    except psycopg2.Error:
+        with os.fdopen(read_fd, "rb") as source:
+            written = dst.copy_in(into, source)
+    except QmoverError:
         producer.join()
-        if failure and isinstance(failure[0], psycopg2.Error):
-            with errors(route, "source"):  # the source failed first: the target only saw its input end
-                raise failure[0] from None
+        if failure and isinstance(failure[0], QmoverError):
+            raise failure[0] from None  # the source failed first: the target only saw its input end
         raise
     finally:
         producer.join()  # closing the read end above unblocks a stuck writer
     if failure:
-        with errors(route, "source"):
-            raise failure[0]
-    return _same_count(counts.get("source"), written)
+        raise failure[0]
+    return _same_count(sent[0], written)
 
 
 def threads_are_green() -> bool:
@@ -239,64 +273,15 @@ def threads_are_green() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("threading"))
 
 
-def _same_count(sent: int | None, written: int) -> int:
+def _same_count(sent: int, written: int) -> int:
     if sent != written:
         raise RuntimeError(f"source sent {sent} events, target took {written}")
     return written
 
 
-def finish_batch(route: Route, src: connection, src_prepared: set[str], batch_id: int,
-                 checkpoint: Checkpoint = no_checkpoint) -> None:
-    """Step 5 on its own, for the last batch a mover moved."""
-    with errors(route, "source"):
-        prepare_once(src, src_prepared, queries.FINISH_STATEMENT, queries.FINISH)
-        _run(src, queries.FINISH_BATCH, {"finish": batch_id})
-    checkpoint("finished")
-
-
-def _next_batch(route: Route, src: connection, prepared: set[str], finish: int | None, attempts: int = 3) -> tuple:
-    """Finish the batch before (if any), then the next batch and its events' SELECT.
-
-    When another mover of the route finishes the batch while this call is
-    reading it, PgQ raises "batch not found"; asking again gets the next one.
-    """
-    own_rule = route.min_count is not None or route.min_interval is not None or route.keep_lag is not None
-    merge = route.merge_ticks and not own_rule
-    params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
-              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish,
-              "merge": MERGE_EVENTS if merge else None}
-    prepare_once(src, prepared, queries.NEXT_BATCH_STATEMENT, queries.NEXT_BATCH_SELECT)
-    prepare_once(src, prepared, queries.FINISH_STATEMENT, queries.FINISH)
-    query = queries.NEXT_BATCH if finish is None else queries.FINISH_AND_NEXT_BATCH
-    for _ in range(attempts - 1):
-        with contextlib.suppress(psycopg2.errors.RaiseException):
-            return _row(src, query, params)
-    return _row(src, query, params)
-
-
-def _still_active(route: Route, src: connection, batch_id: int) -> bool:
-    with errors(route, "source"):
-        return scalar(src, queries.ACTIVE_BATCH, (route.src_queue, route.consumer)) == batch_id
-
-
-def _row(conn: connection, query: str, params: Params) -> tuple[Any, ...]:
-    with conn.cursor() as cur:
-        cur.execute(query, params)
-        row = cur.fetchone()
-    assert row is not None, "each of these statements returns a row"
-    return row
-
-
-def _run(conn: connection, query: str, params: Params) -> None:
-    with conn.cursor() as cur:
-        cur.execute(query, params)
-
-
-def _rollback(conn: connection) -> None:
+def _rollback(dst: Link) -> None:
     """End the target transaction if the connection still can; harmless otherwise."""
-    if conn.closed:
+    if dst.closed:
         return
-    try:
-        _run(conn, queries.ROLLBACK, ())
-    except Exception:  # the connection is being dropped anyway
-        pass
+    with contextlib.suppress(Exception):  # the connection is being dropped anyway
+        dst.run(Transaction.ROLLBACK)

@@ -12,13 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from psycopg2.extensions import connection
-
 from qmover.config.route import Route, database_of
 from qmover.errors import QmoverError
-from qmover.pg import queries
+from qmover.pg.checks import server_identity
 from qmover.pg.connector import Connector
-from qmover.pg.db import Side
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side
 
 Server = tuple[str, str]  # (system identifier, database name)
 Queue = tuple[Server, str]
@@ -37,25 +35,22 @@ class Hop:
         return [(start, (self.target, queue)) for queue in self.route.target_queues]
 
 
-CONNECT_TIMEOUT = 3
-
-
 def check_routes(routes: Iterable[Route]) -> None:
     """require_no_loops over a config's routes, asking each database once.
 
     One connection at a time, each closed at once (a worker checks at start,
     beside beat's sweeps: it must not double the connections on a server).
-    A database that does not answer within CONNECT_TIMEOUT is left out: its
-    routes are checked again, alone, when a mover opens them.
+    A database that does not answer within QUICK_CONNECT_TIMEOUT is left out:
+    its routes are checked again, alone, when a mover opens them.
     """
-    connector = Connector(max_idle=0, connect_timeout=CONNECT_TIMEOUT)
+    connector = Connector(max_idle=0, connect_timeout=QUICK_CONNECT_TIMEOUT)
     servers: dict[tuple, Server | None] = {}
 
     def server(route: Route, side: Side) -> Server | None:
         key = database_of(route.dsn(side))
         if key not in servers:
             try:
-                servers[key] = connector.run(route, side, lambda session: server_identity(session.conn))
+                servers[key] = connector.run(route, side, server_identity)
             except QmoverError:
                 servers[key] = None
         return servers[key]
@@ -66,15 +61,6 @@ def check_routes(routes: Iterable[Route]) -> None:
         if source is not None and target is not None:
             found.append(Hop(route, source, target))
     require_no_loops(found)
-
-
-def server_identity(conn: connection) -> Server:
-    """The server and database a connection reached."""
-    with conn.cursor() as cur:
-        cur.execute(queries.SERVER_IDENTITY)
-        row = cur.fetchone()
-    assert row is not None, "pg_control_system() has one row"
-    return (row[0], row[1])
 
 
 def require_no_loops(found: list[Hop]) -> None:

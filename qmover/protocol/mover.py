@@ -1,197 +1,192 @@
-"""A route's mover: the move loop, batch after batch, over two connections a Loan lends.
+"""The one move loop, and the mover of a process that runs it.
 
-A mover made with a loan shares its connections with the task's other
-routes (one per database); made without one, it borrows its own and gives
-them back on release().  Claiming the route is the caller's (qmover.protocol.
-claim), the checks before its first batch preflight's.  After an
-error the source connection is closed rather than given back, so a
-half-finished COPY never leaks into the next batch; the target connection
-is closed only when it failed, so the task's claims on it stay.  A kept
-connection that fails at its first statement (its server restarted since)
-is replaced once at once.
+A Mover owns what a process keeps from one move to the next: its
+connections (a Connector), its claims (Claims) and the checks its routes
+passed (Preflight).  Mover.move() is the loop that `qmover run` and the
+Celery task both go through: claim the routes, move one batch of each in
+turn, again while some have more, until the budget passes or the caller
+says stop, then finish the last batches and let the routes go.
+
+Routes that share a database share its connection, so a loop holds one
+connection per database however many routes it moves.  One route's failure
+is its own: it is reported in its Outcome, and the others go on.  After an
+error the route's source connection is closed rather than given back, so a
+half-finished COPY never leaks into the next batch; its target connection
+is closed only when it failed or was left in a transaction, so the loop's
+claims on it stay.  Knows nothing of Celery.
 """
 
 from __future__ import annotations
 
 import logging
-
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
-from qmover.pg.connector import Connector, Loan, Session, once_more_if_stale
-from qmover.protocol import preflight, split
-from qmover.protocol.batch import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
+from qmover.pg.connector import Connector, Loan, connection_key
+from qmover.protocol import preflight
+from qmover.protocol.batch import Moved, finish_batch, move_batch, no_checkpoint
+from qmover.protocol.claim import Claims
+from qmover.protocol.preflight import Preflight
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
 UNFINISHED = "the route's next mover finishes the batch (the target's position skips it)"
 
 
-class RouteMover:
-    """Moves batches of one route.  Use as a context manager: on exit its own
-    connections go back to the connector (a mover made without one has a
-    private connector, closed on exit)."""
+@dataclass
+class Outcome:
+    """What one loop did for one route."""
 
-    def __init__(self, route: Route, checkpoint: Checkpoint = no_checkpoint, connector: Connector | None = None,
-                 loan: Loan | None = None):
-        self.route = route
-        self.checkpoint = checkpoint
-        self.connector = loan.connector if loan else connector or Connector()
-        self._own_connector = loan is None and connector is None
-        self.loan = loan or Loan(self.connector)
-        self._own_loan = loan is None
-        self._via_insert_event = False  # the target role may not COPY into the queue's event tables
-        self._unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
+    route: Route
+    batches: int = 0  # applied on the target
+    skipped: int = 0  # found applied already (after a crash, or by another mover): only finished
+    events: int = 0
+    filtered: int = 0
+    busy: bool = False  # another mover held it
+    error: QmoverError | None = None
 
-    def __enter__(self) -> RouteMover:
-        return self
+    @property
+    def moved(self) -> bool:
+        """Whether a batch was applied or skipped: the route's position went forward."""
+        return bool(self.batches or self.skipped)
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None:
-            self.close()  # an interrupted task leaves no connection half-way
-        self.release()
-        if self._own_connector:
-            self.connector.close()
 
-    def open(self) -> tuple[Session, Session]:
-        """Both connections, checked for the route unless already done."""
+@dataclass
+class _Turns:
+    """One route in the loop."""
+
+    outcome: Outcome
+    unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
+
+    @property
+    def route(self) -> Route:
+        return self.outcome.route
+
+
+def never() -> bool:
+    return False
+
+
+class Mover:
+    """One process's mover: its connections, its claims and its checks, for
+    move() after move(), on any number of threads at once."""
+
+    def __init__(self, connector: Connector | None = None) -> None:
+        self.connector = connector or Connector()
+        self.claims = Claims()
+        self.preflight = Preflight()
+
+    def move(self, routes: Sequence[Route], budget: float, *, stop: Callable[[], bool] = never,
+             checkpoint: Callable[[Route, str], None] | None = None,
+             moved: Callable[[Route, Moved], None] | None = None) -> list[Outcome]:
+        """Move the routes' ready batches, one batch of each in turn, for up to budget seconds.
+
+        stop(): asked between batches; True ends the loop early.
+        checkpoint(route, step): called at each step of the move protocol (see
+        qmover.protocol.batch.Checkpoint), where tests fail or kill a mover.
+        moved(route, batch): called after each batch the target committed.
+        """
+        started = time.monotonic()
+        outcomes = [Outcome(route) for route in routes]
+        capped = frozenset(connection_key(route.src_dsn) for route in routes if route.max_source_connections)
+        with Loan(self.connector, close_after=capped) as loan:
+            claim = self.claims.take(loan, routes)
+            turns = []
+            for outcome in outcomes:
+                outcome.busy = outcome.route in claim.busy
+                outcome.error = claim.failed.get(outcome.route)
+                if outcome.route in claim.routes:
+                    turns.append(_Turns(outcome))
+            try:
+                active = turns
+                while active and not stop() and time.monotonic() - started < budget:
+                    active = [turn for turn in active if self._turn(loan, turn, checkpoint, moved)]
+            finally:
+                for turn in turns:
+                    self._finish(loan, turn, checkpoint)
+                claim.release()
+        return outcomes
+
+    def _turn(self, loan: Loan, turn: _Turns, checkpoint: Callable[[Route, str], None] | None,
+              moved: Callable[[Route, Moved], None] | None) -> bool:
+        """One batch of the route; whether it may have another ready now."""
+        route = turn.route
+        if not loan.has(route, "target"):
+            return False  # its target connection failed under another route, and the claim went with it
+        checked = None
         try:
-            src = self.loan.session(self.route, "source")
-            dst = self.loan.session(self.route, "target")
-            self._check(src, dst)
+            src, dst = loan.link(route, "source"), loan.link(route, "target")
+            via_insert_event = self.preflight.via_insert_event(route, src, dst)
+            checked = src, dst
+            done = move_batch(route, src, dst, finish=turn.unfinished, via_insert_event=via_insert_event,
+                              checkpoint=no_checkpoint if checkpoint is None else lambda step: checkpoint(route, step))
         except QmoverError as exc:
-            self._drop(exc)
-            raise
+            turn.unfinished = None  # the batch comes back, and the target's position skips it
+            self.preflight.forget(route)
+            found = None
+            if checked is not None and not isinstance(exc, (TransientError, LostPosition)):
+                found = preflight.diagnose(*checked)  # what went wrong meanwhile, with its fix
+            loan.discard(route, "source")
+            if loan.has(route, "target") and (exc.side == "target" and isinstance(exc, TransientError)
+                                              or not loan.link(route, "target").idle):
+                loan.discard(route, "target")
+            turn.outcome.error = found or exc
+            return False
         except BaseException:
-            self.close()
+            loan.discard(route, "source")
+            loan.discard(route, "target")
             raise
-        return src, dst
+        turn.unfinished = None if done is None else done.batch_id
+        if done is None:
+            return False
+        self._count(turn.outcome, done)
+        if moved is not None:
+            moved(route, done)
+        return done.more
 
-    def _check(self, src: Session, dst: Session) -> None:
-        """What a move needs: the route's checks once per process (preflight,
-        again after any failure), the target session's temporary table once per connection."""
-        route = self.route
-        via_insert_event = preflight.checked.get(route)
-        if via_insert_event is None:
-            via_insert_event = preflight.check(route, src.conn, dst.conn)
-            preflight.checked[route] = via_insert_event
-            src.reused = dst.reused = False  # both answered
-        self._via_insert_event = via_insert_event
-        if (route.kind == "split" or via_insert_event) and route not in dst.routes:
-            split.prepare(dst.conn)  # split routes insert server-side: no insert_event fallback
-            dst.routes.add(route)
-
-    def move_one(self) -> Moved | None:
-        """Move the next batch and log it; None when none is ready."""
-        sessions: list[Session] = []
-
-        def attempt() -> Moved | None:
-            src, dst = sessions[:] = self.open()
-
-            def step(name: str) -> None:
-                if name == "next_batch":
-                    src.reused = False
-                elif name == "position":
-                    dst.reused = False
-                self.checkpoint(name)
-
-            return move_batch(self.route, src.conn, dst.conn, src.prepared, dst.prepared, step,
-                              self._via_insert_event, finish=self._unfinished)
-
-        try:
-            moved = once_more_if_stale(attempt, self.loan, self.route)
-        except TransientError as exc:
-            self._failed(exc)
-            raise
-        except QmoverError as exc:
-            precise = None if isinstance(exc, LostPosition) or not sessions else preflight.diagnose(
-                self.route, sessions[0].conn, sessions[1].conn)
-            self._failed(exc)
-            if precise is None:
-                raise
-            raise precise from None
-        except BaseException:
-            self.close()
-            raise
-        src, dst = sessions
-        src.reused = dst.reused = False
-        self._log(moved)
-        return moved
-
-    def _log(self, moved: Moved | None) -> None:
-        self._unfinished = None if moved is None else moved.batch_id
-        if moved is None:
-            return
-        if moved.unplaced:
+    @staticmethod
+    def _count(outcome: Outcome, done: Moved) -> None:
+        route = outcome.route
+        if done.unplaced:
             log.warning("route %s: the target held no position for consumer %r; started from the source's "
                         "(batch %d): expected once on a new route; otherwise the target's pgq_ext was reset, and "
-                        "events moved before the reset are not moved again",
-                        self.route.name, self.route.consumer, moved.batch_id)
-        outcome = "skipped: already applied on target" if moved.skipped else f"events={moved.events}"
-        if moved.filtered:
-            outcome += f" filtered={moved.filtered}"
-        log.info("route=%s batch=%d %s ms=%.1f", self.route.name, moved.batch_id, outcome, moved.seconds * 1000)
-
-    def _failed(self, exc: QmoverError) -> None:
-        """After a failed move: the checks again next time; the connections it may have left half-way closed."""
-        preflight.checked.pop(self.route, None)
-        self._unfinished = None  # the batch comes back, and the target's position skips it
-        self.loan.discard(self.route, "source")
-        self._drop(exc)
-
-    def _drop(self, exc: QmoverError) -> None:
-        """Close a connection that failed, and the target's if not idle; a statement error leaves it usable."""
-        if exc.side == "source" and isinstance(exc, TransientError):
-            self.loan.discard(self.route, "source")
-        if not self.loan.has(self.route, "target"):
+                        "events moved before the reset are not moved again", route.name, route.consumer,
+                        done.batch_id)
+        if done.skipped:
+            outcome.skipped += 1
+            log.info("route=%s batch=%d skipped: already applied on target ms=%.1f", route.name, done.batch_id,
+                     done.seconds * 1000)
             return
-        conn = self.loan.session(self.route, "target").conn
-        broken = exc.side == "target" and isinstance(exc, TransientError)
-        if broken or conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
-            self.loan.discard(self.route, "target")
+        outcome.batches += 1
+        outcome.events += done.events
+        outcome.filtered += done.filtered
+        log.info("route=%s batch=%d events=%d%s ms=%.1f", route.name, done.batch_id, done.events,
+                 f" filtered={done.filtered}" if done.filtered else "", done.seconds * 1000)
 
-    def finish(self) -> None:
-        """Finish on the source the last batch moved, if a next request has not."""
-        if self._unfinished is None or not self.loan.has(self.route, "source"):
-            self._unfinished = None
+    @staticmethod
+    def _finish(loan: Loan, turn: _Turns, checkpoint: Callable[[Route, str], None] | None) -> None:
+        """Finish on the source the last batch the route moved, on its own."""
+        route, batch_id, turn.unfinished = turn.route, turn.unfinished, None
+        if batch_id is None or not loan.has(route, "source"):
             return
         try:
-            src = self.loan.session(self.route, "source")
-            finish_batch(self.route, src.conn, src.prepared, self._unfinished, self.checkpoint)
-        except BaseException:
-            self.loan.discard(self.route, "source")  # the batch comes back, and the target's position skips it
-            raise
-        finally:
-            self._unfinished = None
-
-    def release(self, finish: bool = True) -> None:
-        """Give back, from its own loan, the connections, kept open for the next task.
-
-        finish: finish the last batch moved now.  Without, the finish goes with
-        this mover's next request for a batch (`qmover run`, back at this route
-        within a loop), or with finish_pending().
-        """
-        if finish:
-            try:
-                self.finish()
-            except QmoverError as exc:
-                log.warning("%s; %s", exc, UNFINISHED)
-        if self._own_loan:
-            self.loan.give_back()
-
-    def finish_pending(self) -> None:
-        """Finish the last batch moved, if release() left it, on borrowed connections."""
-        if self._unfinished is None:
-            return
-        try:
-            self.open()
+            finish_batch(route, loan.link(route, "source"), batch_id,
+                         no_checkpoint if checkpoint is None else lambda step: checkpoint(route, step))
         except QmoverError as exc:
-            self._unfinished = None
+            loan.discard(route, "source")
             log.warning("%s; %s", exc, UNFINISHED)
-        self.release()
+        except BaseException:
+            loan.discard(route, "source")
+            raise
 
     def close(self) -> None:
-        """Close this route's connections instead of giving them back (after an error)."""
-        self.loan.discard(self.route, "source")
-        self.loan.discard(self.route, "target")
-        self._unfinished = None
+        """Close the connections kept between moves."""
+        self.connector.close()
+
+    def __enter__(self) -> Mover:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

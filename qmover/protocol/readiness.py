@@ -23,22 +23,25 @@ no sweep.  Knows nothing of Celery.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from qmover.config.route import Route, by_database, database_of
 from qmover.errors import LoginRefused, QmoverError, TransientError
-from qmover.pg import db, queries
-from qmover.pg.connector import Connector, Session
-from qmover.pg.db import Side, prepare_once
+from qmover.pg.connector import Connector
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side
+from qmover.pg.queries import Session, Source
+from qmover.pg.session import Link
+from qmover.protocol import claim
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 PROBE_EVERY = 1.0
-CONNECT_TIMEOUT = 2
 MAX_SLICES = 4  # slices of one interval's source databases
 MIN_SWEEP_PERIOD = 0.05  # seconds between two sweeps of one interval, at least
 RESEND_INTERVALS = 5  # a task not yet run is replaced after this many intervals,
@@ -51,6 +54,14 @@ def slices(routes: Iterable[Route], interval: float) -> int:
     return max(1, min(MAX_SLICES, databases, int(interval / MIN_SWEEP_PERIOD)))
 
 
+def sliced(routes: Sequence[Route], interval: float) -> list[list[Route]]:
+    """The routes of each slice: their source databases dealt out in turn."""
+    count = slices(routes, interval)
+    groups = by_database(routes, "source")
+    return [[route for n, group in enumerate(groups) if n % count == slice_no for route in group]
+            for slice_no in range(count)]
+
+
 def resend_after(interval: float) -> float:
     return max(RESEND_AT_LEAST, RESEND_INTERVALS * interval)
 
@@ -58,6 +69,34 @@ def resend_after(interval: float) -> float:
 def chunks(routes: Sequence[Route], size: int) -> list[list[Route]]:
     """The routes in order, size to a task."""
     return [list(routes[n:n + size]) for n in range(0, len(routes), size)]
+
+
+def waiting(route: Route, row: Sequence[Any] | None, resend: float) -> float | None:
+    """How long the route's oldest unmoved tick has waited (the most behind go
+    first); -1 when it has nothing to move; None while a mover has its batch open.
+
+    row: the route's Source.SWEEP_STATE columns after queue and consumer
+    (position, batch_age, waiting, events_ahead, seconds_ahead); None when
+    the sweep did not find the consumer.
+    """
+    if row is None:
+        return 0.0  # not found: ready, so that its mover says why
+    _, batch_age, waited, events_ahead, seconds_ahead = row
+    if batch_age is not None:
+        return batch_age if batch_age >= resend else None  # an old open batch: its mover is gone
+    if waited is None or (route.keep_lag is not None and waited < route.keep_lag):
+        return -1.0
+    if route.min_count is not None or route.min_interval is not None:
+        # what pgq.next_batch_custom asks of the latest tick before it merges ticks into a batch
+        enough = ((route.min_count is not None and events_ahead >= route.min_count)
+                  or (route.min_interval is not None and seconds_ahead >= route.min_interval))
+        if not enough:
+            return -1.0
+    return float(waited)
+
+
+def _sweep_state(routes: list[Route], src: Link) -> list[tuple]:
+    return src.rows(Source.SWEEP_STATE, queues=[r.src_queue for r in routes], consumers=[r.consumer for r in routes])
 
 
 @dataclass(frozen=True)
@@ -73,7 +112,47 @@ class Swept:
 @dataclass
 class _Sent:
     at: float  # monotonic time the task was sent
-    last_tick: int | None  # the consumer's position then
+    position: int | None  # the consumer's position then
+
+
+class Outstanding:
+    """The routes sent a task that may not have run yet, so that a sweep does
+    not send them another; a task that has not run within resend seconds (the
+    broker lost it, or a killed worker had it) is replaced then."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, _Sent] = {}  # route -> its task that may not have run yet
+        self._seen: dict[str, int | None] = {}  # route -> the position its last sweep saw
+
+    def candidates(self, routes: Iterable[Route], state: Mapping[tuple[str, str], Sequence[Any]], resend: float,
+                   now: float) -> list[tuple[float, Route]]:
+        """(waiting, route) of the routes with a batch to move and no task out, from
+        their source's state (Source.SWEEP_STATE rows, by queue and consumer)."""
+        found = []
+        for route in routes:
+            row = state.get((route.src_queue, route.consumer))
+            waited = waiting(route, row, resend)
+            if waited is None:
+                continue
+            if waited < 0:  # nothing to move: its task, if any, has run
+                self._sent.pop(route.name, None)
+                continue
+            position = row[0] if row else None
+            sent = self._sent.get(route.name)
+            if sent and sent.position == position and now - sent.at < resend:
+                continue  # its task has not run yet
+            self._seen[route.name] = position
+            found.append((waited, route))
+        return found
+
+    def held(self, route: Route) -> None:
+        """A mover has the route: once it lets go, a new task may go."""
+        self._sent.pop(route.name, None)
+
+    def sent(self, routes: Iterable[Route], now: float) -> None:
+        """These routes (from candidates()) have a task on its way."""
+        for route in routes:
+            self._sent[route.name] = _Sent(now, self._seen.get(route.name))
 
 
 class Sweeper:
@@ -81,33 +160,24 @@ class Sweeper:
     down, where each interval's slices are, and which routes have a task out."""
 
     def __init__(self) -> None:
-        self.connector = Connector(connect_timeout=CONNECT_TIMEOUT)
+        self.connector = Connector(connect_timeout=QUICK_CONNECT_TIMEOUT)
+        self.outstanding = Outstanding()
         self._down: dict[tuple, tuple[Route, Side]] = {}  # database key -> a route to reach it by
         self._prober: threading.Thread | None = None  # runs while any database is down
         self._lock = threading.Lock()
         self._next_slice: dict[float, int] = {}  # interval -> the slice its next sweep asks
-        self._positions: dict[str, int | None] = {}  # route -> the position its last sweep saw
-        self._sent: dict[str, _Sent] = {}  # route -> its task that may not have run yet
         self._slicing: dict[float, tuple[tuple[Route, ...], list[list[Route]]]] = {}  # interval -> routes, slices
 
     def sweep(self, routes: Sequence[Route], interval: float) -> Swept:
         """Ask the next slice of these routes' (one interval's) source databases."""
-        sliced = self._sliced(tuple(routes), interval)
-        slice_no = self._next_slice.get(interval, 0) % len(sliced)
-        self._next_slice[interval] = slice_no + 1
-        mine = sliced[slice_no]
-        return Swept(slice_no, len(sliced), len(mine), self.ready(mine, resend_after(interval)))
-
-    def _sliced(self, routes: tuple[Route, ...], interval: float) -> list[list[Route]]:
-        """The routes of each slice, worked out again only when the routes change."""
+        routes = tuple(routes)
         cached = self._slicing.get(interval)
-        if cached is None or cached[0] != routes:
-            count = slices(routes, interval)
-            groups = by_database(routes, "source")
-            cached = self._slicing[interval] = (routes, [
-                [route for n, group in enumerate(groups) if n % count == slice_no for route in group]
-                for slice_no in range(count)])
-        return cached[1]
+        if cached is None or cached[0] != routes:  # worked out again only when the routes change
+            cached = self._slicing[interval] = (routes, sliced(routes, interval))
+        slice_no = self._next_slice.get(interval, 0) % len(cached[1])
+        self._next_slice[interval] = slice_no + 1
+        mine = cached[1][slice_no]
+        return Swept(slice_no, len(cached[1]), len(mine), self.ready(mine, resend_after(interval)))
 
     def ready(self, routes: Iterable[Route], resend: float) -> list[Route]:
         """The routes to move now: a batch may be ready, no mover on them, and
@@ -115,66 +185,42 @@ class Sweeper:
         now = time.monotonic()
         candidates: list[tuple[float, Route]] = []
         for group in by_database(routes, "source"):
-            rows = self._ask(group, "source", queries.SWEEP_STATE_STATEMENT, queries.SWEEP_STATE,
-                             queries.SWEEP_STATE_EXECUTE, ([r.src_queue for r in group], [r.consumer for r in group]))
-            if rows is None:
-                continue
-            state = {(row[0], row[1]): row[2:] for row in rows}
-            for route in group:
-                row = state.get((route.src_queue, route.consumer))
-                waiting = _waiting(route, row, resend)
-                if waiting is None:
-                    continue
-                if waiting < 0:  # nothing to move: its task, if any, has run
-                    self._sent.pop(route.name, None)
-                    continue
-                position = row[0] if row else None
-                sent = self._sent.get(route.name)
-                if sent and sent.last_tick == position and now - sent.at < resend:
-                    continue  # its task has not run yet
-                self._positions[route.name] = position
-                candidates.append((waiting, route))
+            rows = self._ask(group, "source", functools.partial(_sweep_state, group), list[tuple]())
+            if rows is not None:
+                state = {(row[0], row[1]): row[2:] for row in rows}
+                candidates += self.outstanding.candidates(group, state, resend, now)
         ready: list[tuple[float, Route]] = []
         for group in by_database([route for _, route in candidates], "target"):
-            claimed = self._ask(group, "target", queries.CLAIMED_STATEMENT, queries.CLAIMED_CONSUMERS,
-                                queries.CLAIMED_EXECUTE, ([r.consumer for r in group],))
-            if claimed is None:
+            held = self._ask(group, "target", functools.partial(claim.claimed, routes=group), set[str]())
+            if held is None:
                 continue
-            for waiting, route in candidates:
-                if route in group and (route.consumer,) in claimed:
-                    self._sent.pop(route.name, None)  # a mover has it; once it lets go, a new task may go
+            for waited, route in candidates:
+                if route in group and route.consumer in held:
+                    self.outstanding.held(route)
                 elif route in group:
-                    ready.append((waiting, route))
+                    ready.append((waited, route))
         ready.sort(key=lambda pair: -pair[0])
         return [route for _, route in ready]
 
     def sent(self, routes: Iterable[Route]) -> None:
         """Note that these routes (from ready()) have a task on its way."""
-        now = time.monotonic()
-        for route in routes:
-            self._sent[route.name] = _Sent(now, self._positions.get(route.name))
+        self.outstanding.sent(routes, time.monotonic())
 
-    def _ask(self, group: list[Route], side: Side, name: str, query: str, execute: str,
-             params: tuple) -> set[tuple] | None:
-        """The PREPAREd query's rows for the group; None when the database does not answer."""
+    def _ask(self, group: list[Route], side: Side, ask: Callable[[Link], T], otherwise: T) -> T | None:
+        """What ask() finds on the group's database; None when it does not answer,
+        otherwise when it answers but not as PgQ should (no pgq schema, say):
+        the routes' movers will say what is wrong."""
         route = group[0]
         key = database_of(route.dsn(side))
         if key in self._down:
             return None
-
-        def rows(session: Session) -> set[tuple]:
-            prepare_once(session.conn, session.prepared, name, query)  # sweeps repeat it every interval
-            with session.conn.cursor() as cur:
-                cur.execute(execute, params)
-                return set(cur.fetchall())
-
         try:
-            return self.connector.run(route, side, rows)
+            return self.connector.run(route, side, ask)
         except (TransientError, LoginRefused) as exc:
             self._went_down(key, route, side, exc, len(group))
             return None
         except QmoverError:
-            return set()  # it answered, but not as PgQ should (no pgq schema, say): the movers will say why
+            return otherwise
 
     def _went_down(self, key: tuple, route: Route, side: Side, exc: QmoverError, routes: int) -> None:
         log.warning("sweep: %s; its %d route(s) wait until it answers (asked every %g s)", exc, routes,
@@ -195,7 +241,7 @@ class Sweeper:
                     return
             for key, (route, side) in list(self._down.items()):
                 try:
-                    self.connector.run(route, side, lambda session: db.scalar(session.conn, queries.PING))
+                    self.connector.run(route, side, lambda link: link.value(Session.PING))
                 except QmoverError:
                     continue
                 del self._down[key]
@@ -203,22 +249,3 @@ class Sweeper:
 
     def close(self) -> None:
         self.connector.close()
-
-
-def _waiting(route: Route, row: Sequence[Any] | None, resend: float) -> float | None:
-    """How long the route's oldest unmoved tick has waited (the most behind go
-    first); -1 when it has nothing to move; None while a mover has its batch open."""
-    if row is None:
-        return 0.0  # not found: ready, so that its mover says why
-    _, batch_age, waiting, events_ahead, seconds_ahead = row
-    if batch_age is not None:
-        return batch_age if batch_age >= resend else None  # an old open batch: its mover is gone
-    if waiting is None or (route.keep_lag is not None and waiting < route.keep_lag):
-        return -1.0
-    if route.min_count is not None or route.min_interval is not None:
-        # what pgq.next_batch_custom asks of the latest tick before it merges ticks into a batch
-        enough = ((route.min_count is not None and events_ahead >= route.min_count)
-                  or (route.min_interval is not None and seconds_ahead >= route.min_interval))
-        if not enough:
-            return -1.0
-    return float(waiting)

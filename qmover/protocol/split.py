@@ -8,31 +8,21 @@ event table, server-side.  Knows nothing of Celery.
 
 from __future__ import annotations
 
-from psycopg2.extensions import connection
-
 from qmover.config.route import Route
 from qmover.errors import QmoverError
 from qmover.pg import queries
 from qmover.pg.db import where
+from qmover.pg.queries import Target
+from qmover.pg.session import Link
 
 
-def prepare(dst: connection) -> None:
-    """The session's temporary table a batch lands in first, on the split path and
-    the pgq.insert_event path; its rows vanish at commit or rollback."""
-    with dst.cursor() as cur:
-        cur.execute(queries.CREATE_INCOMING)
-
-
-def distribute(route: Route, dst: connection, batch_id: int) -> tuple[int, int]:
+def distribute(route: Route, dst: Link, batch_id: int) -> tuple[int, int]:
     """Move the incoming events on to their queues; returns (moved, left out)."""
     split = route.split
     assert split is not None
-    with dst.cursor() as cur:
-        cur.execute(queries.split_values(split.field))
-        counts = dict(cur.fetchall())
-        candidates = {value for value in counts if value is not None} | set(split.known_queues)
-        cur.execute(queries.QUEUE_TABLES, (list(candidates),))
-        tables = dict(cur.fetchall())
+    counts = dict(dst.rows(queries.split_values(split.field)))
+    candidates = {value for value in counts if value is not None} | set(split.known_queues)
+    tables = dict(dst.rows(Target.QUEUE_TABLES, names=list(candidates)))
     plan: dict[str, list[str | None]] = {}
     left_out = 0
     for value, count in counts.items():
@@ -48,9 +38,7 @@ def distribute(route: Route, dst: connection, batch_id: int) -> tuple[int, int]:
         else:
             plan.setdefault(queue, []).append(value)
     moved = 0
-    with dst.cursor() as cur:
-        for queue, values in plan.items():
-            cur.execute(queries.split_insert(split.field, tables[queue]),
-                        {"values": [v for v in values if v is not None], "with_null": None in values})
-            moved += cur.rowcount
+    for queue, values in plan.items():
+        moved += dst.run(queries.split_insert(split.field, tables[queue]),
+                         values=[v for v in values if v is not None], with_null=None in values)
     return moved, left_out

@@ -1,10 +1,10 @@
 """The tasks: sweep for ready routes; move the ready batches of a few routes; tick a database that has no pgqd.
 
 Arguments are route names only, never a DSN.  Each worker process keeps its
-connections from task to task, per database, and lends them to one task at
-a time, so every Celery pool (prefork, threads, solo, gevent) is safe.
-Connection errors retry with backoff; config and position errors fail at
-once, as one logged line.
+connections from task to task, per database (qmover.tasks.process), and
+lends them to one task at a time, so every Celery pool (prefork, threads,
+solo, gevent) is safe.  Connection errors retry with backoff; config and
+position errors fail at once, as one logged line.
 """
 
 from __future__ import annotations
@@ -12,67 +12,36 @@ from __future__ import annotations
 import logging
 import os
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
 
 from celery import Celery, Task, shared_task
 from celery.signals import beat_init, worker_init, worker_ready
 
-from qmover.config import Config, load_config
+from qmover.config import Config
 from qmover.config.route import Route
 from qmover.errors import QmoverError, TransientError
 from qmover.ops import metrics, ticker
 from qmover.pg.checks import require_blocking_driver
-from qmover.pg.connector import Connector
 from qmover.protocol import cycles
-from qmover.protocol.readiness import Sweeper, chunks
-from qmover.protocol.turns import move_in_turn
+from qmover.protocol.mover import Outcome
+from qmover.protocol.readiness import chunks
+from qmover.tasks import process
 from qmover.tasks.names import CONFIG_ENV, MOVE_TASK, SWEEP_TASK, TICK_TASK, config_path_from_env
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
 MAX_RETRIES = 5
 METRICS_PORT_ENV = "QMOVER_METRICS_PORT"
-# This process's connections, lent to one task at a time (see qmover.pg.connector).
-connector = Connector()
-_bounded_by: Config | None = None  # the config whose max_idle_connections bounds it
-
-
-def connector_for(config: Config) -> Connector:
-    """This process's connector, its idle connections bounded by the config
-    (set when the config is first read, and again only when the file changes)."""
-    global _bounded_by
-    if config is not _bounded_by:
-        connector.max_idle, _bounded_by = config.max_idle_connections, config
-    return connector
-# The readiness sweep's connections, one per database (used where sweeps run: beat).
-sweeper = Sweeper()
-
-
-@lru_cache(maxsize=4)
-def _load(path: Path, _mtime: float) -> Config:
-    return load_config(path)
 
 
 def config_for(app: Celery) -> Config:
     """The app's config file (re-read when the file changes)."""
     configured = app.conf.get("qmover_config")
-    path = Path(configured) if configured else config_path_from_env()
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        mtime = 0.0  # load_config reports the missing file
-    return _load(path, mtime)
+    return process.current().config(Path(configured) if configured else config_path_from_env())
 
 
 def route_for(task: Task, name: str) -> Route:
     return config_for(task.app).select([name])[0]
-
-
-@lru_cache(maxsize=2)
-def counters_at(url: str | None) -> metrics.Counters:
-    """One Redis client per worker process for the route counters (none when they are off)."""
-    return metrics.Counters(url)
 
 
 def _has_config(app: Celery) -> bool:
@@ -107,7 +76,7 @@ def announce_and_serve_metrics(sender: Any, **_kwargs: Any) -> None:
     port = os.environ.get(METRICS_PORT_ENV)
     if not port:
         return
-    server = metrics.serve(list(config.routes.values()), counters_at(config.metrics_url), int(port),
+    server = metrics.serve(list(config.routes.values()), metrics.Counters(config.metrics_url), int(port),
                            os.environ.get("QMOVER_METRICS_ADDRESS", "127.0.0.1"))
     log.info("metrics at http://%s:%d/metrics", *server.server_address[:2])
 
@@ -118,6 +87,16 @@ def _retry_or_fail(task: Task, exc: QmoverError) -> NoReturn:
         raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries))
     log.error("%s", exc)
     raise exc
+
+
+def result(outcomes: list[Outcome], seconds: float) -> dict[str, Any]:
+    """A move task's result: small, since Celery cuts what it logs and Flower
+    shows past 1 KB; per route only what moved."""
+    return {"moved": {o.route.name: o.events for o in outcomes if o.batches},
+            "busy": [o.route.name for o in outcomes if o.busy],
+            **{field: sum(getattr(o, field) for o in outcomes)
+               for field in ("batches", "events", "filtered", "skipped")},
+            "seconds": round(seconds, 3)}
 
 
 @shared_task(bind=True, name=MOVE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
@@ -140,10 +119,9 @@ def move_next_batch(self: Task, *route_names: str) -> dict[str, Any]:
         routes = config.select(list(route_names))
     except QmoverError as exc:
         _retry_or_fail(self, exc)
-    outcomes = move_in_turn(routes, connector_for(config), min(route.move_budget for route in routes))
-    counters_at(config.metrics_url).record_many(
-        [(o.route, {"events": o.events, "filtered": o.filtered, "batches": o.batches - o.skipped,
-                    "skipped": o.skipped, "errors": int(o.error is not None)}) for o in outcomes if not o.busy])
+    state = process.current()
+    outcomes = state.mover.move(routes, min(route.move_budget for route in routes))
+    state.counters(config.metrics_url).record(outcomes)
     failed = [o.error for o in outcomes if o.error is not None]
     retry = [o.route.name for o in outcomes if isinstance(o.error, TransientError)]
     retrying = bool(retry) and self.request.retries < MAX_RETRIES
@@ -157,22 +135,12 @@ def move_next_batch(self: Task, *route_names: str) -> dict[str, Any]:
         raise self.retry(args=retry, exc=first, countdown=min(60, 2 ** self.request.retries))
     if failed:
         raise failed[0]
-    # Small, since Celery cuts what it logs and Flower shows past 1 KB: per route only what moved.
-    return {"moved": {o.route.name: o.events for o in outcomes if o.batches},
-            "busy": [o.route.name for o in outcomes if o.busy],
-            **{field: sum(getattr(o, field) for o in outcomes)
-               for field in ("batches", "events", "filtered", "skipped")},
-            "seconds": round(time.monotonic() - started, 3)}
-
-
-# Set in beat's process (by every Celery release), where sweeps run in place.
-_in_beat = False
+    return result(outcomes, time.monotonic() - started)
 
 
 @beat_init.connect
 def _beat_starts(**_kwargs: Any) -> None:
-    global _in_beat
-    _in_beat = True
+    process.current().in_beat = True
 
 
 class RunsInBeat(Task):
@@ -187,7 +155,7 @@ class RunsInBeat(Task):
     """
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        if _in_beat:
+        if process.current().in_beat:
             return self.apply(args, kwargs, throw=True)  # a bug shows in beat's log
         return super().apply_async(args, kwargs, **options)
 
@@ -202,6 +170,7 @@ def sweep(self: Task, interval: float) -> dict[str, Any]:
     except QmoverError as exc:
         log.error("%s", exc)
         return {"routes": 0, "sent": []}
+    sweeper = process.current().sweeper
     swept = sweeper.sweep([route for route in config.routes.values() if route.move_interval == interval], interval)
     move = self.app.tasks[MOVE_TASK]
     for chunk in chunks(swept.ready, config.routes_per_task):
@@ -217,8 +186,8 @@ def tick_database(self: Task, route_name: str, side: str) -> dict[str, Any]:
     try:
         if side not in ("source", "target"):
             raise QmoverError(f"tick_database: side is 'source' or 'target', not {side!r}")
-        ticked = ticker.tick(route_for(self, route_name), "source" if side == "source" else "target",
-                             connector_for(config_for(self.app)))
+        route = route_for(self, route_name)
+        ticked = ticker.tick(route, "source" if side == "source" else "target", process.current().mover.connector)
     except QmoverError as exc:
         _retry_or_fail(self, exc)
     return {"route": route_name, "side": side, "queues_ticked": ticked.queues,

@@ -1,8 +1,8 @@
-"""Several routes moved in turn by one task (qmover.protocol.turns), failed at the points it touches.
+"""Several routes moved in turn by the move loop (qmover.protocol.mover), failed at the points it touches.
 
-Three partitions into one central queue, moved in this process on one
-connector: one route's source or the shared target fails mid-task, kept
-connections die between tasks, a task ends with finishes to send.  Each
+Three partitions into one central queue, moved in this process by one
+mover: one route's source or the shared target fails mid-loop, kept
+connections die between loops, a loop ends with finishes to send.  Each
 time every event arrives exactly once.
 """
 
@@ -15,8 +15,8 @@ import pytest
 
 from qmover.config import load_config
 from qmover.errors import TransientError
-from qmover.pg.connector import Connector
-from qmover.protocol.turns import move_in_turn
+from qmover.pg.queries import ROUTE_LOCK
+from qmover.protocol.mover import Mover
 
 from conftest import ROUTE, partitions_and_central, run_qmover
 
@@ -30,8 +30,8 @@ def three(make_db, tmp_path, request):
     config.write_text("".join(ROUTE.format(n=n, src=part.dsn, dst=central.dsn, interval=1, extra=extra)
                               for n, part in enumerate(parts)))
     run_qmover("install", str(config), check=True)
-    with closing(Connector()) as connector:
-        yield parts, central, load_config(config).select(), connector
+    with closing(Mover()) as mover:
+        yield parts, central, load_config(config).select(), mover
 
 
 def produce(parts, batches: int, tag: str) -> None:
@@ -54,44 +54,44 @@ def backend_of(database, application: str = "qmover %") -> None:
                      " where datname = %s and application_name like %s", (database.name, application))
 
 
-def test_one_task_moves_every_ready_batch_of_each_route_and_finishes_the_last(three):
-    parts, central, routes, connector = three
+def test_one_loop_moves_every_ready_batch_of_each_route_and_finishes_the_last(three):
+    parts, central, routes, mover = three
     produce(parts, 3, "a")
-    outcomes = move_in_turn(routes, connector, budget=10)
+    outcomes = mover.move(routes, 10)
     assert [(o.batches, o.events, o.error) for o in outcomes] == [(3, 30, None)] * 3
     assert all(open_batch(part, route.consumer) is None for part, route in zip(parts, routes, strict=True))
     exactly_once(parts, central)
-    assert connector.idle_count() == 4  # one connection per database, given back
+    assert mover.connector.idle_count() == 4  # one connection per database, given back
 
 
-def test_one_task_moves_each_routes_waiting_ticks_merged_as_one_batch(three):
-    parts, central, routes, connector = three
+def test_one_loop_moves_each_routes_waiting_ticks_merged_as_one_batch(three):
+    parts, central, routes, mover = three
     produce(parts, 3, "m")
-    outcomes = move_in_turn(routes, connector, budget=10)
+    outcomes = mover.move(routes, 10)
     assert [(o.batches, o.events, o.error) for o in outcomes] == [(1, 30, None)] * 3
     exactly_once(parts, central)
 
 
-def test_a_source_lost_mid_task_fails_only_its_route(three):
-    parts, central, routes, connector = three
+def test_a_source_lost_mid_loop_fails_only_its_route(three):
+    parts, central, routes, mover = three
     produce(parts, 2, "b")
 
     def lose_source(route, step: str) -> None:
         if route is routes[1] and step == "after_target_commit":
             backend_of(parts[1])  # batch 1 applied, not finished
 
-    outcomes = move_in_turn(routes, connector, budget=10, checkpoint=lose_source)
+    outcomes = mover.move(routes, 10, checkpoint=lose_source)
     assert isinstance(outcomes[1].error, TransientError) and outcomes[1].error.side == "source"
     assert (outcomes[0].batches, outcomes[2].batches) == (2, 2)  # the others went on, on the shared target
     assert open_batch(parts[1], routes[1].consumer) is not None
 
-    again = move_in_turn(routes, connector, budget=10)
-    assert (again[1].batches, again[1].skipped, again[1].error) == (2, 1, None)  # batch 1 found applied
+    again = mover.move(routes, 10)
+    assert (again[1].batches, again[1].skipped, again[1].error) == (1, 1, None)  # batch 1 found applied
     exactly_once(parts, central)
 
 
-def test_the_shared_target_lost_mid_task_stops_every_route_and_nothing_is_half_done(three):
-    parts, central, routes, connector = three
+def test_the_shared_target_lost_mid_loop_stops_every_route_and_nothing_is_half_done(three):
+    parts, central, routes, mover = three
     produce(parts, 2, "c")
     lost = []
 
@@ -100,36 +100,74 @@ def test_the_shared_target_lost_mid_task_stops_every_route_and_nothing_is_half_d
             lost.append(route)
             backend_of(central)  # the connection that holds every route's claim
 
-    outcomes = move_in_turn(routes, connector, budget=10, checkpoint=lose_target)
+    outcomes = mover.move(routes, 10, checkpoint=lose_target)
     assert isinstance(outcomes[1].error, TransientError) and outcomes[1].error.side == "target"
     assert outcomes[0].batches == 1 and outcomes[2].batches == 0  # no route moved on without its claim
     assert central.value("select count(*) from pg_locks where locktype = 'advisory'"
                          " and database = (select oid from pg_database where datname = current_database())") == 0
 
-    move_in_turn(routes, connector, budget=10)
+    mover.move(routes, 10)
     exactly_once(parts, central)
 
 
-def test_connections_that_died_between_tasks_are_replaced_at_once(three):
-    parts, central, routes, connector = three
+def test_connections_that_died_between_loops_are_replaced_at_once(three):
+    parts, central, routes, mover = three
     produce(parts, 1, "d")
-    move_in_turn(routes, connector, budget=10)
+    mover.move(routes, 10)
     for database in (*parts, central):  # a restart of the server while the connections sat idle
         backend_of(database)
     produce(parts, 1, "e")
-    outcomes = move_in_turn(routes, connector, budget=10)
+    outcomes = mover.move(routes, 10)
     assert [(o.batches, o.error) for o in outcomes] == [(1, None)] * 3
     exactly_once(parts, central)
 
 
 def test_routes_held_by_another_mover_are_left_to_it(three):
-    parts, central, routes, connector = three
+    parts, central, routes, mover = three
     produce(parts, 1, "f")
     with closing(central.connect()) as other, other.cursor() as cur:  # another process's claim on part1
-        cur.execute("select pg_advisory_lock(hashtextextended('qmover-route:' || %s, 0))", (routes[1].consumer,))
-        outcomes = move_in_turn(routes, connector, budget=10)
+        cur.execute(f"select pg_advisory_lock({ROUTE_LOCK.key('%s')})", (routes[1].consumer,))
+        outcomes = mover.move(routes, 10)
         assert [o.busy for o in outcomes] == [False, True, False]
         assert [o.batches for o in outcomes] == [1, 0, 1]
         cur.execute("select pg_advisory_unlock_all()")  # now: a closed connection's backend lets go later
-    assert move_in_turn(routes, connector, budget=10)[1].batches == 1
+    assert mover.move(routes, 10)[1].batches == 1
     exactly_once(parts, central)
+
+
+def test_a_kept_mover_lets_go_of_its_claims_and_survives_dropped_connections(route):
+    """What a worker process's mover does between tasks: one mover at a time on a
+    route, the claim let go at the end of each loop while the connections stay
+    open, and kept connections the server dropped meanwhile replaced at once."""
+    kept, other = Mover(), Mover()
+    routes = [route.route()]
+    meanwhile = []
+
+    def other_tries(_route, step: str) -> None:
+        if step == "position" and not meanwhile:
+            meanwhile.append(other.move(routes, 10)[0])
+
+    try:
+        route.src.produce_series(route.src_queue, 5, tag="first")
+        route.src.tick(route.src_queue)
+        [first] = kept.move(routes, 10, checkpoint=other_tries)
+        assert meanwhile[0].busy and meanwhile[0].batches == 0  # one mover at a time
+        assert (first.events, first.error) == (5, None)
+        assert kept.connector.idle_count() == 2  # given back, kept open
+
+        route.src.produce_series(route.src_queue, 5, tag="other")
+        route.src.tick(route.src_queue)
+        assert other.move(routes, 10)[0].events == 5  # the claim was let go
+        other.close()
+        for database in (route.src, route.dst):  # e.g. a server restart between two tasks
+            database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                             " where datname = %s and application_name like 'qmover %%'", (database.name,))
+
+        route.src.produce_series(route.src_queue, 5, tag="again")
+        route.src.tick(route.src_queue)
+        [third] = kept.move(routes, 10)  # its kept connections replaced at once, no error
+        assert (third.events, third.error) == (5, None)
+        assert route.target_events() == route.source_events()
+    finally:
+        kept.close()
+        other.close()

@@ -1,0 +1,179 @@
+"""A kept connection, and the one call every statement goes through.
+
+A Session is one connection a process keeps, with what has been learnt on
+it: the statements PREPAREd or set up there, and the statements rendered
+for it.  A Link is a route's use of a session, on one side: it sends
+statements (qmover.pg.queries), PREPAREs each once per connection before
+its first use, and turns driver errors into one-line QmoverErrors that name
+that route and side.
+
+A connection lent again after sitting idle may have died meanwhile (its
+server restarted): when its first statement fails on the connection, the
+link opens a new one in its place (the database's other idle connections
+are dropped too) and sends the statement once more.  Nothing had answered
+on that connection since it was lent, so nothing of the caller's was on
+it: no transaction, no claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from psycopg2 import sql
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, connection
+
+from qmover.config.route import Route
+from qmover.errors import TransientError
+from qmover.pg import db
+from qmover.pg.db import Side
+from qmover.pg.queries import Statement
+
+if TYPE_CHECKING:
+    from qmover.pg.connector import Connector
+
+T = TypeVar("T")
+Sent = Statement | sql.Composable
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+class Session:
+    """One kept connection and what has been learnt on it.
+
+    prepares: PREPARE statements that ask for it (else they are sent as text).
+    """
+
+    def __init__(self, key: tuple, conn: connection, connector: Connector, prepares: bool = True):
+        self.key = key
+        self.conn = conn
+        self.connector = connector
+        self.prepares = prepares
+        self.done: set[str] = set()  # statements PREPAREd, or run once (Link.ensure), on this connection
+        self.rendered: dict[tuple[object, ...], list[str]] = {}  # statements built for it, by key
+        # It sat idle before this loan and has not answered since: a connection
+        # error is worth one more try, on a new connection.
+        self.reused = False
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.conn.closed)
+
+    @property
+    def idle(self) -> bool:
+        """No transaction open on the connection."""
+        return bool(self.conn.info.transaction_status == TRANSACTION_STATUS_IDLE)
+
+    def replace(self, conn: connection) -> None:
+        """Take a new connection in place of this one, which failed (closed here)."""
+        db.close(self.conn)
+        self.conn = conn
+        self.done.clear()
+        self.rendered.clear()
+
+
+class Link:
+    """A route's use of a session, on one side of it."""
+
+    def __init__(self, session: Session, route: Route, side: Side):
+        self.session = session
+        self.route = route
+        self.side = side
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    @property
+    def idle(self) -> bool:
+        return self.session.idle
+
+    def rows(self, *statements: Sent, **params: Any) -> list[tuple]:
+        """The rows of the last statement; several statements go in one round trip."""
+        return self._send(statements, params, lambda cur: cur.fetchall())
+
+    def one(self, *statements: Sent, **params: Any) -> tuple:
+        """The one row of the last statement."""
+        row = self._send(statements, params, lambda cur: cur.fetchone())
+        assert row is not None, f"{statements[-1]!r} returns a row"
+        return tuple(row)
+
+    def value(self, *statements: Sent, **params: Any) -> Any:
+        """The first value of the last statement's first row (None without one)."""
+        row = self._send(statements, params, lambda cur: cur.fetchone())
+        return None if row is None else row[0]
+
+    def run(self, *statements: Sent, **params: Any) -> int:
+        """Send the statements; the last one's row count."""
+        return self._send(statements, params, lambda cur: cur.rowcount)
+
+    def ensure(self, statement: Statement) -> None:
+        """Run statement once per connection (outside a transaction: it must not roll back)."""
+        if statement.name not in self.session.done:
+            self.run(statement)
+            self.session.done.add(statement.name)
+
+    def render(self, key: tuple[object, ...], build: Callable[[], sql.Composable | tuple[sql.Composable, ...]]
+               ) -> list[str]:
+        """build()'s statement (or parts) as text for this connection, built once per connection and key."""
+        parts = self.session.rendered.get(key)
+        if parts is None:
+            built = build()
+            with self.errors():
+                parts = [part.as_string(self.session.conn) for part in (built if isinstance(built, tuple) else [built])]
+            self.session.rendered[key] = parts
+        return parts
+
+    def copy_out(self, statement: str, sink: Writable) -> int:
+        """A COPY ... TO STDOUT into sink; the rows sent."""
+        return self._send_once(lambda cur: (cur.copy_expert(statement, sink), cur.rowcount)[1])
+
+    def copy_in(self, statement: str, source: Readable) -> int:
+        """A COPY ... FROM STDIN from source; the rows taken."""
+        return self._send_once(lambda cur: (cur.copy_expert(statement, source, size=65536), cur.rowcount)[1])
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Driver errors as one-line QmoverErrors naming this route and side."""
+        with db.errors(self.route, self.side):
+            yield
+
+    def _send(self, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
+        session = self.session
+        try:
+            return self._send_once(lambda cur: self._execute(cur, statements, params, read))
+        except TransientError:
+            if not session.reused:
+                raise
+            session.connector.drop_idle(session.key)  # its server restarted: they are dead too
+            session.replace(db.connect(self.route, self.side, session.connector.connect_timeout))
+            return self._send_once(lambda cur: self._execute(cur, statements, params, read))
+        finally:
+            session.reused = False
+
+    def _send_once(self, work: Callable[[Any], T]) -> T:
+        with self.errors(), self.session.conn.cursor() as cur:
+            result = work(cur)
+        self.session.reused = False
+        return result
+
+    def _execute(self, cur: Any, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
+        session = self.session
+        texts: list[str] = []
+        for statement in statements:
+            if not isinstance(statement, Statement):
+                texts.append(statement.as_string(session.conn))
+                continue
+            if statement.prepared and session.prepares and statement.name not in session.done:
+                cur.execute(statement.prepare())
+                session.done.add(statement.name)
+            texts.append(statement.call(session.prepares))
+        cur.execute("; ".join(texts), params or None)
+        return read(cur)

@@ -46,6 +46,14 @@ def produce_batches(route, batches: int, per_batch: int = 10) -> None:
         route.src.tick(route.src_queue)
 
 
+def open_batch_is_skipped_and_the_next_moved(route, batch: int) -> None:
+    """The first of two batches, applied and left open: it comes back and is skipped, the second moves."""
+    moves = route.move()
+    assert (moves.skipped, moves.sizes) == ([batch], [10])
+    assert route.target_events() == route.source_events()
+    assert len(route.target_events()) == 20
+
+
 def test_failure_before_target_commit_applies_nothing(route, copy_path):
     produce_batches(route, 2)
 
@@ -85,10 +93,7 @@ def test_crash_after_target_commit_skips_redelivery(route):
     batch = active_batch(route)
     assert batch is not None  # ... but not finished on the source
 
-    moves = route.move()
-    assert (moves.skipped, moves.sizes) == ([batch], [10])
-    assert route.target_events() == route.source_events()
-    assert len(route.target_events()) == 20
+    open_batch_is_skipped_and_the_next_moved(route, batch)
 
 
 def test_crash_with_the_finish_pending_moves_each_batch_once(route):
@@ -123,11 +128,7 @@ def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
     with pytest.raises(TransientError):
         route.move(checkpoint=kill_source)  # finish + next batch, on a dead connection
     assert active_batch(route) == batches[0]  # applied on the target, still open on the source
-
-    moves = route.move()
-    assert (moves.skipped, moves.sizes) == (batches, [10])
-    assert route.target_events() == route.source_events()
-    assert len(route.target_events()) == 20
+    open_batch_is_skipped_and_the_next_moved(route, batches[0])
 
 
 def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
@@ -160,11 +161,7 @@ def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
     holder.rollback()
     holder.close()
     assert active_batch(route) == batches[0]  # applied on the target, still open on the source
-
-    moves = route.move()
-    assert (moves.skipped, moves.sizes) == (batches, [10])
-    assert route.target_events() == route.source_events()
-    assert len(route.target_events()) == 20
+    open_batch_is_skipped_and_the_next_moved(route, batches[0])
 
 
 def test_sigkill_during_run_loses_and_doubles_nothing(route):

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg2
 
@@ -51,10 +51,6 @@ SKYTOOLS_IGNORED_KEYS = frozenset({
 })
 GLOBAL_KEYS = frozenset({"broker_url", "result_backend", "metrics_url", "celery_queue", "max_idle_connections",
                          "routes_per_task"})
-DEFAULT_QUEUE = "qmover"
-# Routes a sweep hands to one move task: a task costs Celery a message, its
-# events and a pool hand-off, shared by this many routes' batches.
-DEFAULT_ROUTES_PER_TASK = 50
 
 _UNITS = {
     "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
@@ -76,11 +72,13 @@ class Config:
     broker_url: str = DEFAULT_BROKER
     result_backend: str | None = DEFAULT_BROKER  # None: no result backend
     metrics_url: str | None = DEFAULT_BROKER  # the Redis that keeps the counters of qmover.ops.metrics; None: off
-    celery_queue: str = DEFAULT_QUEUE  # the Celery queue qmover's tasks go to
+    celery_queue: str = "qmover"  # the Celery queue qmover's tasks go to
     # per worker process, beyond them the least recently used close; None:
     # one kept per database used (the bounds come from the pool's size)
     max_idle_connections: int | None = None
-    routes_per_task: int = DEFAULT_ROUTES_PER_TASK  # routes a sweep puts in one move task
+    # Routes a sweep hands to one move task: a task costs Celery a message, its
+    # events and a pool hand-off, shared by this many routes' batches.
+    routes_per_task: int = 50
 
     def select(self, names: tuple[str, ...] | list[str] = ()) -> list[Route]:
         """The named routes (all when none are named); unknown names are an error."""
@@ -163,11 +161,14 @@ class _Section:
             raise self.fail(key, "must be more than 0 seconds")
         return seconds
 
-    def flag(self, key: str, default: bool = False) -> bool:
-        value = (self.get(key) or ("1" if default else "0")).lower()
-        if value not in _FLAGS:
+    def flag(self, key: str) -> bool | None:
+        """1/0, true/false, yes/no, on/off; None when the key is left out."""
+        value = self.get(key)
+        if not value:
+            return None
+        if value.lower() not in _FLAGS:
             raise self.fail(key, f"{value!r} is not one of 1/0, true/false, yes/no, on/off")
-        return _FLAGS[value]
+        return _FLAGS[value.lower()]
 
     def names(self, key: str) -> tuple[str, ...]:
         """A comma-separated list; an empty entry is a typo, not a wildcard."""
@@ -256,10 +257,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = "QMOVER_METRICS_URL" if os.environ.get("QMOVER_METRICS_URL") else f"[{GLOBAL_SECTION}] metrics_url"
         raise ConfigError(f"{path}: {where}: not a Redis URL; the counters live in Redis: give "
                           f"redis://HOST:PORT/DB (or rediss://), or 'none' to turn them off")
-    idle = settings.number("max_idle_connections", int, 0)
+    given: dict[str, Any] = {"celery_queue": settings.get("celery_queue") or None,
+             "max_idle_connections": settings.number("max_idle_connections", int, 0),
+             "routes_per_task": settings.number("routes_per_task", int, 1)}
     return Config(path=path, routes=routes, broker_url=broker, result_backend=backend, metrics_url=metrics,
-                  celery_queue=settings.get("celery_queue") or DEFAULT_QUEUE, max_idle_connections=idle,
-                  routes_per_task=int(_or_default(settings.number("routes_per_task", int, 1), DEFAULT_ROUTES_PER_TASK)))
+                  **{key: value for key, value in given.items() if value is not None})
 
 
 def is_redis_url(url: str) -> bool:
@@ -337,15 +339,28 @@ def _partitions(section: _Section) -> list[str | None]:
     return list(values)
 
 
-def _or_default(value: float | int | None, default: float) -> float:
-    return default if value is None else float(value)
-
-
 def _read_route(section: _Section) -> Route:
+    """The route of a section; a key left out keeps Route's default, the one place defaults are written."""
     section.check_keys(ROUTE_KEYS | SKYTOOLS_IGNORED_KEYS)
     job_name = section.require("job_name")
     src_queue = section.require("pgq_queue_name", "queue_name")
     split = _split(section)
+    given: dict[str, Any] = {
+        "min_count": section.number("pgq_batch_collect_events", int, 1),
+        "min_interval": section.seconds("pgq_batch_collect_interval"),
+        "keep_lag": section.seconds("pgq_keep_lag"),
+        "loop_delay": section.number("loop_delay", float, 0),
+        "move_interval": section.seconds("move_interval", positive=True),
+        "move_budget": section.seconds("move_budget", positive=True),
+        "ticker": _ticker_sides(section),
+        "ticker_interval": section.seconds("ticker_interval", positive=True),
+        "type_filter": section.names("type_filter"),
+        "table_filter": tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
+        "keep_event_id": section.flag("keep_event_id"),
+        "split": split,
+        "max_source_connections": section.number("max_source_connections", int, 1),
+        "merge_ticks": section.flag("merge_ticks"),
+    }
     return Route(
         name=job_name,
         # python-pgq's order: pgq_consumer_id, then consumer_name, then the job
@@ -354,20 +369,7 @@ def _read_route(section: _Section) -> Route:
         dst_dsn=section.dsn("dst_db"),
         src_queue=src_queue,
         dst_queue=None if split else section.get("dst_queue_name") or src_queue,
-        min_count=section.number("pgq_batch_collect_events", int, 1),
-        min_interval=section.seconds("pgq_batch_collect_interval"),
-        keep_lag=section.seconds("pgq_keep_lag"),
-        loop_delay=_or_default(section.number("loop_delay", float, 0), 1.0),
-        move_interval=_or_default(section.seconds("move_interval", positive=True), 1.0),
-        move_budget=_or_default(section.seconds("move_budget", positive=True), 10.0),
-        ticker=_ticker_sides(section),
-        ticker_interval=_or_default(section.seconds("ticker_interval", positive=True), 1.0),
-        type_filter=section.names("type_filter"),
-        table_filter=tuple(name if "." in name else f"public.{name}" for name in section.names("table_filter")),
-        keep_event_id=section.flag("keep_event_id"),
-        split=split,
-        max_source_connections=section.number("max_source_connections", int, 1),
-        merge_ticks=section.flag("merge_ticks", default=True),
+        **{key: value for key, value in given.items() if value is not None},
     )
 
 
@@ -413,8 +415,10 @@ def _queue_field(section: _Section) -> str:
     return field
 
 
-def _ticker_sides(section: _Section) -> tuple[str, ...]:
-    value = (section.get("ticker") or "off").lower()
-    if value not in TICKER_SIDES:
-        raise section.fail("ticker", f"{value!r} is not one of {', '.join(TICKER_SIDES)}")
-    return TICKER_SIDES[value]
+def _ticker_sides(section: _Section) -> tuple[str, ...] | None:
+    value = section.get("ticker")
+    if not value:
+        return None
+    if value.lower() not in TICKER_SIDES:
+        raise section.fail("ticker", f"{value.lower()!r} is not one of {', '.join(TICKER_SIDES)}")
+    return TICKER_SIDES[value.lower()]

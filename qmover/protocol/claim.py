@@ -48,9 +48,7 @@ class Claims:
     def take(self, loan: Loan, routes: Sequence[Route]) -> Claim:
         """Claim the routes that no other mover holds, on the loan's target connections."""
         claim = Claim(self, loan)
-        with self._lock:
-            mine = [route for route in routes if holder_key(route) not in self._held]
-            self._held.update(holder_key(route) for route in mine)
+        mine = self.hold(routes)
         claim.busy += [route for route in routes if route not in mine]
         for group in by_database(mine, "target"):
             try:
@@ -65,6 +63,13 @@ class Claims:
                 claim.routes = [route for route in claim.routes if route not in group]
         self.let_go(route for route in mine if route not in claim.routes)
         return claim
+
+    def hold(self, routes: Iterable[Route]) -> list[Route]:
+        """The in-process half: those of the routes no task of this process holds, held now for the caller."""
+        with self._lock:
+            mine = [route for route in routes if holder_key(route) not in self._held]
+            self._held.update(holder_key(route) for route in mine)
+        return mine
 
     def let_go(self, routes: Iterable[Route]) -> None:
         """The in-process holds of routes no task of this process moves any more."""

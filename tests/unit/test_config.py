@@ -6,7 +6,7 @@ import importlib.metadata
 
 import pytest
 
-from qmover.config import DEFAULT_BROKER, load_config, parse_seconds
+from qmover.config import DEFAULT_BROKER, Config, Route, load_config, parse_seconds
 from qmover.errors import ConfigError
 
 from conftest import run_qmover
@@ -27,6 +27,27 @@ def write(tmp_path, text: str):
     path = tmp_path / "mover.ini"
     path.write_text(text)
     return path
+
+
+def test_a_key_left_out_keeps_the_default_written_in_route_and_config(tmp_path):
+    config = load_config(write(tmp_path, "[r]\nsrc_db = dbname=a\ndst_db = dbname=b\npgq_queue_name = q\n"))
+    assert config.routes["r"] == Route(name="r", consumer="r", src_dsn="dbname=a", dst_dsn="dbname=b", src_queue="q",
+                                       dst_queue="q")
+    defaults = Config(path=config.path, routes=config.routes)
+    assert (config.celery_queue, config.routes_per_task, config.max_idle_connections) == (
+        defaults.celery_queue, defaults.routes_per_task, defaults.max_idle_connections)
+
+
+def test_every_key_given_reaches_the_route(tmp_path):
+    config = load_config(write(tmp_path, "[r]\nsrc_db = dbname=a\ndst_db = dbname=b\npgq_queue_name = q\n"
+                                         "loop_delay = 0\nmove_interval = 2 s\nmove_budget = 3\nticker = both\n"
+                                         "ticker_interval = 4\nkeep_event_id = yes\nmerge_ticks = off\n"
+                                         "max_source_connections = 2\npgq_keep_lag = 5\n"))
+    route = config.routes["r"]
+    assert (route.loop_delay, route.move_interval, route.move_budget, route.ticker, route.ticker_interval) == (
+        0.0, 2.0, 3.0, ("source", "target"), 4.0)
+    assert (route.keep_event_id, route.merge_ticks, route.max_source_connections, route.keep_lag) == (
+        True, False, 2, 5.0)
 
 
 def test_manual_example_verbatim(tmp_path):

@@ -6,6 +6,7 @@ show a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from qmover.ops import admin, metrics
 from qmover.ops.flower_access import flower_args
 from qmover.protocol import cycles
 
-log = logging.getLogger("qmover")
+log = logging.getLogger(__name__)
 
 config_argument = click.argument("config", type=click.Path(dir_okay=False))
 route_option = click.option(
@@ -76,13 +77,72 @@ def for_each_route(config_path: str, route_names: tuple[str, ...],
         sys.exit(1)
 
 
-@click.group()
+class Commands(click.Group):
+    """qmover's commands, and those other packages declare (entry point group
+    qmover.commands): `qmover bench` from qmover_lab, in a checkout; an image
+    without it has none.  A declared command is imported only when it runs,
+    so no other command, `--help` included, pays for its imports."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *declared()])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        entry = declared().get(name)
+        if name in self.commands or entry is None:
+            return super().get_command(ctx, name)
+        command = entry.load()
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click lists commands, a declared one without importing it."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        entries = declared()
+        rows = [(name, self.commands[name].get_short_help_str(limit) if name in self.commands
+                 else f"From {entries[name].value.split('.')[0]}: see `qmover {name} --help`.") for name in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def declared() -> dict[str, metadata.EntryPoint]:
+    """The commands other packages declare whose package is installed."""
+    found = {}
+    for entry in metadata.entry_points(group="qmover.commands"):
+        try:
+            installed = importlib.util.find_spec(entry.value.split(".")[0]) is not None
+        except ValueError:  # set aside in sys.modules: not importable
+            installed = False
+        if installed:
+            found[entry.name] = entry
+    return found
+
+
+def logger_level(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    """--log NAME=LEVEL, checked: one logger (and those below it) at one level."""
+    levels = {}
+    for value in values:
+        name, _, level = value.partition("=")
+        number = logging.getLevelName(level.upper())
+        if not name.startswith("qmover") or not isinstance(number, int):
+            raise click.BadParameter(f"{value!r}: write a qmover logger and a level, e.g. "
+                                     f"qmover.protocol.mover=WARNING or qmover.pg=DEBUG", param_hint="--log")
+        levels[name] = number
+    return levels
+
+
+@click.group(cls=Commands)
 @click.version_option(package_name="qmover", message="qmover %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
-def main(verbose: bool) -> None:
+@click.option("--log", "levels", multiple=True, metavar="LOGGER=LEVEL", callback=logger_level,
+              help="One logger's level (repeatable): loggers are per module, e.g. qmover.protocol.mover=WARNING "
+                   "leaves out the line per batch, qmover.pg.session=DEBUG says when a dead connection is replaced.")
+def main(verbose: bool, levels: dict[str, int]) -> None:
     """Move PgQ events from source queues to target queues, exactly once."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @main.command()
@@ -216,16 +276,3 @@ celery_command("beat", "Start Celery beat for the routes of CONFIG: readiness sw
 celery_command("flower", "Start Flower for qmover's Celery app: on 127.0.0.1 unless --address is given, "
                "and on any other address only with --basic-auth (or FLOWER_BASIC_AUTH) or --auth.",
                flower_args)
-
-
-def add_plugin_commands() -> None:
-    """Commands that other packages declare (entry point group qmover.commands):
-    `qmover bench` from qmover_lab, in a checkout; an image without it has none."""
-    for entry in metadata.entry_points(group="qmover.commands"):
-        try:
-            main.add_command(entry.load(), entry.name)
-        except ImportError:
-            continue  # declared by the project, but its package is not installed
-
-
-add_plugin_commands()

@@ -45,6 +45,7 @@ from qmover.config import load_config
 from qmover.ops import admin
 from qmover.pg.connector import Connector
 from qmover.protocol.mover import Mover
+from qmover_lab.connections import ConnectionPeaks
 from qmover_lab.processes import (
     cpu_seconds,
     machine_busy,
@@ -85,37 +86,6 @@ PRODUCE = ("select count(pgq.insert_event('events', 'order', %s || i || ':' || r
            " 'public.orders', i::text, null, null)) from generate_series(1, %s) i")
 # force_tick marks the queue as due, ticker then ticks it (in a statement of its own).
 TICK_NOW = "select pgq.force_tick('events'); select pgq.ticker('events')"
-# Only the bench's own databases count: other work may share the server.
-CONNECTIONS = ("select datname, count(*) from pg_stat_activity where application_name like 'qmover %%'"
-               f" and datname like '{PREFIX}\\_%%' group by datname")
-
-
-class Peaks(threading.Thread):
-    """Samples qmover's connections every 50 ms (every 2 s while `quiet`, so as
-    not to count its own queries as idle load); keeps the peaks."""
-
-    def __init__(self, server: str, central: str):
-        super().__init__(daemon=True)
-        self.server, self.central_name = server, central
-        self.central = self.partition = self.total = 0
-        self.done = threading.Event()
-        self.quiet = False
-
-    def run(self) -> None:
-        with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
-            while not self.done.wait(2.0 if self.quiet else 0.05):
-                cur.execute(CONNECTIONS, ())
-                counts = dict(cur.fetchall())
-                self.central = max(self.central, counts.get(self.central_name, 0))
-                self.partition = max([self.partition, *(n for name, n in counts.items() if name != self.central_name)])
-                self.total = max(self.total, sum(counts.values()))
-
-    def stop(self) -> tuple[int, int, int]:
-        self.done.set()
-        self.join()
-        return self.central, self.partition, self.total
-
-
 def family(pid: int) -> list[int]:
     """A process and its children (a worker's pool)."""
     return [pid, *pool_children(pid)]
@@ -311,8 +281,8 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
     print(f"-- {name}", flush=True)
     logs = [workdir / f"{name}-worker{n}.log" for n in range(len(worker_args))]
     beat_log = workdir / f"{name}-beat.log"
-    peaks = Peaks(server, f"{PREFIX}_central")
-    peaks.start()
+    # Only the bench's own databases count: other work may share the server.
+    peaks = ConnectionPeaks(connect(server, "postgres"), f"{PREFIX}_central", [*partitions, f"{PREFIX}_one"])
     workers = [start_celery(config, log, "worker", "-l", "info", "--without-mingle", "--without-gossip",
                             "-n", f"w{n}@%h", *args, mode="w")
                for n, (log, args) in enumerate(zip(logs, worker_args, strict=True))]
@@ -331,7 +301,7 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
         result["one_route_drain_s"] = round(statistics.median(one), 2)
         result["drain_ratio"] = round(result["drain_s"] / result["one_route_drain_s"], 2)
         time.sleep(3)
-        peaks.quiet = True
+        peaks.every = 2.0  # not to count its own queries as idle load
         pids = {"beat": [beat.pid], "workers": [pid for worker in workers for pid in family(worker.pid)],
                 "postgres": pids_named("postgres"), "redis": pids_named("redis-server"),
                 "rabbitmq (idle, not used)": pids_named("beam.smp")}
@@ -340,7 +310,7 @@ def setup_run(name: str, server: str, config: Path, workdir: Path, worker_args: 
         result["idle_core_pct"] = {part: round(100 * (cpu_seconds(found) - before[part]) / idle_seconds, 1)
                                    for part, found in pids.items()}
         result["memory_mb"] = round(rss_mb(pids["beat"] + pids["workers"]), 1)
-        peaks.quiet = False
+        peaks.every = 0.05
         if latency_seconds > 0:
             result["latency"] = latency(server, partitions, latency_seconds)
         result["batches_moved_by_each_worker"] = [sum(moved["batches"] for moved in moves_in(log.read_text()))
@@ -433,7 +403,7 @@ def _run(server: str, broker: str, routes: int, idle_seconds: float, latency_sec
                    for name, args in (("one worker -c 2", [["-c", "2"]]),
                                       ("two workers -c 1", [["-c", "1"], ["-c", "1"]]))]
         print("-- server CPU of a move, fresh and kept source connections ...", flush=True)
-        qmover_log = logging.getLogger("qmover")
+        qmover_log = logging.getLogger("qmover.protocol.mover")
         level = qmover_log.level
         qmover_log.setLevel(logging.WARNING)  # not a line per batch moved in this process
         try:

@@ -5,7 +5,7 @@ commits R events (the first of them a probe) and ticks, each partition at its
 own moment of the second, as independent partitions would.  One route per
 partition moves them into a central queue.  The same load runs through
 qmover (a Celery worker and beat) and through skytools' queue_mover (one
-python-pgq SerialConsumer daemon per route, tests/skytools_mover.py),
+python-pgq SerialConsumer daemon per route, qmover_lab/skytools_mover.py),
 one after the other, on a throwaway cluster.  For each it prints:
 
 - events not yet in central when the load stops, and the drain after;
@@ -30,6 +30,7 @@ at most CATCH_UP_LIMIT seconds more; the table says when each caught up.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import select
@@ -51,6 +52,7 @@ from psycopg2.extensions import connection
 
 from qmover.config import load_config
 from qmover.ops import admin
+from qmover_lab.connections import ConnectionPeaks
 from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, start_celery, wait_for_celery
 from qmover_lab.processes import stop as stop_processes
 from qmover_lab.sandbox import Cluster, drop_database, run_sql
@@ -61,7 +63,6 @@ CENTRAL = f"{PREFIX}_central"
 CATCH_UP_LIMIT = 60.0  # seconds of warm-up past --warmup a tool has to catch up
 TEMPLATE_DB = f"{PREFIX}_template"
 BENCH_APP = "bench load"  # this process's connections, left out of the counts (not 'qmover ...')
-SKYTOOLS_MOVER = Path(__file__).resolve().parents[1] / "tests" / "skytools_mover.py"
 TOOLS = ("qmover", "skytools")
 QMOVER_CONFIG = """
 [qmover]
@@ -108,8 +109,9 @@ PROBE_TRIGGER = """
         return null;
     end $$
 """
-CONNECTIONS = ("select datname, count(*) from pg_stat_activity where backend_type = 'client backend'"
-               f" and application_name <> '{BENCH_APP}' group by datname")
+# Every tool's connections (qmover's and skytools'), the benchmark's own left out.
+CLIENTS = f"backend_type = 'client backend' and application_name <> '{BENCH_APP}'"
+CONNECTIONS = f"select datname, count(*) from pg_stat_activity where {CLIENTS} group by datname"
 
 
 def connect(server: str, database: str) -> connection:
@@ -243,32 +245,6 @@ class Arrivals(threading.Thread):
         self.conn.close()
 
 
-class Connections(threading.Thread):
-    """Samples the client connections per database every second (pg_stat_activity
-    costs the server more the more backends it has); keeps the peaks."""
-
-    def __init__(self, server: str):
-        super().__init__(daemon=True)
-        self.conn = connect(server, "postgres")
-        self.central = self.partition = self.server = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        with self.conn.cursor() as cur:
-            while not self._done.wait(1.0):
-                cur.execute(CONNECTIONS)
-                counts = dict(cur.fetchall())
-                self.central = max(self.central, counts.get(CENTRAL, 0))
-                parts = [count for name, count in counts.items() if name and name.startswith(f"{PREFIX}_p")]
-                self.partition = max([self.partition, *parts])
-                self.server = max(self.server, sum(counts.values()))
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-        self.conn.close()
-
-
 @dataclass
 class Figures:
     """One tool's run."""
@@ -368,10 +344,9 @@ class Bench:
                 for route in routes:
                     admin.unregister(route)
             return
-        if not SKYTOOLS_MOVER.exists():
-            raise SystemExit(f"qmover bench: skytools' mover is not here ({SKYTOOLS_MOVER}): run the benchmark "
-                             f"from the repository, with the test extras installed (pip install -e '.[test]'), "
-                             f"or leave skytools out with --tools qmover")
+        if importlib.util.find_spec("pgq") is None:
+            raise SystemExit("qmover bench: skytools' mover needs python-pgq and skytools: install the test extras "
+                             "(pip install -e '.[test]'), or leave skytools out with --tools qmover")
         daemons = []
         for name, part in zip(self.names, self.partitions, strict=True):
             run_sql(self.server, part, sql.SQL("select pgq.register_consumer('events', {})").format(
@@ -382,7 +357,7 @@ class Bench:
             config.write_text(SKYTOOLS_CONFIG.format(partition=name, server=self.server, prefix=PREFIX,
                                                      central=CENTRAL, interval=self.args.interval))
             log = (self.workdir / f"sky_{name}.log").open("w")
-            daemons.append(subprocess.Popen([sys.executable, str(SKYTOOLS_MOVER), "--loop", str(config)],
+            daemons.append(subprocess.Popen([sys.executable, "-m", "qmover_lab.skytools_mover", "--loop", str(config)],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                             start_new_session=True))
         try:
@@ -415,8 +390,7 @@ class Bench:
         print(f"-- {tool}: {len(self.partitions)} partitions x {args.rate} events/s, "
               f"{args.warmup:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
         figures = Figures(tool)
-        peaks = Connections(self.server)
-        peaks.start()
+        peaks = ConnectionPeaks(connect(self.server, "postgres"), CENTRAL, self.partitions, who=CLIENTS, every=1.0)
         arrivals = Arrivals(self.server)
         arrivals.start()
         load = Load(self.server, self.partitions, args.rate)
@@ -464,7 +438,7 @@ class Bench:
         figures.mover_cpu_ms_per_batch = round(1000 * figures.mover_cpu_s / max(1, figures.batches_in_window), 2)
         figures.peak_connections_central = peaks.central
         figures.peak_connections_partition = peaks.partition
-        figures.peak_connections_server = peaks.server
+        figures.peak_connections_server = peaks.total
         late = load.lateness[late0:late1]
         figures.generator_late_rounds = sum(1 for value in late if value > 0.1)
         figures.generator_max_late_s = round(max(late, default=0.0), 3)

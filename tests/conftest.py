@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -24,6 +23,7 @@ from qmover.errors import QmoverError
 from qmover.ops.metrics import Counters
 from qmover.protocol.batch import Moved
 from qmover.protocol.mover import Mover
+from qmover_lab.connections import ConnectionPeaks
 
 from celery_helpers import Processes, Redis, free_port, wait_until
 from fault_mover import CRASH_EXIT
@@ -432,34 +432,7 @@ def pipeline(make_db, tmp_path, redis_db):
         built.procs.stop()
 
 
-# qmover's own connections, per database (the test's are not named 'qmover ...').
-CONNECTIONS = ("select datname, count(*) from pg_stat_activity"
-               " where application_name like 'qmover %%' and datname = any(%s) group by datname")
-
-
-class Peak:
-    """The most connections qmover held on the central database, on the busiest
-    of the others and on them all, sampled every 20 ms while running.  Only the
-    test's own databases count: another test run may share the server."""
-
-    def __init__(self, central: PgqDatabase, others: Sequence[PgqDatabase]):
-        self.central_name, self.central, self.partition, self.server = central.name, 0, 0, 0
-        self._names = [central.name, *(database.name for database in others)]
-        self._conn = central.connect()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            with self._conn.cursor() as cur:
-                cur.execute(CONNECTIONS, (self._names,))
-                counts = dict(cur.fetchall())
-            self.central = max(self.central, counts.get(self.central_name, 0))
-            self.partition = max([self.partition, *(n for name, n in counts.items() if name != self.central_name)])
-            self.server = max(self.server, sum(counts.values()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._conn.close()
+def peaks(central: PgqDatabase, others: Sequence[PgqDatabase]) -> ConnectionPeaks:
+    """qmover's connections on the central database, the busiest of the others and them all,
+    sampled every 20 ms from now until stop()."""
+    return ConnectionPeaks(central.connect(), central.name, [database.name for database in others], every=0.02)

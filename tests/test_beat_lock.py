@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from celery_helpers import Processes, error_lines, wait_until
-from conftest import Peak
+from conftest import peaks
 
 # What the README recommends: beat wakes at least every second, so the lock
 # (5 x --max-interval) lapses 5 s after the active beat stopped extending it.
@@ -69,7 +69,7 @@ def test_a_standby_beat_takes_over_sweeps_and_ticks_when_the_active_one_is_kille
     for part in pipe.parts:
         part.execute("select pgq.set_queue_config('events', 'ticker_max_lag', '0.2 seconds')")
     beats = ("beat_a", "beat_b")
-    peak = Peak(pipe.central, pipe.parts)  # every beat's connections counted
+    peak = peaks(pipe.central, pipe.parts)  # every beat's connections counted
     producer = Producer(pipe)
     try:
         pipe.procs.worker("worker", 2, *(["-Q", "celery,qmover"] if app == "shop" else []))
@@ -107,7 +107,7 @@ def test_two_beats_without_a_lock_both_sweep_and_nothing_is_lost_or_doubled(pipe
     Moves stay exactly once (the route claim), at twice the sweeps' connections."""
     pipe = pipeline(4)
     beats = ("beat_a", "beat_b")
-    peak = Peak(pipe.central, pipe.parts)
+    peak = peaks(pipe.central, pipe.parts)
     try:
         pipe.procs.worker("worker", 2)
         for name in beats:

@@ -14,7 +14,7 @@ import pytest
 from qmover.pg.db import QUICK_CONNECT_TIMEOUT
 
 from celery_helpers import Processes, error_lines, wait_until
-from conftest import Peak, PgqDatabase, installed_processes, partitions_and_central
+from conftest import PgqDatabase, installed_processes, partitions_and_central, peaks
 
 PARTITIONS = 30
 INTERVAL = 0.5
@@ -97,7 +97,7 @@ def fan_in(make_db, tmp_path, redis_db):
 @pytest.mark.alone
 def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fan_in):
     fan = fan_in()
-    peak = Peak(fan.central, fan.parts)
+    peak = peaks(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)  # 2 pool processes
         fan.procs.beat()
@@ -120,7 +120,7 @@ def test_thirty_partitions_bounded_connections_no_idle_tasks_and_prompt_moves(fa
     fan.exactly_once()
     assert error_lines(fan.procs.logs()) == []
     print(f"peak qmover connections: central {peak.central}, busiest partition {peak.partition}, "
-          f"server {peak.server} ({PARTITIONS} partitions)")
+          f"server {peak.total} ({PARTITIONS} partitions)")
     assert peak.central <= 2 + 2  # worker processes + 2
     assert peak.partition <= 1 + 2  # beat's sweep + worker processes
 

@@ -22,7 +22,7 @@ from celery import Celery
 from qmover_lab.live import Arrivals, Load, watch_probes
 
 from celery_helpers import Processes, celery_under_test, error_lines, wait_until
-from conftest import HOST_DSN, Peak, PgqDatabase, installed_processes, partitions_and_central
+from conftest import HOST_DSN, PgqDatabase, installed_processes, partitions_and_central, peaks
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = """
@@ -115,7 +115,7 @@ def wait_for_first_sweep(live: Live) -> None:
 @pytest.mark.alone
 def test_under_a_steady_load_every_route_moves_within_two_intervals_on_bounded_connections(live):
     fan = live(30, rate=5)
-    peak = Peak(fan.central, fan.parts)
+    peak = peaks(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)
         fan.procs.beat()
@@ -173,7 +173,7 @@ def test_max_source_connections_caps_the_connections_to_a_source(make_db, tmp_pa
     config = tmp_path / "capped.ini"
     config.write_text("\n".join(sections) + f"\n[qmover]\nbroker_url = {redis_db.url}\n")
     procs = installed_processes(config, tmp_path)
-    peak = Peak(central, [source])
+    peak = peaks(central, [source])
     client = Celery(broker=redis_db.url)
     done = threading.Event()
 
@@ -214,7 +214,7 @@ def test_sweeps_run_in_beat_not_on_workers(live):
     """On every Celery release (scripts/test.sh runs this on each): beat's process is
     known by the beat_init signal, not by a header only 5.7 sends."""
     fan = live(6, rate=10)
-    peak = Peak(fan.central, fan.parts)
+    peak = peaks(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)
         fan.procs.beat()

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from conftest import manual_route
 
-SKYTOOLS_MOVER = str(Path(__file__).with_name("skytools_mover.py"))
-
 
 def skytools_move(route, *args: str) -> None:
     """Run the SerialConsumer-based skytools mover on the same config file
@@ -17,7 +15,7 @@ def skytools_move(route, *args: str) -> None:
     workdir = route.config.parent
     for folder in ("log", "pid"):  # the manual's pidfile/logfile paths
         (workdir / folder).mkdir(exist_ok=True)
-    subprocess.run([sys.executable, SKYTOOLS_MOVER, str(route.config), *args], cwd=workdir,
+    subprocess.run([sys.executable, "-m", "qmover_lab.skytools_mover", str(route.config), *args], cwd=workdir,
                    check=True, capture_output=True, timeout=120)
 
 

@@ -232,3 +232,15 @@ def test_fan_out_one_source_queue_to_two_targets(make_db, tmp_path):
     assert archive.events("archived_events") == src.events("events")
     consumers = src.execute("select consumer_name, pending_events from pgq.get_consumer_info('events') order by 1")
     assert consumers == [("to_archive", 0), ("to_billing", 0)]
+
+
+def test_loggers_are_per_module_and_each_can_be_turned_up_or_down(route):
+    route.src.produce_series(route.src_queue, 10)
+    route.src.tick(route.src_queue)
+    quiet = run_qmover("--log", "qmover.protocol.mover=WARNING", "--log", "qmover.pg.connector=DEBUG",
+                       "run", "--once", str(route.config), check=True)
+    lines = quiet.stderr.splitlines()
+    assert not [line for line in lines if " INFO qmover.protocol.mover " in line]  # no line per batch
+    assert [line for line in lines if " DEBUG qmover.pg.connector " in line and "a new connection" in line]
+    assert not [line for line in lines if " DEBUG " in line and " qmover.pg.connector " not in line]
+    assert len(route.target_events()) == 10

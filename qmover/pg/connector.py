@@ -13,6 +13,7 @@ is qmover.tasks.process (a child never touches its parent's sockets).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from qmover.pg import db
 from qmover.pg.db import Side
 from qmover.pg.session import Link, Session
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -60,6 +62,7 @@ class Connector:
                 session.reused = True
                 return session
         # outside the lock: connecting is slow
+        log.debug("%s: a new connection", db.where(route, side))
         return Session(key, db.connect(route, side, self.connect_timeout), self)
 
     def give_back(self, session: Session) -> None:

@@ -17,6 +17,7 @@ it: no transaction, no claim.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -33,6 +34,7 @@ from qmover.pg.queries import Statement
 if TYPE_CHECKING:
     from qmover.pg.connector import Connector
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sent = Statement | sql.Composable
 
@@ -152,6 +154,8 @@ class Link:
         except TransientError:
             if not session.reused:
                 raise
+            log.debug("%s: a kept connection was dead (its server restarted?): replaced, the statement sent again",
+                      db.where(self.route, self.side))
             session.connector.drop_idle(session.key)  # its server restarted: they are dead too
             session.replace(db.connect(self.route, self.side, session.connector.connect_timeout))
             return self._send_once(lambda cur: self._execute(cur, statements, params, read))

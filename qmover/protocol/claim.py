@@ -17,6 +17,7 @@ defence: a claim only keeps movers from doing the same work twice.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from qmover.errors import QmoverError, TransientError
 from qmover.pg import queries
 from qmover.pg.connector import Loan
 from qmover.pg.session import Link
+
+log = logging.getLogger(__name__)
 
 
 def source_name(route: Route) -> str:
@@ -62,6 +65,8 @@ class Claims:
                 claim.failed.update(dict.fromkeys(group, exc))
                 claim.routes = [route for route in claim.routes if route not in group]
         self.let_go(route for route in mine if route not in claim.routes)
+        if claim.busy:
+            log.debug("routes another mover holds, left to it: %s", ", ".join(route.name for route in claim.busy))
         return claim
 
     def hold(self, routes: Iterable[Route]) -> list[Route]:

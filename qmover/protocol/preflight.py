@@ -34,6 +34,8 @@ class Preflight:
         passed = self._passed.get(route)
         if passed is None:
             passed = self._passed[route] = self._check(route, src, dst)
+            log.debug("route %s: checks passed; it writes through %s", route.name,
+                      "pgq.insert_event" if passed else "COPY into the event tables")
         return passed
 
     def forget(self, route: Route) -> None:

@@ -177,7 +177,10 @@ class Sweeper:
         slice_no = self._next_slice.get(interval, 0) % len(cached[1])
         self._next_slice[interval] = slice_no + 1
         mine = cached[1][slice_no]
-        return Swept(slice_no, len(cached[1]), len(mine), self.ready(mine, resend_after(interval)))
+        swept = Swept(slice_no, len(cached[1]), len(mine), self.ready(mine, resend_after(interval)))
+        log.debug("sweep of slice %d/%d (%d routes): ready %s", swept.slice + 1, swept.slices, swept.routes,
+                  ", ".join(route.name for route in swept.ready) or "none")
+        return swept
 
     def ready(self, routes: Iterable[Route], resend: float) -> list[Route]:
         """The routes to move now: a batch may be ready, no mover on them, and

@@ -144,3 +144,14 @@ def test_without_the_lab_the_command_line_works_and_has_no_bench():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert " run " in out.stdout and " bench " not in out.stdout
+
+
+def test_the_labs_command_is_listed_and_imported_only_when_it_runs():
+    """`qmover --help` (and every other command) never imports qmover_lab; `qmover bench` does."""
+    script = ("import sys; from qmover.cli import main\n"
+              "try:\n    main(sys.argv[1:], prog_name='qmover')\nexcept SystemExit:\n    pass\n"
+              "print('imported:', 'qmover_lab' in sys.modules)")
+    listed = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert " bench " in listed.stdout and listed.stdout.endswith("imported: False\n"), listed.stdout
+    run = subprocess.run([sys.executable, "-c", script, "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.stdout.endswith("imported: True\n"), run.stdout + run.stderr

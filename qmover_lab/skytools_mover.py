@@ -1,13 +1,14 @@
 """skytools' queue_mover, rebuilt on the real python-pgq SerialConsumer.
 
 skytools' own script is this class: a SerialConsumer whose remote batch is a
-bulk insert into the target queue.  Tests use it as "the other tool" that
-reads and writes the pgq_ext tick position; the live benchmark runs one per
-route as the daemon skytools users run.
+bulk insert into the target queue.  The live benchmark runs one per route as
+the daemon skytools users run; the tests use it as "the other tool" that
+reads and writes the pgq_ext tick position.  Needs python-pgq and skytools
+(the test extra).
 
-Usage: python skytools_mover.py CONFIG          (moves until no batch is ready)
-       python skytools_mover.py --loop CONFIG   (the daemon: after an empty poll it sleeps loop_delay)
-       python skytools_mover.py CONFIG --register|--rewind|...   (skytools' own commands)
+Usage: python -m qmover_lab.skytools_mover CONFIG          (moves until no batch is ready)
+       python -m qmover_lab.skytools_mover --loop CONFIG   (the daemon: after an empty poll it sleeps loop_delay)
+       python -m qmover_lab.skytools_mover CONFIG --register|--rewind|...   (skytools' own commands)
 """
 
 import sys

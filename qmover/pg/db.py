@@ -77,21 +77,26 @@ def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connect
 
 @contextmanager
 def errors(route: Route, side: Side) -> Iterator[None]:
-    """Turn driver errors into one-line QmoverErrors naming route and side."""
+    """Turn driver errors into one-line QmoverErrors naming route and side (see translate)."""
     try:
         yield
-    except psycopg2.errors.QueryCanceled as exc:
-        raise QmoverError(
-            f"{where(route, side)}: {first_line(exc)}; a batch must fit in one statement: raise "
-            f"statement_timeout for qmover's role (e.g. alter role ... set statement_timeout = 0)", side) from None
-    except (psycopg2.errors.UntranslatableCharacter, psycopg2.errors.CharacterNotInRepertoire) as exc:
-        raise QmoverError(
-            f"{where(route, side)}: {first_line(exc)}; the target database's encoding cannot hold "
-            f"this event: create the target database with encoding UTF8", side) from None
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        raise TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}", side) from None
     except psycopg2.Error as exc:
-        raise QmoverError(f"{where(route, side)}: {first_line(exc)}", side, exc.pgcode) from None
+        raise translate(exc, route, side) from None
+
+
+def translate(exc: psycopg2.Error, route: Route, side: Side) -> QmoverError:
+    """A driver error as the one-line QmoverError that names route and side, with the fix where there is one."""
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return QmoverError(
+            f"{where(route, side)}: {first_line(exc)}; a batch must fit in one statement: raise "
+            f"statement_timeout for qmover's role (e.g. alter role ... set statement_timeout = 0)", side)
+    if isinstance(exc, (psycopg2.errors.UntranslatableCharacter, psycopg2.errors.CharacterNotInRepertoire)):
+        return QmoverError(
+            f"{where(route, side)}: {first_line(exc)}; the target database's encoding cannot hold "
+            f"this event: create the target database with encoding UTF8", side)
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}", side)
+    return QmoverError(f"{where(route, side)}: {first_line(exc)}", side, exc.pgcode)
 
 
 def close(conn: connection | None) -> None:

@@ -52,16 +52,17 @@ class Statement:
         found = (match.group(1) for match in _PARAMETER.finditer(self.text) if match.group(1))
         return tuple(dict.fromkeys(found))
 
-    def prepare(self) -> str:
+    @cached_property
+    def preparation(self) -> str:
         """PREPARE qmover_NAME AS the text, each parameter as its $n."""
         numbers = {name: n for n, name in enumerate(self.parameters, 1)}
         body = _PARAMETER.sub(lambda m: f"${numbers[m.group(1)]}" if m.group(1) else "%", self.text)
         return f"prepare {self.name} as {body}"
 
-    def call(self, prepares: bool = True) -> str:
-        """What is sent to run it: its name with the parameters when it is PREPAREd
-        (and the connection prepares), else its text."""
-        if not (self.prepared and prepares):
+    @cached_property
+    def call(self) -> str:
+        """What is sent to run it: its name with the parameters when it is PREPAREd, else its text."""
+        if not self.prepared:
             return self.text
         return f"execute {self.name}({', '.join(f'%({name})s' for name in self.parameters)})"
 

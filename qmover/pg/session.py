@@ -18,10 +18,11 @@ it: no transaction, no claim.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE, connection
 
@@ -48,16 +49,12 @@ class Writable(Protocol):
 
 
 class Session:
-    """One kept connection and what has been learnt on it.
+    """One kept connection and what has been learnt on it."""
 
-    prepares: PREPARE statements that ask for it (else they are sent as text).
-    """
-
-    def __init__(self, key: tuple, conn: connection, connector: Connector, prepares: bool = True):
+    def __init__(self, key: tuple, conn: connection, connector: Connector):
         self.key = key
         self.conn = conn
         self.connector = connector
-        self.prepares = prepares
         self.done: set[str] = set()  # statements PREPAREd, or run once (Link.ensure), on this connection
         self.rendered: dict[tuple[object, ...], list[str]] = {}  # statements built for it, by key
         # It sat idle before this loan and has not answered since: a connection
@@ -99,22 +96,22 @@ class Link:
 
     def rows(self, *statements: Sent, **params: Any) -> list[tuple]:
         """The rows of the last statement; several statements go in one round trip."""
-        return self._send(statements, params, lambda cur: cur.fetchall())
+        return self._send(statements, params, _all_rows)
 
     def one(self, *statements: Sent, **params: Any) -> tuple:
         """The one row of the last statement."""
-        row = self._send(statements, params, lambda cur: cur.fetchone())
+        row = self._send(statements, params, _first_row)
         assert row is not None, f"{statements[-1]!r} returns a row"
         return tuple(row)
 
     def value(self, *statements: Sent, **params: Any) -> Any:
         """The first value of the last statement's first row (None without one)."""
-        row = self._send(statements, params, lambda cur: cur.fetchone())
+        row = self._send(statements, params, _first_row)
         return None if row is None else row[0]
 
     def run(self, *statements: Sent, **params: Any) -> int:
         """Send the statements; the last one's row count."""
-        return self._send(statements, params, lambda cur: cur.rowcount)
+        return self._send(statements, params, _row_count)
 
     def ensure(self, statement: Statement) -> None:
         """Run statement once per connection (outside a transaction: it must not roll back)."""
@@ -128,29 +125,37 @@ class Link:
         parts = self.session.rendered.get(key)
         if parts is None:
             built = build()
-            with self.errors():
+            try:
                 parts = [part.as_string(self.session.conn) for part in (built if isinstance(built, tuple) else [built])]
+            except psycopg2.Error as exc:
+                raise db.translate(exc, self.route, self.side) from None
             self.session.rendered[key] = parts
         return parts
 
     def copy_out(self, statement: str, sink: Writable) -> int:
         """A COPY ... TO STDOUT into sink; the rows sent."""
-        return self._send_once(lambda cur: (cur.copy_expert(statement, sink), cur.rowcount)[1])
+        return self._copy(statement, sink)
 
     def copy_in(self, statement: str, source: Readable) -> int:
         """A COPY ... FROM STDIN from source; the rows taken."""
-        return self._send_once(lambda cur: (cur.copy_expert(statement, source, size=65536), cur.rowcount)[1])
+        return self._copy(statement, source)
 
-    @contextmanager
-    def errors(self) -> Iterator[None]:
-        """Driver errors as one-line QmoverErrors naming this route and side."""
-        with db.errors(self.route, self.side):
-            yield
+    def _copy(self, statement: str, file: Any) -> int:  # a Readable for COPY FROM, a Writable for COPY TO
+        session = self.session
+        try:
+            with session.conn.cursor() as cur:
+                cur.copy_expert(statement, file, size=65536)
+                count = cur.rowcount
+        except psycopg2.Error as exc:
+            raise db.translate(exc, self.route, self.side) from None
+        finally:
+            session.reused = False
+        return int(count)
 
     def _send(self, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
         session = self.session
         try:
-            return self._send_once(lambda cur: self._execute(cur, statements, params, read))
+            return self._send_once(statements, params, read)
         except TransientError:
             if not session.reused:
                 raise
@@ -158,26 +163,45 @@ class Link:
                       db.where(self.route, self.side))
             session.connector.drop_idle(session.key)  # its server restarted: they are dead too
             session.replace(db.connect(self.route, self.side, session.connector.connect_timeout))
-            return self._send_once(lambda cur: self._execute(cur, statements, params, read))
+            return self._send_once(statements, params, read)
         finally:
             session.reused = False
 
-    def _send_once(self, work: Callable[[Any], T]) -> T:
-        with self.errors(), self.session.conn.cursor() as cur:
-            result = work(cur)
-        self.session.reused = False
-        return result
-
-    def _execute(self, cur: Any, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
+    def _send_once(self, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
         session = self.session
-        texts: list[str] = []
-        for statement in statements:
-            if not isinstance(statement, Statement):
-                texts.append(statement.as_string(session.conn))
-                continue
-            if statement.prepared and session.prepares and statement.name not in session.done:
-                cur.execute(statement.prepare())
-                session.done.add(statement.name)
-            texts.append(statement.call(session.prepares))
-        cur.execute("; ".join(texts), params or None)
-        return read(cur)
+        try:
+            with session.conn.cursor() as cur:
+                for statement in statements:
+                    if isinstance(statement, Statement) and statement.prepared and statement.name not in session.done:
+                        cur.execute(statement.preparation)
+                        session.done.add(statement.name)
+                cur.execute(_sent(statements, session.conn), params or None)
+                return read(cur)
+        except psycopg2.Error as exc:
+            raise db.translate(exc, self.route, self.side) from None
+
+
+def _sent(statements: tuple[Sent, ...], conn: connection) -> str:
+    """What one round trip sends: the statements, each as it is run (see Statement.call)."""
+    if len(statements) == 1 and isinstance(statements[0], Statement):
+        return statements[0].call
+    if all(isinstance(statement, Statement) for statement in statements):
+        return _joined(statements)
+    return "; ".join(s.call if isinstance(s, Statement) else s.as_string(conn) for s in statements)
+
+
+@lru_cache(maxsize=64)  # the round trips qmover sends are a handful of fixed tuples
+def _joined(statements: tuple[Statement, ...]) -> str:
+    return "; ".join(statement.call for statement in statements)
+
+
+def _all_rows(cur: Any) -> list[tuple]:
+    return list(cur.fetchall())
+
+
+def _first_row(cur: Any) -> tuple | None:
+    return cur.fetchone()
+
+
+def _row_count(cur: Any) -> int:
+    return int(cur.rowcount)

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError
@@ -76,6 +76,14 @@ class Batch:
     last_event_seq: int  # the source's event sequence at the batch's end tick
     more: bool  # the source had a tick past this batch: another batch may be ready now
 
+    def position_says(self, position: int | None) -> Literal["apply", "skip", "lost"]:
+        """SerialConsumer's rule for the target's tick position: none (a new route)
+        or the batch's start tick, apply it; its end tick, it was applied: skip
+        it; any other tick, the position is lost."""
+        if position is None or position == self.prev_tick:
+            return "apply"
+        return "skip" if position == self.cur_tick else "lost"
+
 
 @dataclass(frozen=True)
 class Moved:
@@ -112,12 +120,13 @@ def move_batch(route: Route, src: Link, dst: Link, *, finish: int | None = None,
         position, event_table = dst.one(Transaction.BEGIN, Target.LOCK, Target.POSITION,
                                         consumer=route.consumer, queue=route.dst_queue)
         checkpoint("position")
-        if position not in (None, batch.prev_tick, batch.cur_tick):
+        says = batch.position_says(position)
+        if says == "lost":
             if src.value(Source.ACTIVE_BATCH, queue=route.src_queue, consumer=route.consumer) != batch.id:
                 dst.run(Transaction.ROLLBACK)
                 return None  # another mover applied and finished it meanwhile
             raise lost_position(route, position, batch)
-        if position != batch.cur_tick:
+        if says == "apply":
             small = batch.estimate is not None and batch.estimate <= SMALL_BATCH
             copy = copy_spooled if small or threads_are_green() else copy_streamed
             events = copy(route, src, dst, batch.select, queries.INCOMING if incoming else event_table)
@@ -137,7 +146,7 @@ def move_batch(route: Route, src: Link, dst: Link, *, finish: int | None = None,
         _rollback(dst)
         raise
     checkpoint("after_target_commit")
-    return Moved(batch.id, events, position == batch.cur_tick, time.monotonic() - started, position is None,
+    return Moved(batch.id, events, says == "skip", time.monotonic() - started, position is None,
                  filtered, batch.more)
 
 
@@ -147,11 +156,8 @@ def next_batch(route: Route, src: Link, finish: int | None = None) -> Batch | No
     When another mover of the route finishes the batch while this call is
     reading it, PgQ raises "batch not found"; asking again gets the next one.
     """
-    own_rule = route.min_count is not None or route.min_interval is not None or route.keep_lag is not None
     statements = (Source.NEXT_BATCH,) if finish is None else (Source.FINISH, Source.NEXT_BATCH)
-    params = {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
-              "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish,
-              "merge": MERGE_EVENTS if route.merge_ticks and not own_rule else None}
+    params = next_batch_params(route, finish)
     for attempt in range(1, NEXT_BATCH_ATTEMPTS + 1):
         try:
             row = src.one(*statements, **params)
@@ -162,6 +168,19 @@ def next_batch(route: Route, src: Link, finish: int | None = None) -> Batch | No
     batch_id, prev_tick, cur_tick, select, estimate, last_event_seq, more = row
     return None if batch_id is None else Batch(batch_id, prev_tick, cur_tick, select, estimate, last_event_seq,
                                                bool(more))
+
+
+def next_batch_params(route: Route, finish: int | None) -> dict[str, Any]:
+    """Source.NEXT_BATCH's parameters (and FINISH's, when a batch is to be finished first).
+
+    A route that is behind takes its waiting ticks merged, up to about
+    MERGE_EVENTS, unless it collects batches or keeps a lag of its own (PgQ
+    then decides) or says merge_ticks = 0.
+    """
+    own_rule = route.min_count is not None or route.min_interval is not None or route.keep_lag is not None
+    return {"queue": route.src_queue, "consumer": route.consumer, "keep_lag": route.keep_lag,
+            "min_count": route.min_count, "min_interval": route.min_interval, "finish": finish,
+            "merge": MERGE_EVENTS if route.merge_ticks and not own_rule else None}
 
 
 def finish_batch(route: Route, src: Link, batch_id: int, checkpoint: Checkpoint = no_checkpoint) -> None:

@@ -22,12 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.pg.connector import Connector, Loan, connection_key
 from qmover.protocol import preflight
-from qmover.protocol.batch import Moved, finish_batch, move_batch, no_checkpoint
+from qmover.protocol.batch import Checkpoint, Moved, finish_batch, move_batch, no_checkpoint
 from qmover.protocol.claim import Claims
 from qmover.protocol.preflight import Preflight
 
@@ -58,6 +59,7 @@ class _Turns:
     """One route in the loop."""
 
     outcome: Outcome
+    checkpoint: Checkpoint  # the caller's, for this route
     unfinished: int | None = None  # moved, not yet finished on the source: goes with the next request
 
     @property
@@ -90,7 +92,8 @@ class Mover:
         """
         started = time.monotonic()
         outcomes = [Outcome(route) for route in routes]
-        capped = frozenset(connection_key(route.src_dsn) for route in routes if route.max_source_connections)
+        capped = frozenset(connection_key(route.src_dsn) for route in routes
+                           if route.max_source_connections is not None)
         with Loan(self.connector, close_after=capped) as loan:
             claim = self.claims.take(loan, routes)
             turns = []
@@ -98,19 +101,19 @@ class Mover:
                 outcome.busy = outcome.route in claim.busy
                 outcome.error = claim.failed.get(outcome.route)
                 if outcome.route in claim.routes:
-                    turns.append(_Turns(outcome))
+                    steps = no_checkpoint if checkpoint is None else partial(checkpoint, outcome.route)
+                    turns.append(_Turns(outcome, steps))
             try:
                 active = turns
                 while active and not stop() and time.monotonic() - started < budget:
-                    active = [turn for turn in active if self._turn(loan, turn, checkpoint, moved)]
+                    active = [turn for turn in active if self._turn(loan, turn, moved)]
             finally:
                 for turn in turns:
-                    self._finish(loan, turn, checkpoint)
+                    self._finish(loan, turn)
                 claim.release()
         return outcomes
 
-    def _turn(self, loan: Loan, turn: _Turns, checkpoint: Callable[[Route, str], None] | None,
-              moved: Callable[[Route, Moved], None] | None) -> bool:
+    def _turn(self, loan: Loan, turn: _Turns, moved: Callable[[Route, Moved], None] | None) -> bool:
         """One batch of the route; whether it may have another ready now."""
         route = turn.route
         if not loan.has(route, "target"):
@@ -121,7 +124,7 @@ class Mover:
             via_insert_event = self.preflight.via_insert_event(route, src, dst)
             checked = src, dst
             done = move_batch(route, src, dst, finish=turn.unfinished, via_insert_event=via_insert_event,
-                              checkpoint=no_checkpoint if checkpoint is None else lambda step: checkpoint(route, step))
+                              checkpoint=turn.checkpoint)
         except QmoverError as exc:
             turn.unfinished = None  # the batch comes back, and the target's position skips it
             self.preflight.forget(route)
@@ -166,14 +169,13 @@ class Mover:
                  f" filtered={done.filtered}" if done.filtered else "", done.seconds * 1000)
 
     @staticmethod
-    def _finish(loan: Loan, turn: _Turns, checkpoint: Callable[[Route, str], None] | None) -> None:
+    def _finish(loan: Loan, turn: _Turns) -> None:
         """Finish on the source the last batch the route moved, on its own."""
         route, batch_id, turn.unfinished = turn.route, turn.unfinished, None
         if batch_id is None or not loan.has(route, "source"):
             return
         try:
-            finish_batch(route, loan.link(route, "source"), batch_id,
-                         no_checkpoint if checkpoint is None else lambda step: checkpoint(route, step))
+            finish_batch(route, loan.link(route, "source"), batch_id, turn.checkpoint)
         except QmoverError as exc:
             loan.discard(route, "source")
             log.warning("%s; %s", exc, UNFINISHED)

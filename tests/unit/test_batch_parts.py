@@ -4,11 +4,12 @@ copied through, and what a lost position says."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pytest
 
 from qmover.config import Route
-from qmover.protocol.batch import Batch, Spool, _same_count, lost_position
+from qmover.protocol.batch import MERGE_EVENTS, Batch, Spool, _same_count, lost_position, next_batch_params
 
 
 def test_a_spool_keeps_rows_in_memory_up_to_its_limit():
@@ -42,3 +43,26 @@ def test_a_lost_position_names_both_ticks_and_both_ways_out():
     assert message.startswith("route r: lost position: target holds tick 40 but the source batch 7 runs "
                               "from tick 41 to 42; nothing was moved.")
     assert "qmover rewind CONFIG --route r" in message and "qmover reset CONFIG --route r" in message
+
+
+BATCH = Batch(id=7, prev_tick=41, cur_tick=42, select="select", estimate=10, last_event_seq=99, more=False)
+
+
+@pytest.mark.parametrize(("position", "says"), [
+    (None, "apply"),  # a new route: no position yet
+    (41, "apply"),  # the batch's start: the one before was applied
+    (42, "skip"),  # the batch's end: applied before a crash, not finished on the source
+    (40, "lost"), (43, "lost"), (1, "lost"),  # a target restored from a backup, or wrong
+])
+def test_the_target_position_says_apply_skip_or_lost_as_serial_consumer_does(position, says):
+    assert BATCH.position_says(position) == says
+
+
+def test_a_route_behind_merges_its_waiting_ticks_unless_it_has_a_rule_of_its_own():
+    route = Route(name="r", consumer="c", src_dsn="dbname=a", dst_dsn="dbname=b", src_queue="q", dst_queue="q")
+    params = next_batch_params(route, finish=6)
+    assert params == {"queue": "q", "consumer": "c", "keep_lag": None, "min_count": None, "min_interval": None,
+                      "finish": 6, "merge": MERGE_EVENTS}
+    for own in ({"min_count": 100}, {"min_interval": 30.0}, {"keep_lag": 5.0}, {"merge_ticks": False}):
+        assert next_batch_params(replace(route, **own), finish=None)["merge"] is None, own
+    assert next_batch_params(replace(route, min_count=100), None)["min_count"] == 100

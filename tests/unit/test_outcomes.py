@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 import pytest
 
@@ -11,7 +13,7 @@ from qmover.config import Route
 from qmover.errors import LostPosition, QmoverError, TransientError
 from qmover.protocol.cycles import Hop, require_no_loops
 from qmover.protocol.mover import Outcome
-from qmover.runner import MAX_RETRY_DELAY, Backoff, Stop, _after
+from qmover.runner import MAX_RETRY_DELAY, Backoff, Stop, _after, stop_on_signals
 from qmover.tasks.jobs import result
 
 
@@ -95,3 +97,14 @@ def test_a_chain_and_a_fan_in_are_no_cycle():
     second = Hop(route("second", src_queue="central", dst_queue="archive"), SERVER_B, SERVER_A)
     other = Hop(route("other", src_queue="events", dst_queue="central"), ("7003", "c"), SERVER_B)
     require_no_loops([first, second, other])
+
+
+def test_a_first_signal_asks_to_stop_after_the_batch_in_hand_and_a_second_aborts_it():
+    stop = Stop()
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (stop.requested, stop.abort) == (True, False)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.abort
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers before it are back

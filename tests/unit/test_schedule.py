@@ -10,7 +10,8 @@ from qmover.config import load_config
 from qmover.config.route import by_database
 from qmover.errors import QmoverError
 from qmover.tasks import app, beat_schedule
-from qmover.tasks.names import TICK_TASK
+from qmover.tasks.names import SWEEP_TASK, TICK_TASK
+from qmover.tasks.schedule import celery_settings
 
 TWO_LOGINS = """
 [qmover]
@@ -56,3 +57,56 @@ def test_a_tick_task_for_a_side_that_is_neither_is_refused_in_one_line(tmp_path,
     result = app.tasks[TICK_TASK].apply(("alice_route", "sorce"))
     assert isinstance(result.result, QmoverError)
     assert str(result.result) == "tick_database: side is 'source' or 'target', not 'sorce'"
+
+
+def routes_file(tmp_path: Path, text: str):
+    path = tmp_path / "routes.ini"
+    path.write_text(text)
+    return load_config(path)
+
+
+FAN_IN = """
+[qmover]
+broker_url = {broker}
+
+[part]
+partitions = 0-5
+src_db = host=127.0.0.1 dbname=part%(partition)s
+dst_db = host=127.0.0.1 dbname=central
+pgq_queue_name = events
+ticker = source
+ticker_interval = 2
+
+[slow]
+src_db = host=127.0.0.1 dbname=archive
+dst_db = host=127.0.0.1 dbname=central
+pgq_queue_name = events
+move_interval = 10
+ticker = both
+"""
+
+
+def test_a_sweep_per_interval_each_of_a_slice_of_its_sources_and_a_tick_per_database(tmp_path):
+    schedule = beat_schedule(routes_file(tmp_path, FAN_IN.format(broker="redis://127.0.0.1:6379/2")))
+    sweeps = {name: entry for name, entry in schedule.items() if entry["task"] == SWEEP_TASK}
+    assert sweeps == {
+        "qmover sweep every 1s": {"task": SWEEP_TASK, "schedule": 0.25, "args": (1.0,),  # 6 sources, 4 slices
+                                  "options": {"queue": "qmover", "expires": 0.25}},
+        "qmover sweep every 10s": {"task": SWEEP_TASK, "schedule": 10.0, "args": (10.0,),  # 1 source, 1 slice
+                                   "options": {"queue": "qmover", "expires": 10.0}}}
+    ticks = sorted((entry["args"], entry["schedule"]) for entry in schedule.values() if entry["task"] == TICK_TASK)
+    # each partition's source every 2 s; archive's source and central (slow's target, once) every 1 s
+    assert ticks == sorted([((f"part_{n}", "source"), 2.0) for n in range(6)]
+                           + [(("slow", "source"), 1.0), (("slow", "target"), 1.0)])
+    assert all(entry["options"]["expires"] == entry["schedule"] for entry in schedule.values())
+
+
+def test_qmover_app_acks_late_prefetches_one_and_keeps_redbeat_lock_in_a_redis(tmp_path):
+    on_redis = celery_settings(routes_file(tmp_path, FAN_IN.format(broker="redis://127.0.0.1:6379/2")))
+    assert (on_redis["task_acks_late"], on_redis["task_reject_on_worker_lost"], on_redis["worker_prefetch_multiplier"]
+            ) == (True, True, 1)
+    assert on_redis["task_default_queue"] == "qmover" and on_redis["task_routes"] == {"qmover.*": {"queue": "qmover"}}
+    assert on_redis["redbeat_redis_url"] == "redis://127.0.0.1:6379/2"
+    rabbit = FAN_IN.format(broker="amqp://guest@127.0.0.1//\nmetrics_url = redis://h:6379/4")
+    on_rabbit = celery_settings(routes_file(tmp_path, rabbit))
+    assert (on_rabbit["result_backend"], on_rabbit["redbeat_redis_url"]) == (None, "redis://h:6379/4")

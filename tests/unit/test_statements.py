@@ -40,19 +40,18 @@ def test_no_two_statements_share_a_name_and_every_one_has_one():
 
 def test_a_prepared_statement_numbers_its_parameters_in_order_of_first_use():
     assert Example.PICK.parameters == ("b", "a")
-    assert Example.PICK.prepare() == "prepare qmover_pick as select $1::int + $2::int, $1::int, 'x%'"
-    assert Example.PICK.call() == "execute qmover_pick(%(b)s, %(a)s)"
+    assert Example.PICK.preparation == "prepare qmover_pick as select $1::int + $2::int, $1::int, 'x%'"
+    assert Example.PICK.call == "execute qmover_pick(%(b)s, %(a)s)"
 
 
-def test_where_prepared_statements_cannot_be_kept_it_is_sent_as_text():
-    assert Example.PICK.call(prepares=False) == Example.PICK.text
-    assert Example.PLAIN.call() == "select %(a)s"  # never prepared
+def test_a_statement_not_prepared_is_sent_as_its_text():
+    assert Example.PLAIN.call == Example.PLAIN.text == "select %(a)s"
 
 
 def test_every_parameter_of_a_prepared_statement_carries_its_type():
     for statement in every_statement():
         if statement.prepared:
-            body = statement.prepare()
+            body = statement.preparation
             untyped = re.findall(r"\$\d+(?!\d|::)", body)
             assert not untyped, (statement.name, untyped)
 

@@ -119,6 +119,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
 def _after(outcome: Outcome, backoff: Backoff, once: bool) -> None:
     """A route's round: its error logged, and the route stopped or its retry put off."""
     exc = outcome.error
+    if outcome.busy and once:
+        log.info("route %s: another mover holds it (a worker, or another qmover run): left to it", outcome.route.name)
     if exc is None:
         backoff.retries = 0
         return

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from qmover.pg.queries import ROUTE_LOCK
+
 from conftest import PgqDatabase, run_qmover
 
 TWO_PARTITIONS = """\
@@ -243,4 +245,19 @@ def test_loggers_are_per_module_and_each_can_be_turned_up_or_down(route):
     assert not [line for line in lines if " INFO qmover.protocol.mover " in line]  # no line per batch
     assert [line for line in lines if " DEBUG qmover.pg.connector " in line and "a new connection" in line]
     assert not [line for line in lines if " DEBUG " in line and " qmover.pg.connector " not in line]
+    assert len(route.target_events()) == 10
+
+
+def test_run_once_leaves_a_route_another_mover_holds_to_it_and_says_so(route):
+    route.src.produce_series(route.src_queue, 10)
+    route.src.tick(route.src_queue)
+    holder = route.dst.connect()
+    with holder.cursor() as cur:  # a worker's claim on the route
+        cur.execute(f"select pg_advisory_lock({ROUTE_LOCK.key('%s')})", (route.name,))
+        held = run_qmover("run", "--once", str(route.config), check=True)
+        cur.execute(f"select pg_advisory_unlock({ROUTE_LOCK.key('%s')})", (route.name,))
+    holder.close()
+    assert "route eventlog_to_target_mover: another mover holds it" in held.stderr
+    assert route.target_events() == []
+    run_qmover("run", "--once", str(route.config), check=True)
     assert len(route.target_events()) == 10

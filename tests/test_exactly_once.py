@@ -213,7 +213,7 @@ def test_four_concurrent_movers_on_one_route(route):
     """Four movers of their own (as four processes have: connections, claims,
     checks) move one route while it produces: each batch is applied once, in
     order, whoever holds the route when."""
-    stop = threading.Event()
+    stop, produced = threading.Event(), threading.Event()
     applied: list[list[int]] = [[] for _ in range(4)]
     skipped = []
 
@@ -228,17 +228,20 @@ def test_four_concurrent_movers_on_one_route(route):
         def note(_route, batch) -> None:
             (skipped if batch.skipped else applied[n]).append(batch.batch_id)
         own = Mover()
-        while not stop.is_set() or pending(route):
+        while not produced.is_set() or pending(route):  # until the producer's last tick is moved too
             if not own.move([route.route()], budget=0.2, moved=note)[0].moved:
                 time.sleep(0.02)  # as qmover run's loop_delay
         own.close()
 
-    threads = [threading.Thread(target=producer)] + [threading.Thread(target=mover, args=(n,)) for n in range(4)]
-    for thread in threads:
+    producing = threading.Thread(target=producer)
+    movers = [threading.Thread(target=mover, args=(n,)) for n in range(4)]
+    for thread in (producing, *movers):
         thread.start()
     time.sleep(8)
     stop.set()
-    for thread in threads:
+    producing.join()
+    produced.set()
+    for thread in movers:
         thread.join(timeout=60)
 
     source, target = route.source_events(), route.target_events()

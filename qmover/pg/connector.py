@@ -148,6 +148,11 @@ class Loan:
         if session is not None:
             db.close(session.conn)
 
+    def close_capped(self) -> None:
+        """Close now the connections close_after names (before their places are given back)."""
+        for key in [key for key in self.sessions if key in self.close_after]:
+            db.close(self.sessions.pop(key).conn)
+
     def give_back(self) -> None:
         for key, session in self.sessions.items():
             if key in self.close_after:

@@ -110,6 +110,7 @@ class Mover:
             finally:
                 for turn in turns:
                     self._finish(loan, turn)
+                loan.close_capped()  # closed before their places go back: another mover may open one then
                 claim.release()
         return outcomes
 

@@ -103,8 +103,8 @@ def run(routes: list[Route], *, once: bool, stop: Stop | None = None, counters: 
                                   stop=lambda: stop.requested)
             if stop.abort:  # the driver may have turned our interrupt into an error
                 raise KeyboardInterrupt
-            if counters:
-                counters.record(outcomes)
+            if counters:  # what moved or failed: an idle round costs the counters' Redis nothing
+                counters.record([outcome for outcome in outcomes if outcome.moved or outcome.error])
             for outcome in outcomes:
                 _after(outcome, standing[outcome.route], once)
             if not any(outcome.moved for outcome in outcomes):

@@ -237,8 +237,11 @@ def test_four_concurrent_movers_on_one_route(route):
     movers = [threading.Thread(target=mover, args=(n,)) for n in range(4)]
     for thread in (producing, *movers):
         thread.start()
-    time.sleep(8)
-    stop.set()
+    try:  # tied to progress: produce until two movers have each applied batches and 100 batches are out
+        wait_until(lambda: sum(1 for batches in applied if batches) >= 2 and sum(map(len, applied)) >= 100, 120,
+                   "two movers to apply batches of the route")
+    finally:
+        stop.set()
     producing.join()
     produced.set()
     for thread in movers:

@@ -93,7 +93,7 @@ class _TargetState:
     ticks: dict[str, int | None] = field(default_factory=dict)  # consumer -> pgq_ext last tick
 
 
-def _read_source(src: Link, _group: list[Route]) -> _SourceState:
+def _read_source(_group: list[Route], src: Link) -> _SourceState:
     if not has_schema(src, "pgq"):
         return _SourceState(pgq=False)
     state = _SourceState(pgq=True)
@@ -104,7 +104,7 @@ def _read_source(src: Link, _group: list[Route]) -> _SourceState:
     return state
 
 
-def _read_target(dst: Link, group: list[Route]) -> _TargetState:
+def _read_target(group: list[Route], dst: Link) -> _TargetState:
     state = _TargetState(*dst.one(Status.TARGET_SCHEMAS))
     if state.pgq:
         state.queues = {queue for (queue,) in dst.rows(Status.QUEUE_NAMES)}
@@ -126,18 +126,14 @@ class _Failed:
         return where(route, self.side) + str(self.error).removeprefix(where(self.route, self.side))
 
 
-def _read_group(read: Callable[[Link, list[Route]], Any], group: list[Route], link: Link) -> Any:
-    return read(link, group)
-
-
 def _read_each(routes: list[Route], side: Side, connector: Connector,
-               read: Callable[[Link, list[Route]], Any]) -> dict[tuple, Any]:
+               read: Callable[[list[Route], Link], Any]) -> dict[tuple, Any]:
     """read() once per database of the side; a failure is kept as _Failed."""
     found: dict[tuple, Any] = {}
     for group in by_database(routes, side):
         key = database_of(group[0].dsn(side))
         try:
-            found[key] = connector.run(group[0], side, functools.partial(_read_group, read, group))
+            found[key] = connector.run(group[0], side, functools.partial(read, group))
         except QmoverError as exc:
             found[key] = _Failed(group[0], side, exc)
     return found

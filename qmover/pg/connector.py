@@ -154,11 +154,9 @@ class Loan:
             db.close(self.sessions.pop(key).conn)
 
     def give_back(self) -> None:
-        for key, session in self.sessions.items():
-            if key in self.close_after:
-                db.close(session.conn)
-            else:
-                self.connector.give_back(session)
+        self.close_capped()
+        for session in self.sessions.values():
+            self.connector.give_back(session)
         self.sessions.clear()
 
     def close(self) -> None:

@@ -7,8 +7,6 @@ and the database (never the password).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import psycopg2
@@ -68,20 +66,13 @@ def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connect
         raise TransientError(
             f"{where(route, side)}: cannot connect: {reason}; "
             f"check {key} in the config and that the server is up", side) from None
-    with errors(route, side):
+    try:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(queries.Session.SETUP.text)
-    return conn
-
-
-@contextmanager
-def errors(route: Route, side: Side) -> Iterator[None]:
-    """Turn driver errors into one-line QmoverErrors naming route and side (see translate)."""
-    try:
-        yield
     except psycopg2.Error as exc:
         raise translate(exc, route, side) from None
+    return conn
 
 
 def translate(exc: psycopg2.Error, route: Route, side: Side) -> QmoverError:

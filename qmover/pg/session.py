@@ -183,8 +183,6 @@ class Link:
 
 def _sent(statements: tuple[Sent, ...], conn: connection) -> str:
     """What one round trip sends: the statements, each as it is run (see Statement.call)."""
-    if len(statements) == 1 and isinstance(statements[0], Statement):
-        return statements[0].call
     if all(isinstance(statement, Statement) for statement in statements):
         return _joined(statements)
     return "; ".join(s.call if isinstance(s, Statement) else s.as_string(conn) for s in statements)

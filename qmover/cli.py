@@ -26,7 +26,7 @@ from qmover.config.route import Route
 from qmover.errors import QmoverError
 from qmover.ops import admin, metrics
 from qmover.ops.flower_access import flower_args
-from qmover.protocol import cycles
+from qmover.protocol import preflight
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def main(verbose: bool, levels: dict[str, int]) -> None:
 def run(config: str, route_names: tuple[str, ...], once: bool) -> None:
     """Move batches in a loop (SIGINT/SIGTERM stop after the batch in hand)."""
     loaded, routes = selected_routes(config, route_names)
-    cycles.check_routes(loaded.select())  # every route of the file: a cycle may run through the others
+    preflight.check_at_start(loaded.select())  # every route of the file: a cycle may run through the others
     stop = runner.Stop()
     metrics.say_if_off(loaded.metrics_url)
     try:
@@ -211,25 +211,28 @@ def serve_metrics(config: str, route_names: tuple[str, ...], port: int, address:
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    headers = ("route", "lag_s", "pending", "src_tick", "dst_tick", "batch", "moved", "filtered")
+    headers = ("route", "lag_s", "pending", "src_tick", "dst_tick", "batch", "moved", "filtered", "held_s")
     table = [headers]
     for row in rows:
-        lag = row["lag_seconds"]
+        lag, held = row["lag_seconds"], row["held_seconds"]
         table.append((row["route"], "-" if lag is None else f"{lag:.1f}",
                       *("-" if row[key] is None else str(row[key]) for key in
                         ("pending_events", "source_last_tick", "target_last_tick", "current_batch",
-                         "events_moved", "events_filtered"))))
+                         "events_moved", "events_filtered")),
+                      "-" if held is None else f"{held:.0f}"))
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
              for line in table]
     lines += [f"error: {row['error']}" for row in rows if row["error"]]
+    lines += [f"warning: {row['held_too_long']}" for row in rows if row["held_too_long"]]
     return "\n".join(lines)
 
 
-def route_command(action: Callable[[Route], str], refuse_loops: bool = False) -> None:
+def route_command(action: Callable[[Route], str], check_first: bool = False) -> None:
     """Register an admin action as `qmover NAME CONFIG [--route NAME]...`; its docstring is the help.
 
-    refuse_loops: first refuse a file whose routes feed a queue back into itself.
+    check_first: first refuse a file whose routes feed a queue back into itself,
+    or that reaches a database through a transaction pooler (preflight.check_at_start).
     """
 
     @main.command(name=action.__name__, help=action.__doc__)
@@ -237,12 +240,12 @@ def route_command(action: Callable[[Route], str], refuse_loops: bool = False) ->
     @route_option
     @expected_errors
     def command(config: str, route_names: tuple[str, ...]) -> None:
-        if refuse_loops:
-            cycles.check_routes(load_config(config).select())
+        if check_first:
+            preflight.check_at_start(load_config(config).select())
         for_each_route(config, route_names, action)
 
 
-route_command(admin.install, refuse_loops=True)
+route_command(admin.install, check_first=True)
 for _action in (admin.rewind, admin.reset, admin.unregister):
     route_command(_action)
 

@@ -32,3 +32,7 @@ class LostPosition(QmoverError):
 
 class LoginRefused(QmoverError):
     """The server answered and refused the login (password, pg_hba.conf): waiting will not cure it."""
+
+
+class WrongPooler(QmoverError):
+    """A pooler in transaction or statement mode stands between qmover and a database."""

@@ -12,22 +12,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 
 def start_celery(config: Path, log: Path, *args: str, app: str = "qmover.tasks", mode: str = "a",
                  env: dict[str, str] | None = None, cwd: Path | None = None,
-                 python: str = sys.executable) -> subprocess.Popen:
+                 python: str = sys.executable, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """`celery -A app ARGS` with QMOVER_CONFIG set, its output into log (opened with mode);
     app "qmover": `qmover ARGS[0] CONFIG ARGS[1:]`, the command line's way to the same.
 
     python: the interpreter of another virtual environment (another Celery release, say).
+    prefix: a command that runs it (`ip netns exec NS`: on another host).
     """
     output = log.open(mode)
     argv = ["-m", "qmover", args[0], str(config), *args[1:]] if app == "qmover" else ["-m", "celery", "-A", app, *args]
-    return subprocess.Popen([python, *argv],
+    return subprocess.Popen([*prefix, python, *argv],
                             stdout=output, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                             env={**os.environ, "QMOVER_CONFIG": str(config), "PYTHONUNBUFFERED": "1", **(env or {})})
 

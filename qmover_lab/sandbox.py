@@ -75,7 +75,10 @@ class Cluster:
     postgres user.  auth="scram" makes TCP logins need the superuser's password.
     """
 
-    def __init__(self, auth: str = "trust", password: str = "soak-secret", settings: dict[str, str] | None = None):
+    def __init__(self, auth: str = "trust", password: str = "soak-secret", settings: dict[str, str] | None = None,
+                 network: tuple[str, str] | None = None):
+        """network: (address, subnet): the cluster listens on that address too,
+        and takes logins from the subnet with the password alone."""
         self.port = free_port()
         self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="qmover-cluster-"))
@@ -93,7 +96,11 @@ class Cluster:
         host_auth = "scram-sha-256" if auth == "scram" else "trust"
         self._pg("initdb", "-D", str(self.data), "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync",
                  "--auth-local=trust", f"--auth-host={host_auth}", f"--pwfile={pwfile}")
-        conf = {"port": str(self.port), "listen_addresses": "'127.0.0.1'",
+        if network is not None:
+            with (self.data / "pg_hba.conf").open("a") as file:
+                file.write(f"host all all {network[1]} scram-sha-256\n")
+        listen = "127.0.0.1" if network is None else f"127.0.0.1,{network[0]}"
+        conf = {"port": str(self.port), "listen_addresses": f"'{listen}'",
                 "unix_socket_directories": f"'{self.root}'", "max_connections": "60",
                 "logging_collector": "off", **(settings or {})}
         with (self.data / "postgresql.conf").open("a") as file:

@@ -20,11 +20,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# promtool checks the shipped alert rules; the server runs in one test, on
-# loopback.  Installed without letting the package start its own service,
-# which would listen on every address.
-if ! command -v promtool >/dev/null; then
-    echo "setup: installing prometheus (promtool and the server, not started)"
+# Tools the tests start themselves, installed without letting a package
+# start its own service (prometheus's would listen on every address):
+# promtool checks the shipped alert rules and the server runs in one test, on
+# loopback; pgbouncer runs in the pooler tests; iptables cuts links between
+# the network namespaces of the across-hosts tests.
+services=()
+command -v promtool >/dev/null || services+=("prometheus")
+[ -x /usr/sbin/pgbouncer ] || services+=("pgbouncer")
+command -v iptables >/dev/null || services+=("iptables")
+if [ "${#services[@]}" -gt 0 ]; then
+    echo "setup: installing ${services[*]} (not started)"
     guard=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         guard=/usr/sbin/policy-rc.d
@@ -32,7 +38,7 @@ if ! command -v promtool >/dev/null; then
         $SUDO chmod +x "$guard"
     fi
     $SUDO apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${services[@]}" >/dev/null
     [ -z "$guard" ] || $SUDO rm -f "$guard"
 fi
 
@@ -89,3 +95,8 @@ while read -r minor release_pins <&3; do
         echo "$release_want" > "$venv/.qmover-installed"
     fi
 done 3< scripts/celery-releases.txt
+
+# The across-hosts tests (tests/test_hosts.py) play hosts with network
+# namespaces; where this machine cannot make one, they skip and say why.
+reason="$(.venv/bin/python -c 'from qmover_lab.hosts import cannot_make_hosts; print(cannot_make_hosts() or "")')"
+[ -z "$reason" ] || echo "setup: $reason: the across-hosts tests will skip"

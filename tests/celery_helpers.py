@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import redis
@@ -144,7 +144,7 @@ class Processes:
     """Celery processes for one config; each logs to its own file."""
 
     def __init__(self, config: Path, logdir: Path, cwd: Path | None = None, app: str = "qmover.tasks",
-                 env: dict[str, str] | None = None, python: str = CELERY_PYTHON):
+                 env: dict[str, str] | None = None, python: str = CELERY_PYTHON, prefix: Sequence[str] = ()):
         self.config = config
         self.python = python  # the interpreter of the environment whose Celery runs
         self.logdir = logdir
@@ -152,10 +152,11 @@ class Processes:
         self.app = app
         self.env = dict(env or {})  # on top of the test's environment and QMOVER_CONFIG
         self.running: dict[str, subprocess.Popen] = {}
+        self.prefix = list(prefix)  # runs each process (`ip netns exec NS`: on another host)
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         process = start_celery(self.config, self.logdir / f"{name}.log", *args, app=self.app, env=self.env,
-                               cwd=self.cwd, python=self.python)
+                               cwd=self.cwd, python=self.python, prefix=self.prefix)
         self.running[name] = process
         return process
 

@@ -21,6 +21,7 @@ from psycopg2 import sql
 from qmover.config import Route, load_config
 from qmover.errors import QmoverError
 from qmover.ops.metrics import Counters
+from qmover.pg.queries import Claims
 from qmover.protocol.batch import Moved
 from qmover.protocol.mover import Mover
 from qmover_lab.connections import ConnectionPeaks
@@ -48,10 +49,11 @@ class PgqDatabase:
     """A throwaway database with PgQ; helpers speak SQL to it directly."""
 
     name: str
+    server: str = HOST_DSN  # where it is, in DSN words: the machine's own server unless a test started one
 
     @property
     def dsn(self) -> str:
-        return f"{HOST_DSN} dbname={self.name}"
+        return f"{self.server} dbname={self.name}"
 
     def connect(self) -> psycopg2.extensions.connection:
         conn = psycopg2.connect(self.dsn)
@@ -115,6 +117,16 @@ class PgqDatabase:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak-events", type=int, default=40_000,
                      help="events the soak test produces (the full run: 500000)")
+
+
+def claim_as_another_mover(cur, *consumers: str) -> None:
+    """Claim the routes of these consumers on cur's target session, as another mover does (for an hour)."""
+    cur.execute(Claims.CLAIM.text, {"holder": "another mover", "lease": 3600, "consumers": list(consumers)})
+    assert len(cur.fetchall()) == len(consumers)
+
+
+def let_go_as_another_mover(cur) -> None:
+    cur.execute(Claims.RELEASE_ALL.text)
 
 
 def multiset(events: list[tuple]) -> Counter:
@@ -369,6 +381,8 @@ class Pipeline:
         return [event for part in self.parts for event in part.events("events")]
 
     def wait_for(self, count: int, timeout: float = 90) -> None:
+        """At least count events, and every event the partitions hold (earlier rounds' too), in the central queue."""
+        count = max(count, len(self.source_events()))
         wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
         time.sleep(1.5)  # a straggler doubling an event would show now
         assert Counter(self.central_events()) == Counter(self.source_events())

@@ -45,6 +45,8 @@ CASES = {
                           ["target database", "PgQ is not installed", "CREATE EXTENSION pgq"]),
     "pgq_ext missing": (lambda r: r.dst.execute("drop schema pgq_ext cascade"), (), 1,
                         ["schema pgq_ext is missing", "qmover install"]),
+    "claim table missing": (lambda r: r.dst.execute("drop schema qmover cascade"), (), 1,
+                            ["qmover's claim table (qmover.claim) is missing", "qmover install"]),
     "consumer not registered": (
         lambda r: r.src.execute("select pgq.unregister_consumer('eventlog', 'eventlog_to_target_mover')"), (), 1,
         ["consumer 'eventlog_to_target_mover' is not registered", "qmover install"]),
@@ -263,3 +265,14 @@ def test_event_larger_than_100_mb(route):
     moved = route.dst.events(route.dst_queue, fingerprint)
     assert moved == route.src.events(route.src_queue, fingerprint)
     assert moved[0][:2] == ("big", 101 * 1024 * 1024) and len(moved) == 4
+
+
+def test_status_says_when_the_claim_table_is_missing(route):
+    route.dst.execute("drop schema qmover cascade")
+    result = run_qmover("status", str(route.config))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == (
+        f"error: route {route.name}: target database ({route.route().dst_display}): qmover's claim table "
+        f"(qmover.claim) is missing, so routes cannot be claimed; run: qmover install CONFIG --route {route.name}")
+    run_qmover("install", str(route.config), check=True)  # brings it back, and nothing else changes
+    assert run_qmover("status", str(route.config)).returncode == 0

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import subprocess
 import sys
 import urllib.request
+from contextlib import closing
 
 import pytest
 
+from qmover.protocol.readiness import Sweeper
+
 from celery_helpers import Redis, error_lines, events_per_route, free_port, move_results, wait_until
+from conftest import claim_as_another_mover
 
 SAMPLE = re.compile(r'^(qmover_[a-z_]+)\{route="([^"]+)"\} (\S+)$')
 
@@ -152,3 +158,31 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_route_held_too_long_shows_in_status_metrics_and_the_sweep_log(route, caplog):
+    """Who holds it and for how long; past its move_budget + 30 s, a warning naming the holder."""
+    route.src.produce_series(route.src_queue, 5)
+    route.src.tick(route.src_queue)
+    with closing(route.dst.connect()) as holder, holder.cursor() as cur:
+        claim_as_another_mover(cur, route.name)
+        cur.execute("update qmover.claim set since = now() - interval '100 seconds'")
+
+        rows = json.loads(route.qmover("status", "--json", check=True).stdout)
+        table = route.qmover("status", check=True).stdout
+        found = samples(route.qmover("status", "--prometheus", check=True).stdout)
+        with closing(Sweeper()) as sweeper, caplog.at_level(logging.WARNING, "qmover.protocol.readiness"):
+            assert sweeper.ready([route.route()], 5) == []  # held: no task for it
+            assert sweeper.ready([route.route()], 5) == []
+
+    assert rows[0]["held_by"] == "another mover" and 100 <= rows[0]["held_seconds"] < 200
+    said = ("route eventlog_to_target_mover: held by another mover for 10\\d s, beyond its move_budget \\(10 s\\) "
+            "by more than 30 s: that mover is stuck or cut off; its claim ends 15 s after its last renewal, or "
+            "with its session")
+    assert re.fullmatch(said, rows[0]["held_too_long"])
+    assert re.fullmatch("warning: " + said, table.splitlines()[-1])
+    assert 100 <= found[("qmover_route_held_seconds", route.name)] < 200
+    assert [re.fullmatch(said, record.getMessage()) is not None for record in caplog.records] == [True]  # once
+
+    rows = json.loads(route.qmover("status", "--json", check=True).stdout)  # the holder's session ended
+    assert (rows[0]["held_by"], rows[0]["held_seconds"], rows[0]["held_too_long"]) == (None, None, None)

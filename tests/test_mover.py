@@ -8,17 +8,22 @@ time every event arrives exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from contextlib import closing
 
 import pytest
+from psycopg2 import sql
 
 from qmover.config import load_config
 from qmover.errors import TransientError
-from qmover.pg.queries import ROUTE_LOCK
+from qmover.pg.connector import Connector, Loan
+from qmover.pg.queries import Claims
+from qmover.protocol import claim as claim_module
 from qmover.protocol.mover import Mover
 
-from conftest import ROUTE, partitions_and_central, run_qmover
+from celery_helpers import wait_until
+from conftest import ROUTE, claim_as_another_mover, let_go_as_another_mover, partitions_and_central, run_qmover
 
 
 @pytest.fixture
@@ -47,6 +52,12 @@ def exactly_once(parts, central) -> None:
 
 def open_batch(part, consumer: str):
     return part.value("select current_batch from pgq.get_consumer_info('events', %s)", (consumer,))
+
+
+def no_live_claims(central) -> None:
+    """Wait until the server has seen every claiming session of the test's end."""
+    wait_until(lambda: central.value(f"select count(*) from qmover.claim c where {Claims.LIVE}") == 0, 10,
+               "the closed sessions' backends to end")
 
 
 def backend_of(database, application: str = "qmover %") -> None:
@@ -103,8 +114,7 @@ def test_the_shared_target_lost_mid_loop_stops_every_route_and_nothing_is_half_d
     outcomes = mover.move(routes, 10, checkpoint=lose_target)
     assert isinstance(outcomes[1].error, TransientError) and outcomes[1].error.side == "target"
     assert outcomes[0].batches == 1 and outcomes[2].batches == 0  # no route moved on without its claim
-    assert central.value("select count(*) from pg_locks where locktype = 'advisory'"
-                         " and database = (select oid from pg_database where datname = current_database())") == 0
+    no_live_claims(central)  # they ended with the session
 
     mover.move(routes, 10)
     exactly_once(parts, central)
@@ -126,11 +136,11 @@ def test_routes_held_by_another_mover_are_left_to_it(three):
     parts, central, routes, mover = three
     produce(parts, 1, "f")
     with closing(central.connect()) as other, other.cursor() as cur:  # another process's claim on part1
-        cur.execute(f"select pg_advisory_lock({ROUTE_LOCK.key('%s')})", (routes[1].consumer,))
+        claim_as_another_mover(cur, routes[1].consumer)
         outcomes = mover.move(routes, 10)
         assert [o.busy for o in outcomes] == [False, True, False]
         assert [o.batches for o in outcomes] == [1, 0, 1]
-        cur.execute("select pg_advisory_unlock_all()")  # now: a closed connection's backend lets go later
+        let_go_as_another_mover(cur)
     assert mover.move(routes, 10)[1].batches == 1
     exactly_once(parts, central)
 
@@ -171,3 +181,60 @@ def test_a_kept_mover_lets_go_of_its_claims_and_survives_dropped_connections(rou
     finally:
         kept.close()
         other.close()
+
+
+def test_a_claim_is_taken_over_once_its_lease_ran_out_or_its_session_ended(three):
+    parts, central, routes, mover = three
+    produce(parts, 1, "g")
+    with closing(central.connect()) as other, other.cursor() as cur:  # a mover that stopped renewing
+        claim_as_another_mover(cur, routes[0].consumer)
+        assert mover.move(routes[:1], 10)[0].busy
+        cur.execute("update qmover.claim set until = now() - interval '1 second'")
+        assert mover.move(routes[:1], 10)[0].batches == 1  # its session is still open
+    with closing(central.connect()) as other, other.cursor() as cur:
+        claim_as_another_mover(cur, routes[1].consumer)
+    no_live_claims(central)  # its session ended: the claim with it, once the server has seen the backend go
+    assert mover.move(routes[1:2], 10)[0].batches == 1
+    exactly_once(parts[:2], central)
+
+
+def test_a_mover_whose_lease_another_took_lets_that_route_go(three, monkeypatch):
+    parts, central, routes, mover = three
+    produce(parts, 3, "h")
+    monkeypatch.setattr(claim_module, "RENEW_EVERY", 0)  # renewed before every round
+    other = central.connect()
+    taken = []
+
+    def take_over(route, step: str) -> None:
+        if route is routes[1] and step == "after_target_commit" and not taken:
+            taken.append(route)
+            with other.cursor() as cur:  # as if this mover's lease ran out under a long batch
+                cur.execute("update qmover.claim set until = now() - interval '1 second'"
+                            " where kind = 'route' and name = %s", (route.consumer,))
+                claim_as_another_mover(cur, route.consumer)
+
+    try:
+        outcomes = mover.move(routes, 10, checkpoint=take_over)
+        assert [o.batches for o in outcomes] == [3, 1, 3]  # the taken route stopped at its first batch
+        assert central.value("select holder from qmover.claim where name = %s", (routes[1].consumer,)) == \
+            "another mover"  # and its release left the new holder's claim alone
+    finally:
+        other.close()
+    no_live_claims(central)
+    mover.move(routes, 10)
+    exactly_once(parts, central)
+
+
+def test_a_movers_sessions_give_up_a_silent_peer_on_both_ends(three):
+    """libpq's keepalives and tcp_user_timeout, and the server's own for the session, unless the DSN says."""
+    _, _, routes, mover = three
+    said = dataclasses.replace(routes[0], dst_dsn=routes[0].dst_dsn + " keepalives_idle=30 tcp_user_timeout=0")
+    with Loan(Connector(max_idle=0)) as loan:
+        for route, side, idle, user_timeout in ((routes[0], "target", "5", "10000"), (said, "target", "30", "0")):
+            link = loan.link(route, side)
+            client = link.session.conn.get_dsn_parameters()
+            server = [link.value(sql.SQL(f"show {name}")) for name in
+                      ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")]
+            assert (client["keepalives_idle"], client["tcp_user_timeout"]) == (idle, user_timeout)
+            assert server == [idle, "2", "3", user_timeout]
+            loan.discard(route, side)

@@ -118,7 +118,7 @@ def test_status_reports_positions_and_backlog(route):
     assert row["lag_seconds"] >= 0
     text = route.qmover("status", check=True).stdout
     assert text.splitlines()[0].split() == ["route", "lag_s", "pending", "src_tick", "dst_tick", "batch",
-                                            "moved", "filtered"]
+                                            "moved", "filtered", "held_s"]
     assert route.name in text.splitlines()[1]
     assert (row["events_moved"], row["events_filtered"]) == (10, 0)  # counted by run, in Redis
 

@@ -22,6 +22,7 @@ from qmover.ops import metrics
 from qmover_lab.sandbox import free_port
 
 from celery_helpers import wait_until
+from conftest import claim_as_another_mover
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 RULES = DEPLOY / "prometheus" / "qmover-rules.yml"
@@ -53,11 +54,15 @@ def route_down_alerts(port: int, route: str) -> list[str]:
 @pytest.fixture
 def scraped(route, redis_db, tmp_path):
     """The example route with its counters in redis_db, `qmover metrics` serving it,
-    and Prometheus scraping that; yields Prometheus's port."""
+    and Prometheus scraping that, while a mover holds the route (so that its
+    held-seconds gauge has a sample); yields Prometheus's port."""
     route.config.write_text(route.config.read_text() + f"\n[qmover]\nmetrics_url = {redis_db.url}\n")
     route.src.produce_series(route.src_queue, 10)
     route.src.tick(route.src_queue)
     route.qmover("run", "--once", check=True)  # counters to scrape
+    holder = route.dst.connect()
+    with holder.cursor() as cur:
+        claim_as_another_mover(cur, route.name)
 
     metrics_port, prometheus_port = free_port(), free_port()
     (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 2s", RULES.read_text()))
@@ -74,6 +79,7 @@ def scraped(route, redis_db, tmp_path):
         for process in (prometheus, served):
             process.terminate()
             process.wait(30)
+        holder.close()
 
 
 def test_prometheus_holds_every_series_of_each_route(route, scraped):

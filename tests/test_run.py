@@ -9,9 +9,7 @@ import time
 
 import pytest
 
-from qmover.pg.queries import ROUTE_LOCK
-
-from conftest import PgqDatabase, run_qmover
+from conftest import PgqDatabase, claim_as_another_mover, let_go_as_another_mover, run_qmover
 
 TWO_PARTITIONS = """\
 [partition_1]
@@ -253,9 +251,9 @@ def test_run_once_leaves_a_route_another_mover_holds_to_it_and_says_so(route):
     route.src.tick(route.src_queue)
     holder = route.dst.connect()
     with holder.cursor() as cur:  # a worker's claim on the route
-        cur.execute(f"select pg_advisory_lock({ROUTE_LOCK.key('%s')})", (route.name,))
+        claim_as_another_mover(cur, route.name)
         held = run_qmover("run", "--once", str(route.config), check=True)
-        cur.execute(f"select pg_advisory_unlock({ROUTE_LOCK.key('%s')})", (route.name,))
+        let_go_as_another_mover(cur)
     holder.close()
     assert "route eventlog_to_target_mover: another mover holds it" in held.stderr
     assert route.target_events() == []

@@ -32,6 +32,7 @@ from qmover.pg.connector import Connector, Loan
 from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side, where
 from qmover.pg.queries import PGQ_EXT_COMMENT, Admin, Status
 from qmover.pg.session import Link
+from qmover.protocol import claim
 
 
 @contextmanager
@@ -42,7 +43,8 @@ def _opened(route: Route, *sides: Side) -> Iterator[list[Link]]:
 
 
 def install(route: Route) -> str:
-    """Check pgq and queues on both sides, create pgq_ext if absent, register the consumer."""
+    """Check pgq and queues on both sides, create pgq_ext and qmover's claim table
+    where absent, register the consumer."""
     with _opened(route, "source", "target") as (src, dst):
         require_queue(src)
         require_queue(dst)
@@ -51,6 +53,7 @@ def install(route: Route) -> str:
         # rights and upgrade_schema(); anybody else's is left as it is.
         ours = created or dst.value(Admin.PGQ_EXT_MADE_BY_QMOVER, comment=PGQ_EXT_COMMENT)
         parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
+        parts += [] if dst.value(Admin.HAS_CLAIMS) else ["claims.sql"]
         if parts:  # one script, so one transaction: all of it or nothing
             dst.run(sql.SQL("\n".join(resources.files("qmover.pg").joinpath(part).read_text() for part in parts)))
         require_pgq_ext(dst)
@@ -89,8 +92,10 @@ class _TargetState:
     pgq: bool
     pgq_ext: bool
     tick_api: bool
+    claims: bool  # qmover.claim is there
     queues: set[str] = field(default_factory=set)
     ticks: dict[str, int | None] = field(default_factory=dict)  # consumer -> pgq_ext last tick
+    held: dict[str, claim.Held] = field(default_factory=dict)  # consumer -> its live claim
 
 
 def _read_source(_group: list[Route], src: Link) -> _SourceState:
@@ -110,6 +115,8 @@ def _read_target(group: list[Route], dst: Link) -> _TargetState:
         state.queues = {queue for (queue,) in dst.rows(Status.QUEUE_NAMES)}
     if state.pgq_ext and state.tick_api:
         state.ticks = dict(dst.rows(Status.LAST_TICKS, consumers=[route.consumer for route in group]))
+    if state.claims:
+        state.held = claim.claimed(dst, group)
     return state
 
 
@@ -166,6 +173,7 @@ def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
         "target": route.dst_display, "target_queue": route.dst_queue,
         "lag_seconds": None, "last_seen_seconds": None, "pending_events": None,
         "source_last_tick": None, "current_batch": None, "target_last_tick": None,
+        "held_by": None, "held_seconds": None, "held_too_long": None,
         "error": _source_problem(route, source) or _target_problem(route, target),
     }
     if isinstance(source, _SourceState) and (route.src_queue, route.consumer) in source.consumers:
@@ -174,6 +182,10 @@ def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
                     source_last_tick=last_tick, current_batch=batch)
     if info["error"] is None:
         info["target_last_tick"] = target.ticks.get(route.consumer)
+        held = target.held.get(route.consumer)
+        if held is not None:
+            info.update(held_by=held.holder, held_seconds=held.seconds,
+                        held_too_long=held.said(route) if held.overdue(route) else None)
     return info
 
 
@@ -201,6 +213,8 @@ def _target_problem(route: Route, target: Any) -> str | None:
         return str(pgq_ext_missing(route))
     if not target.tick_api:
         return str(pgq_ext_too_old(route))
+    if not target.claims:
+        return str(claim.not_installed(route))
     return None
 
 

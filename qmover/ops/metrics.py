@@ -56,6 +56,8 @@ GAUGES = (
     Metric("qmover_source_lag_seconds", "gauge", "Age of the last tick the consumer finished on the source."),
     Metric("qmover_pending_events", "gauge", "Events ticked on the source and not yet moved."),
     Metric("qmover_route_up", "gauge", "1 when both databases answer and the route is set up, else 0."),
+    Metric("qmover_route_held_seconds", "gauge",
+           "Seconds since the mover that holds the route's claim took it (no sample while none holds it)."),
 )
 
 
@@ -168,7 +170,8 @@ class RouteCollector(Collector):
                         families[metric.name].add_metric([route.name], value or 0)
             gauges = {"qmover_source_lag_seconds": found["lag_seconds"],
                       "qmover_pending_events": found["pending_events"],
-                      "qmover_route_up": 0 if found["error"] else 1}
+                      "qmover_route_up": 0 if found["error"] else 1,
+                      "qmover_route_held_seconds": found["held_seconds"]}
             for name, value in gauges.items():
                 if value is not None:
                     families[name].add_metric([route.name], value)

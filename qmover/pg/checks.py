@@ -8,12 +8,14 @@ same questions.
 
 from __future__ import annotations
 
+import psycopg2
 import psycopg2.extensions
 
 from qmover.config.route import Route
 from qmover.errors import QmoverError
+from qmover.pg import db
 from qmover.pg.db import Side, where
-from qmover.pg.queries import Checks
+from qmover.pg.queries import Checks, Transaction
 from qmover.pg.session import Link
 
 PGQ_FIX = ("install PgQ (Debian: apt-get install postgresql-15-pgq3) "
@@ -105,6 +107,34 @@ def target_can_copy(dst: Link) -> bool:
             f"grant it pgq_writer, and to keep ev_time also INSERT on the queue's event tables "
             f"and USAGE on its event sequence (the rights of pgq_admin)")
     return bool(dst.value(Checks.CAN_COPY_INTO_QUEUE, queue=route.dst_queue))
+
+
+def require_session_pooling(link: Link) -> None:
+    """Refuse a pooler that hands one connection's transactions to different
+    server sessions (PgBouncer's pool_mode = transaction or statement): a
+    claim belongs to the server session that took it, and statements
+    PREPAREd in one transaction would be missing in the next.
+
+    A pooler does not say so; what shows it is the backend: a second
+    connection takes a transaction while this one asks again, three times.
+    One server session per connection never changes, and is never shared.
+    """
+    other = db.connect(link.route, link.side, db.QUICK_CONNECT_TIMEOUT)
+    try:
+        mine = {link.value(Checks.BACKEND)}
+        with other.cursor() as cur:
+            for _ in range(3):
+                cur.execute(f"{Transaction.BEGIN.text}; {Checks.BACKEND.text}")
+                if (cur.fetchone() or (None,))[0] in mine:
+                    raise db.wrong_pooler(link.route, link.side, "two connections reached one server session")
+                mine.add(link.value(Checks.BACKEND))
+                cur.execute(Transaction.COMMIT.text)
+                if len(mine) > 1:
+                    raise db.wrong_pooler(link.route, link.side, "one connection reached two server sessions")
+    except psycopg2.Error:  # statement mode refuses the transaction
+        raise db.wrong_pooler(link.route, link.side, "it refuses a transaction block") from None
+    finally:
+        db.close(other)
 
 
 def server_identity(link: Link) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import psycopg2.errors
 from psycopg2.extensions import connection, make_dsn, parse_dsn
 
 from qmover.config.route import Route
-from qmover.errors import LoginRefused, QmoverError, TransientError
+from qmover.errors import LoginRefused, QmoverError, TransientError, WrongPooler
 from qmover.pg import queries
 
 Side = Literal["source", "target"]
@@ -24,6 +24,17 @@ CONNECT_TIMEOUT = 10  # a mover's, whose routes wait for that database anyway
 # whoever asks many databases in turn (sweeps, status, metrics, the checks at
 # a worker's start): one that does not answer holds up the others this long
 QUICK_CONNECT_TIMEOUT = 2
+# A peer that stops answering (a host cut off by the network, not a closed
+# socket) is given up within about 15 s on both ends: keepalive probes after 5 s
+# without traffic, 2 s apart, and data unacknowledged for 10 s.  These libpq
+# settings are added where the DSN sets none of its own, and each session asks
+# the server for the same on its end (Session.DEAD_PEER), so that a backend
+# whose client is gone ends too, with its transaction and its claims.
+DEAD_PEER = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
+             "tcp_user_timeout": "10000"}
+# A statement qmover PREPAREd on this connection missing, or one it has not there already:
+# the connection reached another server session (invalid_sql_statement_name, duplicate_prepared_statement).
+PREPARED_ELSEWHERE = ("26000", "42P05")
 # Connection failures that waiting will not cure: the server answered and said no.
 LOGIN_REFUSED = ("password authentication failed", "no password supplied", "pg_hba.conf")
 
@@ -43,7 +54,8 @@ def where(route: Route, side: Side) -> str:
 
 
 def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connection:
-    """Open one side of a route, in autocommit, with the session settings the COPY relies on.
+    """Open one side of a route, in autocommit, with the session settings the COPY
+    relies on, and a dead peer noticed on both ends (DEAD_PEER).
 
     timeout: seconds to wait for the server, unless the DSN sets connect_timeout.
     """
@@ -52,8 +64,11 @@ def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connect
     # Text COPY carries timestamps and text: both ends must agree on their
     # spelling, whatever the server defaults are (the encoding is set at login).
     extra: dict[str, Any] = {"application_name": f"qmover {os.getpid()}", "client_encoding": "UTF8"}
-    if "connect_timeout" not in parse_dsn(dsn):
+    given = parse_dsn(dsn)
+    if "connect_timeout" not in given:
         extra["connect_timeout"] = timeout
+    dead_peer = {key: given.get(key, default) for key, default in DEAD_PEER.items()}
+    extra.update({key: value for key, value in dead_peer.items() if key not in given})
     key = "src_db" if side == "source" else "dst_db"
     try:
         conn = psycopg2.connect(make_dsn(dsn, **extra))
@@ -70,9 +85,20 @@ def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connect
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(queries.Session.SETUP.text)
+            if dead_peer["keepalives"] != "0":
+                cur.execute(queries.Session.DEAD_PEER.text, dead_peer)
     except psycopg2.Error as exc:
         raise translate(exc, route, side) from None
     return conn
+
+
+def wrong_pooler(route: Route, side: Side, seen: str) -> WrongPooler:
+    """What a pooler in transaction or statement mode is told (seen: how it showed)."""
+    key = "src_db" if side == "source" else "dst_db"
+    return WrongPooler(f"{where(route, side)}: {seen}: a pooler in transaction or statement mode hands this "
+                       f"connection's transactions to different server sessions, and qmover needs one session "
+                       f"per connection; point {key} at a PgBouncer database with pool_mode = session, or at "
+                       f"the server itself", side)
 
 
 def translate(exc: psycopg2.Error, route: Route, side: Side) -> QmoverError:
@@ -85,6 +111,8 @@ def translate(exc: psycopg2.Error, route: Route, side: Side) -> QmoverError:
         return QmoverError(
             f"{where(route, side)}: {first_line(exc)}; the target database's encoding cannot hold "
             f"this event: create the target database with encoding UTF8", side)
+    if exc.pgcode in PREPARED_ELSEWHERE:
+        return wrong_pooler(route, side, first_line(exc))
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return TransientError(f"{where(route, side)}: connection failed: {first_line(exc)}", side)
     return QmoverError(f"{where(route, side)}: {first_line(exc)}", side, exc.pgcode)

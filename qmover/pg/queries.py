@@ -80,15 +80,7 @@ class Lock:
         """The bigint key of the lock of thing (an SQL expression: a column or a parameter)."""
         return f"hashtextextended('{self.name}' || {thing}, 0)"
 
-    def pair(self, thing: str, number: str) -> str:
-        """The two int keys of the lock of thing's place number (SQL expressions)."""
-        return f"hashtext('{self.name}' || {thing}), {number}"
 
-
-# A route claim: one mover per route (session lock, on the target).
-ROUTE_LOCK = Lock("qmover-route:")
-# A place among a capped source's mover connections (max_source_connections).
-SOURCE_LOCK = Lock("qmover-source:")
 # Callers of next_batch for one consumer, one at a time (transaction lock, on the source).
 NEXT_LOCK = Lock("qmover-next:")
 # Movers of one consumer, one at a time inside the target transaction (transaction lock).
@@ -112,6 +104,13 @@ class Session:
 
     # Text COPY carries timestamps and text: both ends must agree on their spelling.
     SETUP = Statement("set datestyle to iso, ymd")
+    # The server's end of db.DEAD_PEER (over a Unix socket the server ignores them).
+    DEAD_PEER = Statement("""
+        select set_config('tcp_keepalives_idle', %(keepalives_idle)s, false),
+               set_config('tcp_keepalives_interval', %(keepalives_interval)s, false),
+               set_config('tcp_keepalives_count', %(keepalives_count)s, false),
+               set_config('tcp_user_timeout', %(tcp_user_timeout)s, false)
+    """)
     PING = Statement("select 1")
 
 
@@ -142,6 +141,7 @@ class Checks:
     """)
     # Which server and database a connection reached, whatever its DSN says
     # (pg_control_system() is open to every role).
+    BACKEND = Statement("select pg_backend_pid()")
     SERVER_IDENTITY = Statement("select system_identifier::text, current_database() from pg_control_system()")
     # COPY into the event table needs INSERT on it and USAGE on the queue's event
     # id sequence (pgq_admin has both); a role with only pgq_writer cannot.
@@ -274,34 +274,57 @@ class Target:
 
 
 class Claims:
-    """The route claim (qmover.protocol.claim), on the target: session locks, so
-    a claim ends with release or with its connection."""
+    """The route claim (qmover.protocol.claim): leases in qmover.claim on the
+    target (claims.sql), each taken by one session and renewed by it."""
 
+    # A claim whose deadline passed, or whose session ended, may be taken over.
+    LIVE = "c.until > now() and c.backend in (select pid from pg_stat_activity)"
+    _TAKE = f"""
+        on conflict (kind, name) do update
+           set holder = excluded.holder, backend = excluded.backend, since = excluded.since, until = excluded.until
+         where not ({LIVE})
+    """
     # The consumers of these routes that this session now holds.
     CLAIM = Statement(f"""
-        select consumer from unnest(%(consumers)s::text[]) consumer
-         where pg_try_advisory_lock({ROUTE_LOCK.key("consumer")})
+        insert into qmover.claim as c (kind, name, holder, backend, since, until)
+        select 'route', consumer, %(holder)s, pg_backend_pid(), now(), now() + %(lease)s * interval '1 second'
+          from (select distinct unnest(%(consumers)s::text[])) r(consumer)
+        {_TAKE}
+        returning c.name
     """)
-    RELEASE = Statement(f"""
-        select count(pg_advisory_unlock({ROUTE_LOCK.key("consumer")}))
-          from unnest(%(consumers)s::text[]) consumer
-    """)
-    # A place among the first `places` of a source database's mover connections,
-    # held on the target session that claims its routes; none when every place is taken.
+    # The first free place among a capped source database's `places` mover
+    # connections: a row when it was taken.  Two movers that pick the same
+    # free place at once: one gets it, the other none this time.
     TAKE_PLACE = Statement(f"""
-        select place from generate_series(0, %(places)s - 1) place
-         where pg_try_advisory_lock({SOURCE_LOCK.pair("%(source)s", "place")})
+        insert into qmover.claim as c (kind, name, holder, backend, since, until)
+        select 'place', %(source)s || ' ' || place, %(holder)s, pg_backend_pid(), now(),
+               now() + %(lease)s * interval '1 second'
+          from generate_series(0, %(places)s - 1) place
+         where not exists (select 1 from qmover.claim c where c.kind = 'place'
+                              and c.name = %(source)s || ' ' || place and {LIVE})
          limit 1
+        {_TAKE}
+        returning c.name
     """)
-    RELEASE_PLACE = Statement(f"select pg_advisory_unlock({SOURCE_LOCK.pair('%(source)s', '%(place)s')})")
-    # The sweep, once per target database: which of these consumers a mover has
-    # claimed (CLAIM's lock, whose bigint key pg_locks splits in two halves).
+    # Every claim of this session gets a new deadline; the routes it still holds.
+    RENEW = Statement("""
+        update qmover.claim c set until = now() + %(lease)s * interval '1 second'
+         where c.backend = pg_backend_pid()
+        returning c.kind, c.name
+    """)
+    # Each gives back what it deleted, as every claim statement returns rows.
+    RELEASE = Statement("""
+        delete from qmover.claim
+         where kind = 'route' and name = any(%(consumers)s) and backend = pg_backend_pid()
+        returning name
+    """)
+    RELEASE_ALL = Statement("delete from qmover.claim where backend = pg_backend_pid() returning kind, name")
+    # The sweep and status, once per target database: which of these consumers
+    # a mover holds, who, and for how many seconds.
     CLAIMED = Statement(f"""
-        select consumer from unnest(%(consumers)s::text[]) consumer
-         where exists (select 1 from pg_locks l
-                        where l.locktype = 'advisory' and l.granted and l.objsubid = 1
-                          and l.database = (select oid from pg_database where datname = current_database())
-                          and (l.classid::bigint << 32 | l.objid::bigint) = {ROUTE_LOCK.key("consumer")})
+        select c.name, c.holder, extract(epoch from now() - c.since)::float8
+          from qmover.claim c
+         where c.kind = 'route' and c.name = any(%(consumers)s::text[]) and {LIVE}
     """, prepared=True)
 
 
@@ -317,7 +340,8 @@ class Status:
     """)
     # Once per target database: what is installed, then queues and positions.
     TARGET_SCHEMAS = Statement(f"""
-        select to_regnamespace('pgq') is not null, to_regnamespace('pgq_ext') is not null, ({_HAS_TICK_API})
+        select to_regnamespace('pgq') is not null, to_regnamespace('pgq_ext') is not null, ({_HAS_TICK_API}),
+               to_regclass('qmover.claim') is not null
     """)
     QUEUE_NAMES = Statement("select queue_name from pgq.queue")
     LAST_TICKS = Statement(
@@ -334,6 +358,7 @@ class Ticker:
 class Admin:
     """install, rewind, reset, unregister."""
 
+    HAS_CLAIMS = Statement("select to_regclass('qmover.claim') is not null")
     PGQ_EXT_MADE_BY_QMOVER = Statement("select obj_description('pgq_ext'::regnamespace, 'pg_namespace') = %(comment)s")
     REGISTER = Statement("select pgq.register_consumer(%(queue)s, %(consumer)s)")
     REGISTER_AT = Statement("select pgq.register_consumer_at(%(queue)s, %(consumer)s, %(tick)s)")

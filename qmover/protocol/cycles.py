@@ -9,14 +9,10 @@ database many ways.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qmover.config.route import Route, database_of
+from qmover.config.route import Route
 from qmover.errors import QmoverError
-from qmover.pg.checks import server_identity
-from qmover.pg.connector import Connector
-from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side
 
 Server = tuple[str, str]  # (system identifier, database name)
 Queue = tuple[Server, str]
@@ -33,34 +29,6 @@ class Hop:
     def edges(self) -> list[tuple[Queue, Queue]]:
         start = (self.source, self.route.src_queue)
         return [(start, (self.target, queue)) for queue in self.route.target_queues]
-
-
-def check_routes(routes: Iterable[Route]) -> None:
-    """require_no_loops over a config's routes, asking each database once.
-
-    One connection at a time, each closed at once (a worker checks at start,
-    beside beat's sweeps: it must not double the connections on a server).
-    A database that does not answer within QUICK_CONNECT_TIMEOUT is left out:
-    its routes are checked again, alone, when a mover opens them.
-    """
-    connector = Connector(max_idle=0, connect_timeout=QUICK_CONNECT_TIMEOUT)
-    servers: dict[tuple, Server | None] = {}
-
-    def server(route: Route, side: Side) -> Server | None:
-        key = database_of(route.dsn(side))
-        if key not in servers:
-            try:
-                servers[key] = connector.run(route, side, server_identity)
-            except QmoverError:
-                servers[key] = None
-        return servers[key]
-
-    found = []
-    for route in routes:
-        source, target = server(route, "source"), server(route, "target")
-        if source is not None and target is not None:
-            found.append(Hop(route, source, target))
-    require_no_loops(found)
 
 
 def require_no_loops(found: list[Hop]) -> None:

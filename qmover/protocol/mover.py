@@ -106,7 +106,8 @@ class Mover:
             try:
                 active = turns
                 while active and not stop() and time.monotonic() - started < budget:
-                    active = [turn for turn in active if self._turn(loan, turn, moved)]
+                    claim.renew()
+                    active = [turn for turn in active if turn.route in claim.routes and self._turn(loan, turn, moved)]
             finally:
                 for turn in turns:
                     self._finish(loan, turn)

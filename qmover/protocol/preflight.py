@@ -1,17 +1,27 @@
 """What a route must pass before its first batch in a process, and what to
 say when a move fails: no loop, PgQ and both queues as the route needs them
 (qmover.pg.checks), and which write path the target role allows (COPY into
-the event tables, or pgq.insert_event)."""
+the event tables, or pgq.insert_event).  And what a whole config must pass
+when a worker, `qmover run` or `qmover install` starts (check_at_start)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
-from qmover.config.route import Route
-from qmover.errors import QmoverError, TransientError
-from qmover.pg.checks import check_route, require_blocking_driver, server_identity, target_can_copy
+from qmover.config.route import Route, database_of
+from qmover.errors import QmoverError, TransientError, WrongPooler
+from qmover.pg.checks import (
+    check_route,
+    require_blocking_driver,
+    require_session_pooling,
+    server_identity,
+    target_can_copy,
+)
+from qmover.pg.connector import Connector
+from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side
 from qmover.pg.session import Link
-from qmover.protocol.cycles import Hop, require_no_loops
+from qmover.protocol.cycles import Hop, Server, require_no_loops
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +83,41 @@ def diagnose(src: Link, dst: Link) -> QmoverError | None:
     except QmoverError as found:
         return found
     return None
+
+
+def check_at_start(routes: Iterable[Route]) -> None:
+    """Refuse a config whose routes feed a queue back into itself, or that
+    reaches a database through a pooler in transaction mode: each database
+    asked once.
+
+    One connection at a time, each closed at once (a worker checks at start,
+    beside beat's sweeps: it must not double the connections on a server);
+    the pooler check opens a second one beside it for a moment.  A database
+    that does not answer within QUICK_CONNECT_TIMEOUT is left out: a mover
+    checks its routes for loops when it opens them, and a pooler shows at the
+    first PREPAREd statement that misses (qmover.pg.db.wrong_pooler).
+    """
+    connector = Connector(max_idle=0, connect_timeout=QUICK_CONNECT_TIMEOUT)
+    servers: dict[tuple, Server | None] = {}
+
+    def checked(link: Link) -> Server:
+        require_session_pooling(link)
+        return server_identity(link)
+
+    def server(route: Route, side: Side) -> Server | None:
+        key = database_of(route.dsn(side))
+        if key not in servers:
+            try:
+                servers[key] = connector.run(route, side, checked)
+            except WrongPooler:
+                raise
+            except QmoverError:
+                servers[key] = None
+        return servers[key]
+
+    found = []
+    for route in routes:
+        source, target = server(route, "source"), server(route, "target")
+        if source is not None and target is not None:
+            found.append(Hop(route, source, target))
+    require_no_loops(found)

@@ -167,6 +167,7 @@ class Sweeper:
         self._lock = threading.Lock()
         self._next_slice: dict[float, int] = {}  # interval -> the slice its next sweep asks
         self._slicing: dict[float, tuple[tuple[Route, ...], list[list[Route]]]] = {}  # interval -> routes, slices
+        self._overdue: dict[str, str] = {}  # route -> the holder it was said to hold it too long
 
     def sweep(self, routes: Sequence[Route], interval: float) -> Swept:
         """Ask the next slice of these routes' (one interval's) source databases."""
@@ -194,16 +195,26 @@ class Sweeper:
                 candidates += self.outstanding.candidates(group, state, resend, now)
         ready: list[tuple[float, Route]] = []
         for group in by_database([route for _, route in candidates], "target"):
-            held = self._ask(group, "target", functools.partial(claim.claimed, routes=group), set[str]())
+            held = self._ask(group, "target", functools.partial(claim.claimed, routes=group),
+                             dict[str, claim.Held]())
             if held is None:
                 continue
             for waited, route in candidates:
                 if route in group and route.consumer in held:
                     self.outstanding.held(route)
+                    self._held(route, held[route.consumer])
                 elif route in group:
                     ready.append((waited, route))
         ready.sort(key=lambda pair: -pair[0])
         return [route for _, route in ready]
+
+    def _held(self, route: Route, held: claim.Held) -> None:
+        """Say once per claim when a mover has held a route with a batch ready for longer than it should."""
+        if not held.overdue(route):
+            self._overdue.pop(route.name, None)
+        elif self._overdue.get(route.name) != held.holder:
+            self._overdue[route.name] = held.holder
+            log.warning("%s", held.said(route))
 
     def sent(self, routes: Iterable[Route]) -> None:
         """Note that these routes (from ready()) have a task on its way."""

@@ -23,7 +23,7 @@ from qmover.config.route import Route
 from qmover.errors import QmoverError, TransientError
 from qmover.ops import metrics, ticker
 from qmover.pg.checks import require_blocking_driver
-from qmover.protocol import cycles
+from qmover.protocol import preflight
 from qmover.protocol.mover import Outcome
 from qmover.protocol.readiness import chunks
 from qmover.tasks import process
@@ -61,7 +61,7 @@ def refuse_what_cannot_work(sender: Any, **_kwargs: Any) -> None:
             require_blocking_driver()
         except QmoverError as exc:
             raise QmoverError(f"qmover cannot run on the {pool} pool: {exc}") from None
-        cycles.check_routes(config_for(sender.app).routes.values())
+        preflight.check_at_start(config_for(sender.app).routes.values())
     except QmoverError as exc:
         raise SystemExit(f"qmover: error: {exc}") from None
 

@@ -7,7 +7,7 @@ import threading
 from dataclasses import replace
 
 from qmover.config import Route
-from qmover.protocol.claim import Claims, holder_key, source_name
+from qmover.protocol.claim import HELD_TOO_LONG, Claims, Held, holder_key, source_name
 
 
 def route(name: str, consumer: str | None = None, target: str = "central") -> Route:
@@ -52,3 +52,13 @@ def test_of_many_threads_holding_one_route_at_once_exactly_one_gets_it():
 def test_places_are_named_by_the_source_database_not_the_login():
     assert source_name(route("a")) == " 127.0.0.1   a"
     assert source_name(replace(route("a"), src_dsn="dbname=a host=127.0.0.1 user=x password=y")) == " 127.0.0.1   a"
+
+
+def test_a_claim_is_overdue_past_its_routes_move_budget_by_more_than_the_bound():
+    slow = replace(route("a"), move_budget=60.0)
+    assert not Held("h pid 1", 10 + HELD_TOO_LONG).overdue(route("a"))  # budget 10 s by default
+    assert Held("h pid 1", 10.5 + HELD_TOO_LONG).overdue(route("a"))
+    assert not Held("h pid 1", 80.0).overdue(slow)
+    assert Held("h pid 1", 95.4).said(slow) == (
+        "route a: held by h pid 1 for 95 s, beyond its move_budget (60 s) by more than 30 s: that mover is stuck "
+        "or cut off; its claim ends 15 s after its last renewal, or with its session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmover.pg import queries
-from qmover.pg.queries import CONSUMER_LOCK, NEXT_LOCK, ROUTE_LOCK, SOURCE_LOCK, Lock, Statement
+from qmover.pg.queries import CONSUMER_LOCK, NEXT_LOCK, Lock, Statement
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qmover"
 GROUPS = (queries.Session, queries.Transaction, queries.Checks, queries.Source, queries.Target, queries.Claims,
@@ -57,11 +57,9 @@ def test_every_parameter_of_a_prepared_statement_carries_its_type():
 
 
 def test_lock_names_are_the_earlier_releases_and_written_once():
-    assert [lock.name for lock in (ROUTE_LOCK, SOURCE_LOCK, NEXT_LOCK, CONSUMER_LOCK)] == [
-        "qmover-route:", "qmover-source:", "qmover-next:", "qmover:"]
+    assert [lock.name for lock in (NEXT_LOCK, CONSUMER_LOCK)] == ["qmover-next:", "qmover:"]
     assert Lock("n:").key("c") == "hashtextextended('n:' || c, 0)"
-    assert Lock("n:").pair("s", "p") == "hashtext('n:' || s), p"
-    written = {lock.name: 0 for lock in (ROUTE_LOCK, SOURCE_LOCK, NEXT_LOCK, CONSUMER_LOCK)}
+    written = {lock.name: 0 for lock in (NEXT_LOCK, CONSUMER_LOCK)}
     for path in PACKAGE.rglob("*.py"):
         for name in written:
             written[name] += path.read_text().count(f'"{name}"') + path.read_text().count(f"'{name}'")
@@ -69,8 +67,8 @@ def test_lock_names_are_the_earlier_releases_and_written_once():
 
 
 def test_the_statements_that_take_a_lock_use_its_key():
-    assert ROUTE_LOCK.key("consumer") in queries.Claims.CLAIM.text
-    assert ROUTE_LOCK.key("consumer") in queries.Claims.CLAIMED.text  # the sweep asks for the same lock
+    assert queries.Claims.LIVE in queries.Claims.CLAIMED.text  # the sweep sees the claims a mover may not take
+    assert queries.Claims.LIVE in queries.Claims.CLAIM.text and queries.Claims.LIVE in queries.Claims.TAKE_PLACE.text
     assert NEXT_LOCK.key("%(consumer)s::text") in queries.Source.NEXT_BATCH.text
     assert CONSUMER_LOCK.key("%(consumer)s::text") in queries.Target.LOCK.text
 

@@ -90,12 +90,19 @@ def test_log_levels_name_a_qmover_logger_and_a_level():
 
 def test_status_shows_a_dash_where_a_figure_is_unknown_and_each_error_on_a_line():
     rows = [{"route": "r", "lag_seconds": 1.25, "pending_events": 3, "source_last_tick": 7, "target_last_tick": 7,
-             "current_batch": None, "events_moved": 10, "events_filtered": 0, "error": None},
+             "current_batch": None, "events_moved": 10, "events_filtered": 0, "error": None,
+             "held_seconds": 4.4, "held_too_long": None},
+            {"route": "hung", "lag_seconds": 90.0, "pending_events": 3, "source_last_tick": 7, "target_last_tick": 6,
+             "current_batch": 5, "events_moved": 10, "events_filtered": 0, "error": None,
+             "held_seconds": 95.0, "held_too_long": "route hung: held by h pid 7 for 95 s, beyond ..."},
             {"route": "broken", "lag_seconds": None, "pending_events": None, "source_last_tick": None,
              "target_last_tick": None, "current_batch": None, "events_moved": None, "events_filtered": None,
-             "error": "route broken: source database (dbname=x): cannot connect"}]
+             "error": "route broken: source database (dbname=x): cannot connect",
+             "held_seconds": None, "held_too_long": None}]
     assert format_status(rows).splitlines() == [
-        "route   lag_s  pending  src_tick  dst_tick  batch  moved  filtered",
-        "r       1.2    3        7         7         -      10     0",
-        "broken  -      -        -         -         -      -      -",
-        "error: route broken: source database (dbname=x): cannot connect"]
+        "route   lag_s  pending  src_tick  dst_tick  batch  moved  filtered  held_s",
+        "r       1.2    3        7         7         -      10     0         4",
+        "hung    90.0   3        7         6         5      10     0         95",
+        "broken  -      -        -         -         -      -      -         -",
+        "error: route broken: source database (dbname=x): cannot connect",
+        "warning: route hung: held by h pid 7 for 95 s, beyond ..."]

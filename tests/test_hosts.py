@@ -160,7 +160,7 @@ class Across:
         self.host_a.heal()
         wait_until(moves, 90, "worker A to move again after the heal", every=0.05)
         print(f"healed: worker A took a route again after {time.monotonic() - started:.1f} s"
-              + (f" ({restarts} restart by its supervisor)" if restarts else ""))
+              + (f" ({restarts} restarts by its supervisor)" if restarts else ""))
 
     def clock(self) -> float:
         """Now, by the central server's clock."""
@@ -343,7 +343,7 @@ def test_a_slow_lossy_link_to_every_server_moves_every_event_once(across, tmp_pa
     try:
         a = Processes(slow, scene.there.logdir, prefix=scene.host_a.prefix)
         scene.host_a.lossy(0.01)
-        a.worker("a", concurrency=2)
+        a.worker("a", concurrency=4)  # a process per route: over this link a batch waits on round trips
         scene.here.beat()
         scene.start_load(per_tick=10, every=1.0)
         time.sleep(30)  # the load's length, not a wait for a result

@@ -20,7 +20,9 @@ from qmover.pg import queries
 Side = Literal["source", "target"]
 RAISED = "P0001"  # the SQLSTATE of a PL/pgSQL RAISE EXCEPTION (PgQ's "batch not found", say)
 # Seconds to wait for a server to answer a new connection, unless the DSN sets connect_timeout:
-CONNECT_TIMEOUT = 10  # a mover's, whose routes wait for that database anyway
+# a mover's: it holds its task's claims meanwhile, so a server cut off from
+# this worker keeps those routes from the others this long at each attempt
+CONNECT_TIMEOUT = 5
 # whoever asks many databases in turn (sweeps, status, metrics, the checks at
 # a worker's start): one that does not answer holds up the others this long
 QUICK_CONNECT_TIMEOUT = 2

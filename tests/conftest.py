@@ -129,6 +129,19 @@ def let_go_as_another_mover(cur) -> None:
     cur.execute(Claims.RELEASE_ALL.text)
 
 
+def live_claims(target: PgqDatabase, since: float = 0.0) -> dict[str, int]:
+    """Route (consumer) -> the pid of the process that holds its live claim (one
+    taken after `since`, the target server's clock)."""
+    rows = target.execute(f"select name, holder from qmover.claim c where kind = 'route' and {Claims.LIVE}"
+                          " and c.since > to_timestamp(%s)", (since,))
+    return {name: int(holder.rsplit(" ", 1)[1]) for name, holder in rows}
+
+
+def positions(target: PgqDatabase) -> dict[str, int]:
+    """Route (consumer) -> the last tick the target recorded for it."""
+    return dict(target.execute("select consumer_id, last_tick_id from pgq_ext.completed_tick"))
+
+
 def multiset(events: list[tuple]) -> Counter:
     return Counter(events)
 

@@ -25,7 +25,7 @@ from qmover_lab.hosts import Host, Network, Relay, cannot_make_hosts
 from qmover_lab.sandbox import Cluster
 
 from celery_helpers import Processes, RabbitVhost, wait_until
-from conftest import PRODUCE_SERIES, ROUTE, PgqDatabase, run_qmover
+from conftest import PRODUCE_SERIES, ROUTE, PgqDatabase, live_claims, positions, run_qmover
 from servers import RedisServer
 
 pytestmark = pytest.mark.hosts
@@ -113,17 +113,9 @@ class Across:
             self._producer.join()
 
     # --- what the movers do ---------------------------------------------------
-    def claims(self, since: float = 0.0) -> dict[str, int]:
-        """Route (consumer) -> the pid of the process that holds its live claim
-        (one taken after `since`, the central server's clock)."""
-        rows = self.central.execute(
-            "select name, holder from qmover.claim c where kind = 'route' and c.until > now()"
-            " and c.backend in (select pid from pg_stat_activity) and c.since > to_timestamp(%s)", (since,))
-        return {name: int(holder.rsplit(" ", 1)[1]) for name, holder in rows}
-
     def held_on_a(self, since: float = 0.0) -> list[str]:
         pids = self.host_a.pids()
-        return sorted(route for route, pid in self.claims(since).items() if pid in pids)
+        return sorted(route for route, pid in live_claims(self.central, since).items() if pid in pids)
 
     def cut_while_a_holds_routes(self, port: int | None) -> list[str]:
         """Cut host A (from port, or from everything) at a moment it holds routes;
@@ -167,8 +159,7 @@ class Across:
         return float(self.central.value("select extract(epoch from now())"))
 
     def ticks(self) -> dict[str, int]:
-        """Route (consumer) -> the last tick the central database recorded for it."""
-        return dict(self.central.execute("select consumer_id, last_tick_id from pgq_ext.completed_tick"))
+        return positions(self.central)
 
     def moved_since(self, before: dict[str, int], routes: list[str]) -> bool:
         now = self.ticks()

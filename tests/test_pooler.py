@@ -14,7 +14,7 @@ from qmover.pg.connector import Connector, Loan
 from qmover.pg.queries import Source
 
 from celery_helpers import Processes, error_lines, wait_until
-from conftest import ROUTE, partitions_and_central, run_qmover
+from conftest import ROUTE, live_claims, partitions_and_central, positions, run_qmover
 from servers import PgBouncer
 
 
@@ -40,17 +40,6 @@ def pooled_config(make_db, tmp_path, pooler: PgBouncer, routes: int, broker: str
     return parts, central, config
 
 
-def claims_held(central) -> dict[str, int]:
-    """Route -> the pid of the process holding its live claim."""
-    rows = central.execute("select name, holder from qmover.claim c where kind = 'route' and c.until > now()"
-                           " and c.backend in (select pid from pg_stat_activity)")
-    return {name: int(holder.rsplit(" ", 1)[1]) for name, holder in rows}
-
-
-def ticks(central) -> dict[str, int]:
-    return dict(central.execute("select consumer_id, last_tick_id from pgq_ext.completed_tick"))
-
-
 def test_session_mode_a_worker_sigkilled_while_it_holds_routes(make_db, tmp_path, redis_db, bouncer):
     """Its claims stay on server sessions the pooler keeps open; they run out,
     and the next worker moves those routes, every event once."""
@@ -67,18 +56,18 @@ def test_session_mode_a_worker_sigkilled_while_it_holds_routes(make_db, tmp_path
             for n, part in enumerate(parts):
                 part.produce_series("events", 2000, size=40, tag=f"p{n}r{round_no}-")
                 part.tick("events")
-            if claims_held(central):
+            if live_claims(central):
                 break
-        held = sorted(claims_held(central))
+        held = sorted(live_claims(central))
         assert held, "the first worker never held a route"
         procs.kill("first")
-        before = ticks(central)
+        before = positions(central)
         procs.worker("second", 2)
         for round_no in range(3):
             for n, part in enumerate(parts):
                 part.produce_series("events", 10, size=40, tag=f"after-p{n}r{round_no}-")
                 part.tick("events")
-        wait_until(lambda: all(ticks(central).get(route, 0) > before.get(route, 0) for route in held), 90,
+        wait_until(lambda: all(positions(central).get(route, 0) > before.get(route, 0) for route in held), 90,
                    f"{held} to move again after their worker was killed")
         source = [event for part in parts for event in part.events("events")]
         wait_until(lambda: len(central.events("central_events")) >= len(source), 90, "every event in central")

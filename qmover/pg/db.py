@@ -86,9 +86,9 @@ def connect(route: Route, side: Side, timeout: int = CONNECT_TIMEOUT) -> connect
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(queries.Session.SETUP.text)
-            if dead_peer["keepalives"] != "0":
-                cur.execute(queries.Session.DEAD_PEER.text, dead_peer)
+            setup = [queries.Session.SETUP.text] + ([queries.Session.DEAD_PEER.text]
+                                                     if dead_peer["keepalives"] != "0" else [])
+            cur.execute("; ".join(setup), dead_peer)  # one round trip
     except psycopg2.Error as exc:
         raise translate(exc, route, side) from None
     return conn

@@ -107,7 +107,8 @@ class Mover:
                 active = turns
                 while active and not stop() and time.monotonic() - started < budget:
                     claim.renew()
-                    active = [turn for turn in active if turn.route in claim.routes and self._turn(loan, turn, moved)]
+                    held = set(claim.routes)
+                    active = [turn for turn in active if turn.route in held and self._turn(loan, turn, moved)]
             finally:
                 for turn in turns:
                     self._finish(loan, turn)

@@ -436,6 +436,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="a line for qmover's [qmover] section (repeatable)")
     live.add_argument("--route-setting", action="append", default=[], metavar="KEY=VALUE",
                       help="a line for qmover's route template (repeatable)")
+    live.add_argument("--servers", type=int, default=1, metavar="K",
+                      help="spread the partitions over K throwaway clusters, central on the first (default 1)")
+    live.add_argument("--ticks", default="each", metavar="each|pgqd",
+                      help="each: a tick right after every round's commit (default); pgqd: pgq.ticker() once a "
+                           "second with PgQ's thresholds, as pgqd ticks")
+    live.add_argument("--outage", type=float, default=0, metavar="S",
+                      help="central refuses connections for S seconds before the measured window: the backlog, "
+                           "the catch-up")
+    live.add_argument("--idle", type=float, default=0, metavar="S",
+                      help="after the load: S seconds of ticks only with the tool running, then S with it stopped")
     parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.move:

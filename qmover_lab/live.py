@@ -1,30 +1,47 @@
 """`qmover bench --routes N --rate R --seconds S`: a live fan-in, qmover against skytools' queue_mover.
 
 N partition databases produce without pause: every second each partition
-commits R events (the first of them a probe) and ticks, each partition at its
-own moment of the second, as independent partitions would.  One route per
-partition moves them into a central queue.  The same load runs through
-qmover (a Celery worker and beat) and through skytools' queue_mover (one
-python-pgq SerialConsumer daemon per route, qmover_lab/skytools_mover.py),
-one after the other, on a throwaway cluster.  For each it prints:
+commits R events (the first of them a probe) and calls the ticker, each
+partition at its own moment of the second, as independent partitions would.
+One route per partition moves them into a central queue.  The same load
+runs through qmover (a Celery worker and beat) and through skytools'
+queue_mover (one python-pgq SerialConsumer daemon per route,
+qmover_lab/skytools_mover.py), one after the other, on throwaway clusters
+(--servers K: the partitions spread over K of them, central on the first).
+How ticks come (--ticks): "each", every round ticks right after its commit
+(ticker_max_count 1); "pgqd", PgQ's own thresholds, as pgqd ticks with its
+defaults: pgq.ticker() once a second, a tick once 3 s of events wait
+(ticker_max_lag), an idle queue once a minute (ticker_idle_period).  For
+each tool it prints:
 
 - events not yet in central when the load stops, and the drain after;
-- probe latency, from the probe's transaction on its partition to its
+- probe latency from the probe's transaction on its partition to its
   insert into central just before the mover's commit, by the server's clock
   (a trigger on central's event tables NOTIFYs each probe with it, so this
   process being slow to hear does not count): p50, p99, max, and the routes
-  whose probes waited more than two move intervals;
+  whose probes waited more than two move intervals; and from the tick that
+  closed the probe's batch to its arrival (this process's clock);
 - the machine's busy share during the load, the CPU of the mover's own
-  processes, of PostgreSQL, of Redis and of this benchmark (the load);
-- peak connections: central, the busiest partition, the whole server;
+  processes, of PostgreSQL, of Redis and of this benchmark (the load), and
+  the peak memory of the mover's processes, together and the largest one;
+- peak connections: central, the busiest partition, the busiest server;
 - how late the load generator was against its schedule (a late generator
   makes every other figure mean less);
-- whether every event arrived exactly once.
+- whether every event arrived exactly once;
+- with --outage S: central refuses connections for S seconds at the start
+  of the measured window (ALLOW_CONNECTIONS false, its sessions ended): the
+  backlog when it is back, and how long the tool takes to catch up (at most
+  1 s of load behind); the window's other figures are measured after that;
+- with --idle S: once the load stopped and drained, the partitions only
+  tick (as pgqd would): the machine's busy share over S seconds with the
+  tool running and over S seconds with it stopped.
 
 The warm-up is not measured: a live fan-in runs all day, so both tools
 start with their connections made.  It lasts --warmup seconds, and then until
 the tool has caught up (less than two intervals of load not yet in central),
 at most CATCH_UP_LIMIT seconds more; the table says when each caught up.
+skytools runs one daemon per route; where that many do not fit in this
+machine's memory it is left out, and the output says so.
 """
 
 from __future__ import annotations
@@ -64,15 +81,20 @@ CATCH_UP_LIMIT = 60.0  # seconds of warm-up past --warmup a tool has to catch up
 TEMPLATE_DB = f"{PREFIX}_template"
 BENCH_APP = "bench load"  # this process's connections, left out of the counts (not 'qmover ...')
 TOOLS = ("qmover", "skytools")
-QMOVER_CONFIG = """
+TICKS = ("each", "pgqd")
+DAEMON_MB = 30  # what one skytools daemon takes, about (28 MB measured, peak RSS)
+QMOVER_SETTINGS = """
 [qmover]
 broker_url = {broker}
 {qmover_settings}
-
-[part]
+"""
+# One section per server: its partitions, a route each.
+QMOVER_ROUTES = """
+[part_s{n}]
+job_name = part_%(partition)s
 partitions = {partitions}
 src_db = {server} dbname={prefix}_p%(partition)s
-dst_db = {server} dbname={central}
+dst_db = {central_server} dbname={central}
 pgq_queue_name = events
 dst_queue_name = qmover_events
 move_interval = {interval}
@@ -82,13 +104,14 @@ SKYTOOLS_CONFIG = """
 [queue_mover3]
 job_name = sky_{partition}
 src_db = {server} dbname={prefix}_p{partition}
-dst_db = {server} dbname={central}
+dst_db = {central_server} dbname={central}
 pgq_queue_name = events
 dst_queue_name = skytools_events
 loop_delay = {interval}
 """
 # One round of a partition, one round trip: its events in one transaction
-# (the first a probe, named by the marker), then a tick of its own.
+# (the first a probe, named by the marker), then the ticker, in a
+# transaction of its own (it returns the new tick's id, or null without one).
 ROUND = """
     begin;
     select count(pgq.insert_event('events', case when i = 1 then 'probe' else 'load' end,
@@ -98,6 +121,7 @@ ROUND = """
     commit;
     select pgq.ticker('events')
 """
+TICK = "select pgq.ticker('events')"
 PAD = "x" * 150
 # Each probe row NOTIFYs at the commit that writes it into central.
 PROBE_TRIGGER = """
@@ -112,6 +136,11 @@ PROBE_TRIGGER = """
 # Every tool's connections (qmover's and skytools'), the benchmark's own left out.
 CLIENTS = f"backend_type = 'client backend' and application_name <> '{BENCH_APP}'"
 CONNECTIONS = f"select datname, count(*) from pg_stat_activity where {CLIENTS} group by datname"
+# Central refuses connections, and the tools' sessions there end (an outage, as a mover sees it).
+CENTRAL_DOWN = (sql.SQL("alter database {} with allow_connections false").format(sql.Identifier(CENTRAL)),
+                sql.SQL("select count(pg_terminate_backend(pid)) from pg_stat_activity where datname = {} and "
+                        + CLIENTS).format(sql.Literal(CENTRAL)))
+CENTRAL_UP = sql.SQL("alter database {} with allow_connections true").format(sql.Identifier(CENTRAL))
 
 
 def connect(server: str, database: str) -> connection:
@@ -139,32 +168,38 @@ def self_cpu() -> float:
 
 
 class Load:
-    """The producers: each partition commits `rate` events and ticks once a second,
-    partition i at i/N of each second, spread over `threads` connections' threads."""
+    """The producers: each partition commits `rate` events and calls the ticker once a
+    second, partition i at i/N of each second, spread over `threads` threads with a
+    connection to each of their partitions.  While idle, the partitions only call
+    the ticker, as pgqd would."""
 
-    def __init__(self, server: str, partitions: list[str], rate: int, threads: int = 8):
-        self.server, self.partitions, self.rate = server, partitions, rate
+    def __init__(self, servers: list[str], partitions: list[str], rate: int, threads: int = 8):
+        self.servers, self.partitions, self.rate = servers, partitions, rate
         self.threads = max(1, min(threads, len(partitions)))
         self.commits: dict[str, float] = {}  # probe marker -> when its round's commit returned
+        self.ticked: dict[int, list[tuple[int, float]]] = {}  # partition -> (round, when) of each tick it made
         self.lateness: list[float] = []  # seconds each round started after its moment
         self.produced = 0
         self.rounds = 0
+        self.idle = False
+        self._quiet: set[int] = set()  # threads whose rounds only tick now
         self.tag = ""
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._workers: list[threading.Thread] = []
 
     def start(self, tag: str) -> None:
-        self.tag, self.origin = tag, time.monotonic() + 0.5
+        self.tag, self.origin, self.idle = tag, time.monotonic() + 0.5, False
+        self._quiet.clear()
         self._done.clear()
         for n in range(self.threads):
             mine = list(range(n, len(self.partitions), self.threads))
-            worker = threading.Thread(target=self._produce, args=(mine,), daemon=True)
+            worker = threading.Thread(target=self._produce, args=(n, mine), daemon=True)
             worker.start()
             self._workers.append(worker)
 
-    def _produce(self, mine: list[int]) -> None:
-        conns = {i: connect(self.server, self.partitions[i]) for i in mine}
+    def _produce(self, thread: int, mine: list[int]) -> None:
+        conns = {i: connect(self.servers[i], self.partitions[i]) for i in mine}
         try:
             second = 0
             while not self._done.is_set():
@@ -175,18 +210,47 @@ class Load:
                         return
                     started = time.monotonic()
                     marker = f"{self.tag}:{i}:{second}"
+                    idle = self.idle
+                    if idle:
+                        with self._lock:
+                            self._quiet.add(thread)
                     with conns[i].cursor() as cur:
-                        cur.execute(ROUND, {"marker": marker, "rate": self.rate, "pad": PAD})
+                        if idle:
+                            cur.execute(TICK)
+                        else:
+                            cur.execute(ROUND, {"marker": marker, "rate": self.rate, "pad": PAD})
+                        row = cur.fetchone()
+                        ticked = row is not None and row[0] is not None
                     done = time.monotonic()
                     with self._lock:
-                        self.commits[marker] = done
-                        self.lateness.append(started - due)
-                        self.produced += self.rate
-                        self.rounds += 1
+                        if ticked:
+                            self.ticked.setdefault(i, []).append((second, done))
+                        if not idle:
+                            self.commits[marker] = done
+                            self.lateness.append(started - due)
+                            self.produced += self.rate
+                            self.rounds += 1
                 second += 1
         finally:
             for conn in conns.values():
                 conn.close()
+
+    def quiet(self) -> None:
+        """From now on the partitions only tick: returns once no round produces any more."""
+        self.idle = True
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self._quiet) == len(self._workers):
+                    return
+            time.sleep(0.05)
+
+    def tick_of(self, marker: str) -> float | None:
+        """When the tick that closed the probe's batch was made (the first of its partition's
+        ticks from its round on: a round ticks after its commit)."""
+        _, partition, second = marker.split(":")
+        return next((when for tick_round, when in self.ticked.get(int(partition), [])
+                     if tick_round >= int(second)), None)
 
     def snapshot(self) -> tuple[int, int, int]:
         """(events produced, rounds, lateness samples) so far."""
@@ -198,6 +262,37 @@ class Load:
         for worker in self._workers:
             worker.join()
         self._workers.clear()
+
+
+class Memory(threading.Thread):
+    """The peak resident memory of a set of processes and their children, sampled every second."""
+
+    def __init__(self, roots: list[int]):
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.total_mb = self.largest_mb = 0.0
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(1.0):
+            sizes = [rss_mb(pid) for root in self.roots for pid in descendants(root)]
+            self.total_mb = max(self.total_mb, sum(sizes))
+            self.largest_mb = max([self.largest_mb, *sizes])
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def watch_probes(server: str, database: str, queue: str) -> None:
@@ -260,6 +355,9 @@ class Figures:
     latency_p50_s: float = 0.0
     latency_p99_s: float = 0.0
     latency_max_s: float = 0.0
+    after_tick_p50_s: float = 0.0  # from the tick that closed the probe's batch
+    after_tick_p99_s: float = 0.0
+    after_tick_max_s: float = 0.0
     routes_waiting_over_two_intervals: int = 0
     machine_busy_pct: float = 0.0
     mover_cpu_s: float = 0.0
@@ -267,59 +365,89 @@ class Figures:
     postgres_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
     load_cpu_s: float = 0.0
+    peak_memory_mb: float = 0.0  # the mover's processes together
+    peak_process_memory_mb: float = 0.0  # the largest of them
     peak_connections_central: int = 0
     peak_connections_partition: int = 0
-    peak_connections_server: int = 0
+    peak_connections_server: int = 0  # the busiest server: the tool's connections to the run's databases
     generator_late_rounds: int = 0  # rounds that started more than 0.1 s after their moment
     generator_max_late_s: float = 0.0
     caught_up_after_s: float | None = None  # from the load's start; None: not within the warm-up
+    outage_backlog: int | None = None  # events not yet in central when it came back
+    outage_catch_up_s: float | None = None  # from its return to at most 1 s of load behind
+    idle_busy_pct: float | None = None  # the machine with only the ticker's load, the tool running
+    idle_stopped_busy_pct: float | None = None  # the same, the tool stopped
     exactly_once: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Bench:
-    def __init__(self, server: str, postmaster: int | None, args: argparse.Namespace):
-        self.server, self.postmaster, self.args = server, postmaster, args
+    def __init__(self, servers: list[str], postmasters: list[int], args: argparse.Namespace):
+        self.servers, self.postmasters, self.args = servers, postmasters, args
+        self.central_server = servers[0]
         width = max(3, len(str(args.routes - 1)))
         self.names = [f"{n:0{width}d}" for n in range(args.routes)]
         self.partitions = [f"{PREFIX}_p{name}" for name in self.names]
+        # partition n on server n * K // N: a block of partitions each
+        self.server_of = [servers[n * len(servers) // args.routes] for n in range(args.routes)]
         self.workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-live-"))
         self.runs = 0  # each run's events carry a tag of their own
+        # seconds events wait for their tick: PgQ's ticker_max_lag when it ticks as pgqd does
+        self.tick_lag = 3.0 if args.ticks == "pgqd" else 0.0
+
+    def _on(self, server: str) -> list[str]:
+        return [part for part, where in zip(self.partitions, self.server_of, strict=True) if where == server]
 
     # --- databases ---------------------------------------------------------
     def create(self) -> None:
-        print(f"-- {len(self.partitions)} partition databases and a central one ...", flush=True)
-        for name in (*self.partitions, CENTRAL, TEMPLATE_DB):
-            drop_database(self.server, name)
-        run_sql(self.server, "postgres", sql.SQL("create database {}").format(sql.Identifier(TEMPLATE_DB)))
-        run_sql(self.server, TEMPLATE_DB, "create extension pgq", "select pgq.create_queue('events')",
-                "select pgq.set_queue_config('events', 'ticker_max_count', '1')")
-        for name in self.partitions:
-            run_sql(self.server, "postgres", sql.SQL("create database {} template {}").format(
-                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
-        run_sql(self.server, "postgres", sql.SQL("create database {}").format(sql.Identifier(CENTRAL)))
-        run_sql(self.server, CENTRAL, "create extension pgq")
+        print(f"-- {len(self.partitions)} partition databases on {len(self.servers)} server(s) and a central one ...",
+              flush=True)
+        threads = [threading.Thread(target=self._create_partitions, args=(server,)) for server in self.servers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        drop_database(self.central_server, CENTRAL)
+        run_sql(self.central_server, "postgres", sql.SQL("create database {}").format(sql.Identifier(CENTRAL)))
+        run_sql(self.central_server, CENTRAL, "create extension pgq")
         for tool in TOOLS:
-            run_sql(self.server, CENTRAL, sql.SQL("select pgq.create_queue({})").format(sql.Literal(f"{tool}_events")))
-            watch_probes(self.server, CENTRAL, f"{tool}_events")
+            run_sql(self.central_server, CENTRAL,
+                    sql.SQL("select pgq.create_queue({})").format(sql.Literal(f"{tool}_events")))
+            watch_probes(self.central_server, CENTRAL, f"{tool}_events")
         self.qmover_config = self.workdir / "live.ini"
-        self.qmover_config.write_text(QMOVER_CONFIG.format(
-            broker=self.args.broker, server=self.server, prefix=PREFIX, central=CENTRAL,
-            partitions=f"{self.names[0]}-{self.names[-1]}", interval=self.args.interval,
-            qmover_settings="\n".join(self.args.qmover_setting), route_settings="\n".join(self.args.route_setting)))
+        sections = [QMOVER_ROUTES.format(
+            n=n, server=server, central_server=self.central_server, prefix=PREFIX, central=CENTRAL,
+            partitions=",".join(part.removeprefix(f"{PREFIX}_p") for part in self._on(server)),
+            interval=self.args.interval, route_settings="\n".join(self.args.route_setting))
+            for n, server in enumerate(self.servers) if self._on(server)]
+        self.qmover_config.write_text(QMOVER_SETTINGS.format(
+            broker=self.args.broker, qmover_settings="\n".join(self.args.qmover_setting)) + "".join(sections))
         # pgq_ext on central, which skytools needs too: qmover's install makes it
         admin.install(load_config(self.qmover_config).select()[0])
 
+    def _create_partitions(self, server: str) -> None:
+        mine = self._on(server)
+        for name in (*mine, TEMPLATE_DB):
+            drop_database(server, name)
+        run_sql(server, "postgres", sql.SQL("create database {}").format(sql.Identifier(TEMPLATE_DB)))
+        run_sql(server, TEMPLATE_DB, "create extension pgq", "select pgq.create_queue('events')")
+        if self.args.ticks == "each":
+            run_sql(server, TEMPLATE_DB, "select pgq.set_queue_config('events', 'ticker_max_count', '1')")
+        for name in mine:
+            run_sql(server, "postgres", sql.SQL("create database {} template {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
+
     def drop(self) -> None:
-        for name in (*self.partitions, CENTRAL, TEMPLATE_DB):
-            drop_database(self.server, name)
+        for part, server in zip(self.partitions, self.server_of, strict=True):
+            drop_database(server, part)
+        drop_database(self.central_server, CENTRAL)
 
     def central_count(self, conn: connection, tool: str) -> int:
         return int(scalar(conn, sql.SQL("select count(*) from {}").format(self._table(tool))))
 
     def _table(self, tool: str) -> sql.Identifier:
-        pfx = run_sql(self.server, CENTRAL, sql.SQL("select queue_data_pfx from pgq.queue where queue_name = {}")
-                      .format(sql.Literal(f"{tool}_events")))[0][0]
+        pfx = run_sql(self.central_server, CENTRAL, sql.SQL(
+            "select queue_data_pfx from pgq.queue where queue_name = {}").format(sql.Literal(f"{tool}_events")))[0][0]
         return sql.Identifier(*pfx.split("."))
 
     # --- the movers -------------------------------------------------------------
@@ -348,14 +476,15 @@ class Bench:
             raise SystemExit("qmover bench: skytools' mover needs python-pgq and skytools: install the test extras "
                              "(pip install -e '.[test]'), or leave skytools out with --tools qmover")
         daemons = []
-        for name, part in zip(self.names, self.partitions, strict=True):
-            run_sql(self.server, part, sql.SQL("select pgq.register_consumer('events', {})").format(
+        for name, part, server in zip(self.names, self.partitions, self.server_of, strict=True):
+            run_sql(server, part, sql.SQL("select pgq.register_consumer('events', {})").format(
                 sql.Literal(f"sky_{name}")))
-            run_sql(self.server, CENTRAL, sql.SQL("select pgq_ext.set_last_tick({}, null::bigint)").format(
+            run_sql(self.central_server, CENTRAL, sql.SQL("select pgq_ext.set_last_tick({}, null::bigint)").format(
                 sql.Literal(f"sky_{name}")))
             config = self.workdir / f"sky_{name}.ini"
-            config.write_text(SKYTOOLS_CONFIG.format(partition=name, server=self.server, prefix=PREFIX,
-                                                     central=CENTRAL, interval=self.args.interval))
+            config.write_text(SKYTOOLS_CONFIG.format(partition=name, server=server, prefix=PREFIX,
+                                                     central_server=self.central_server, central=CENTRAL,
+                                                     interval=self.args.interval))
             log = (self.workdir / f"sky_{name}.log").open("w")
             daemons.append(subprocess.Popen([sys.executable, "-m", "qmover_lab.skytools_mover", "--loop", str(config)],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
@@ -365,44 +494,52 @@ class Bench:
             yield [daemon.pid for daemon in daemons]
         finally:
             stop_processes(daemons, timeout=30)
-            for name, part in zip(self.names, self.partitions, strict=True):
-                run_sql(self.server, part, sql.SQL("select pgq.unregister_consumer('events', {})").format(
+            for name, part, server in zip(self.names, self.partitions, self.server_of, strict=True):
+                run_sql(server, part, sql.SQL("select pgq.unregister_consumer('events', {})").format(
                     sql.Literal(f"sky_{name}")))
 
     def _wait_for_daemons(self, daemons: list[subprocess.Popen]) -> None:
         """Until every daemon holds its source connection (Python starting 100 times takes a while)."""
         deadline = time.monotonic() + 300
-        with closing(connect(self.server, "postgres")) as conn, conn.cursor() as cur:
-            while True:
-                cur.execute(CONNECTIONS)
-                on_parts = sum(count for name, count in cur.fetchall() if name and name.startswith(f"{PREFIX}_p"))
-                if on_parts >= len(daemons):
-                    break
-                dead = [daemon for daemon in daemons if daemon.poll() is not None]
-                if dead or time.monotonic() > deadline:
-                    raise SystemExit(f"skytools' daemons did not start; see the logs in {self.workdir}")
-                time.sleep(0.5)
+        while True:
+            on_parts = 0
+            for server in self.servers:
+                with closing(connect(server, "postgres")) as conn, conn.cursor() as cur:
+                    cur.execute(CONNECTIONS)
+                    on_parts += sum(count for name, count in cur.fetchall() if name and name.startswith(f"{PREFIX}_p"))
+            if on_parts >= len(daemons):
+                break
+            dead = [daemon for daemon in daemons if daemon.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise SystemExit(f"skytools' daemons did not start; see the logs in {self.workdir}")
+            time.sleep(0.5)
         time.sleep(2)
 
     # --- one run ----------------------------------------------------------------
     def run_tool(self, tool: str) -> Figures:
         args = self.args
         print(f"-- {tool}: {len(self.partitions)} partitions x {args.rate} events/s, "
-              f"{args.warmup:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
+              f"{args.warmup:g} s warm-up, {args.seconds:g} s measured"
+              + (f" after {args.outage:g} s of central down" if args.outage else "") + " ...", flush=True)
         figures = Figures(tool)
-        peaks = ConnectionPeaks(connect(self.server, "postgres"), CENTRAL, self.partitions, who=CLIENTS, every=1.0)
-        arrivals = Arrivals(self.server)
+        peaks = [ConnectionPeaks(connect(server, "postgres"), CENTRAL, self._on(server), who=CLIENTS, every=1.0)
+                 for server in self.servers]
+        arrivals = Arrivals(self.central_server)
         arrivals.start()
-        load = Load(self.server, self.partitions, args.rate)
-        counter = connect(self.server, CENTRAL)
+        load = Load(self.server_of, self.partitions, args.rate)
+        counter = connect(self.central_server, CENTRAL)
+        memory = None
         try:
             with self.movers(tool) as roots:
+                memory = Memory(roots)
                 before_count = self.central_count(counter, tool)
                 self.runs += 1
                 tag = f"{tool}{self.runs}"
                 load.start(tag)
                 time.sleep(max(0.0, load.origin + args.warmup - time.monotonic()))
                 figures.caught_up_after_s = self._catch_up(counter, tool, load, before_count)
+                if args.outage:
+                    self._outage(figures, counter, tool, load, before_count)
                 produced0, rounds0, late0 = load.snapshot()
                 movers = [pid for root in roots for pid in descendants(root)]
                 cpu0 = self._cpu(movers)
@@ -415,20 +552,27 @@ class Bench:
                 busy1 = machine_busy()
                 window_end = time.monotonic()
                 produced1, rounds1, late1 = load.snapshot()
-                load.stop()
+                load.quiet()  # the partitions only tick from now on
                 stopped = time.monotonic()
-                produced = load.produced
+                produced = load.snapshot()[0]
                 arrived = self.central_count(counter, tool) - before_count
                 figures.behind_at_stop = produced - arrived
                 figures.behind_at_stop_s = round(figures.behind_at_stop / (args.rate * len(self.partitions)), 2)
                 figures.drain_s = self._drain(counter, tool, before_count + produced, stopped)
                 time.sleep(1)  # a late duplicate would show now
                 figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals)
+                if args.idle:
+                    figures.idle_busy_pct = self._busy_over(args.idle)
+            if args.idle:
+                figures.idle_stopped_busy_pct = self._busy_over(args.idle)
         finally:
             load.stop()
             arrivals.stop()
-            peaks.stop()
+            for peak in peaks:
+                peak.stop()
             counter.close()
+            if memory is not None:
+                memory.stop()
         seconds = window_end - started
         figures.produced_in_window = produced1 - produced0
         figures.batches_in_window = rounds1 - rounds0
@@ -436,9 +580,11 @@ class Bench:
         for part in ("mover", "postgres", "redis", "load"):
             setattr(figures, f"{part}_cpu_s", round(cpu1[part] - cpu0[part], 1))
         figures.mover_cpu_ms_per_batch = round(1000 * figures.mover_cpu_s / max(1, figures.batches_in_window), 2)
-        figures.peak_connections_central = peaks.central
-        figures.peak_connections_partition = peaks.partition
-        figures.peak_connections_server = peaks.total
+        figures.peak_memory_mb = round(memory.total_mb) if memory else 0.0
+        figures.peak_process_memory_mb = round(memory.largest_mb) if memory else 0.0
+        figures.peak_connections_central = peaks[0].central
+        figures.peak_connections_partition = max(peak.partition for peak in peaks)
+        figures.peak_connections_server = max(peak.total for peak in peaks)
         late = load.lateness[late0:late1]
         figures.generator_late_rounds = sum(1 for value in late if value > 0.1)
         figures.generator_max_late_s = round(max(late, default=0.0), 3)
@@ -447,9 +593,34 @@ class Bench:
         figures.extra["mover_cpu_s_by_process"] = {part: round(parts1[part] - parts0[part], 1) for part in parts1}
         return figures
 
+    def _outage(self, figures: Figures, conn: connection, tool: str, load: Load, before_count: int) -> None:
+        """Central refuses connections for --outage seconds; then the backlog, and the time to catch up."""
+        for statement in CENTRAL_DOWN:
+            run_sql(self.central_server, "postgres", statement)
+        try:
+            time.sleep(self.args.outage)
+        finally:
+            run_sql(self.central_server, "postgres", CENTRAL_UP)
+        back = time.monotonic()
+        figures.outage_backlog = load.snapshot()[0] - (self.central_count(conn, tool) - before_count)
+        allowed = (1 + self.tick_lag) * self.args.rate * len(self.partitions)  # 1 s of load, and a tick's wait
+        while load.snapshot()[0] - (self.central_count(conn, tool) - before_count) > allowed:
+            if time.monotonic() - back > max(300.0, self.args.outage):
+                return
+            time.sleep(0.1)
+        figures.outage_catch_up_s = round(time.monotonic() - back, 1)
+
+    @staticmethod
+    def _busy_over(seconds: float) -> float:
+        before = machine_busy()
+        time.sleep(seconds)
+        after = machine_busy()
+        return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
     def _catch_up(self, conn: connection, tool: str, load: Load, before_count: int) -> float | None:
-        """Wait until less than two intervals of load are not yet in central; when, from the load's start."""
-        allowed = 2 * self.args.interval * self.args.rate * len(self.partitions)
+        """Wait until less than two intervals of load (and a tick's wait) are not yet in central; when,
+        from the load's start."""
+        allowed = (2 * self.args.interval + self.tick_lag) * self.args.rate * len(self.partitions)
         deadline = time.monotonic() + CATCH_UP_LIMIT
         while time.monotonic() < deadline:
             if load.snapshot()[0] - (self.central_count(conn, tool) - before_count) < allowed:
@@ -458,7 +629,7 @@ class Bench:
         return None
 
     def _cpu(self, movers: list[int]) -> dict[str, float]:
-        postgres = descendants(self.postmaster) if self.postmaster else pids_named("postgres")
+        postgres = [pid for postmaster in self.postmasters for pid in descendants(postmaster)]
         return {"mover": cpu_seconds(sorted(set(movers))), "postgres": cpu_seconds(postgres),
                 "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu()}
 
@@ -490,6 +661,7 @@ class Bench:
 
     def _latency(self, figures: Figures, load: Load, arrivals: Arrivals, start: float, end: float) -> None:
         delays: list[float] = []
+        after_tick: list[float] = []
         worst: dict[str, float] = {}
         for marker, committed in load.commits.items():
             if not start <= committed < end:
@@ -500,13 +672,18 @@ class Bench:
                 figures.probes_not_arrived += 1
                 continue
             delays.append(delay)
+            ticked = load.tick_of(marker)
+            if ticked is not None:
+                after_tick.append(max(0.0, arrivals.seen[marker] - ticked))
+                delay = after_tick[-1] if self.tick_lag else delay  # a tick's wait is not the mover's
             route = marker.split(":")[1]
             worst[route] = max(worst.get(route, 0.0), delay)
-        delays.sort()
-        if delays:
-            figures.latency_p50_s = round(statistics.median(delays), 3)
-            figures.latency_p99_s = round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3)
-            figures.latency_max_s = round(delays[-1], 3)
+        for name, values in (("latency", delays), ("after_tick", after_tick)):
+            values.sort()
+            if values:
+                setattr(figures, f"{name}_p50_s", round(statistics.median(values), 3))
+                setattr(figures, f"{name}_p99_s", round(values[min(len(values) - 1, int(len(values) * 0.99))], 3))
+                setattr(figures, f"{name}_max_s", round(values[-1], 3))
         figures.routes_waiting_over_two_intervals = sum(1 for value in worst.values()
                                                         if value > 2 * self.args.interval)
 
@@ -518,15 +695,19 @@ def table(results: list[Figures]) -> str:
         ("drain after the load stopped (s)", lambda f: f.drain_s),
         ("probe latency p50 / p99 / max (s)",
          lambda f: f"{f.latency_p50_s} / {f.latency_p99_s} / {f.latency_max_s} ({f.probes:,} probes)"),
+        ("from the tick that closed its batch, p50 / p99 / max (s)",
+         lambda f: f"{f.after_tick_p50_s} / {f.after_tick_p99_s} / {f.after_tick_max_s}"),
         ("probes not arrived", lambda f: f.probes_not_arrived),
         ("routes with a probe waiting over two intervals", lambda f: f.routes_waiting_over_two_intervals),
         ("machine busy during the load", lambda f: f"{f.machine_busy_pct} %"),
         ("CPU of the mover's processes (s)", lambda f: f"{f.mover_cpu_s} ({f.mover_cpu_ms_per_batch} ms a batch)"),
         ("  by process", lambda f: ", ".join(f"{k} {v}" for k, v in f.extra["mover_cpu_s_by_process"].items())),
+        ("peak memory of the mover's processes, together / the largest (MB)",
+         lambda f: f"{f.peak_memory_mb:g} / {f.peak_process_memory_mb:g}"),
         ("CPU of PostgreSQL (s)", lambda f: f.postgres_cpu_s),
         ("CPU of Redis (s)", lambda f: f.redis_cpu_s),
         ("CPU of the load generator, this process (s)", lambda f: f.load_cpu_s),
-        ("peak connections: central / busiest partition / server",
+        ("peak connections: central / busiest partition / busiest server",
          lambda f: f"{f.peak_connections_central} / {f.peak_connections_partition} / {f.peak_connections_server}"),
         ("generator rounds late by > 0.1 s (max lateness)",
          lambda f: f"{f.generator_late_rounds} ({f.generator_max_late_s} s)"),
@@ -534,6 +715,13 @@ def table(results: list[Figures]) -> str:
          lambda f: f"{f.caught_up_after_s}" if f.caught_up_after_s is not None else "not in the warm-up"),
         ("every event exactly once", lambda f: "yes" if f.exactly_once else "NO"),
     ]
+    if any(f.outage_backlog is not None for f in results):
+        rows[1:1] = [("central down: backlog when it came back (events)", lambda f: f"{f.outage_backlog:,}"),
+                     ("central down: caught up (<= 1 s of load behind, and a tick's wait) after its return (s)",
+                      lambda f: f.outage_catch_up_s if f.outage_catch_up_s is not None else "not in 300 s")]
+    if any(f.idle_busy_pct is not None for f in results):
+        rows.append(("idle (only ticks): machine busy, the tool running / stopped",
+                     lambda f: f"{f.idle_busy_pct} % / {f.idle_stopped_busy_pct} %"))
     lines = ["| | " + " | ".join(f.tool for f in results) + " |", "|---|" + "---:|" * len(results)]
     lines += [f"| {label} | " + " | ".join(str(value(f)) for f in results) + " |" for label, value in rows]
     return "\n".join(lines)
@@ -552,38 +740,67 @@ def ratios(results: list[Figures]) -> str:
     return "\n".join(lines)
 
 
+def fits_in_memory(daemons: int) -> bool:
+    """Whether that many skytools daemons fit in this machine's available memory, with a fifth to spare."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return daemons * DAEMON_MB < 0.8 * int(line.split()[1]) / 1024
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     tools = [tool.strip() for tool in args.tools.split(",")]
     unknown = [tool for tool in tools if tool not in TOOLS]
     if unknown:
         raise SystemExit(f"qmover bench: unknown tool {unknown[0]!r} in --tools; say qmover, skytools or both")
+    if args.ticks not in TICKS:
+        raise SystemExit(f"qmover bench: --ticks is 'each' or 'pgqd', not {args.ticks!r}")
+    notes = []
+    if "skytools" in tools and not fits_in_memory(args.routes):
+        tools.remove("skytools")
+        notes.append(f"skytools left out: {args.routes} daemons at about {DAEMON_MB} MB each do not fit in this "
+                     f"machine's available memory")
+        print(f"-- {notes[-1]}", flush=True)
     if args.warmup is None:
         args.warmup = max(10.0, args.routes / 10)
-    connections = args.routes * (3 + args.concurrency) + 60
-    print(f"-- a throwaway PostgreSQL cluster (max_connections {connections}) ...", flush=True)
-    cluster = Cluster(settings={"max_connections": str(connections)})
+    servers = max(1, min(args.servers, args.routes))
+    per_server = -(-args.routes // servers)
+    connections = per_server * (3 + args.concurrency) + 60
+    print(f"-- {servers} throwaway PostgreSQL cluster(s) (max_connections {connections}) ...", flush=True)
+    clusters: list[Cluster] = []
     try:
-        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
-        bench = Bench(f"host=127.0.0.1 port={cluster.port} user=postgres", postmaster, args)
+        for _ in range(servers):
+            clusters.append(Cluster(settings={"max_connections": str(connections)}))
+        postmasters = [int((cluster.data / "postmaster.pid").read_text().split()[0]) for cluster in clusters]
+        bench = Bench([f"host=127.0.0.1 port={cluster.port} user=postgres" for cluster in clusters], postmasters,
+                      args)
         bench.create()
         results = [bench.run_tool(tool) for _ in range(args.repeat) for tool in tools]
     finally:
-        cluster.close()
+        for cluster in clusters:
+            cluster.close()
+    ticks = ("a tick right after each round's commit" if args.ticks == "each" else
+             "pgq.ticker() once a second with PgQ's defaults (a tick once 3 s of events wait)")
     print()
-    print(f"{args.routes} partitions x {args.rate} events/s ({args.routes * args.rate:,} events/s, "
-          f"{args.routes} batches/s), move_interval / loop_delay {args.interval:g} s, qmover: one worker "
-          f"-c {args.concurrency} and beat; {args.seconds:g} s measured after at least {args.warmup:g} s of warm-up "
-          f"and until caught up (at most {CATCH_UP_LIMIT:g} s more)")
+    print(f"{args.routes} partitions on {servers} server(s) x {args.rate} events/s "
+          f"({args.routes * args.rate:,} events/s), {ticks}; move_interval / loop_delay {args.interval:g} s, "
+          f"qmover: one worker -c {args.concurrency} and beat; {args.seconds:g} s measured after at least "
+          f"{args.warmup:g} s of warm-up and until caught up (at most {CATCH_UP_LIMIT:g} s more)"
+          + (f", after central was down {args.outage:g} s and the tool caught up" if args.outage else ""))
     print(table(results))
     if "qmover" in tools and "skytools" in tools:
         print(ratios(results))
     if any(f.generator_late_rounds for f in results):
-        print("note: the load generator fell behind its schedule in some rounds; those runs carried less than "
-              "the load asked for, and their figures mean less")
+        notes.append("the load generator fell behind its schedule in some rounds; those runs carried less than "
+                     "the load asked for, and their figures mean less")
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
         args.json.write_text(json.dumps({"routes": args.routes, "rate": args.rate, "seconds": args.seconds,
                                          "warmup": args.warmup, "interval": args.interval,
-                                         "concurrency": args.concurrency,
+                                         "concurrency": args.concurrency, "servers": servers, "ticks": args.ticks,
+                                         "outage": args.outage, "idle": args.idle, "notes": notes,
+                                         "route_settings": args.route_setting,
                                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "results": [asdict(f) for f in results]}, indent=2))
         print(f"results written to {args.json}")

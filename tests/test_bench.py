@@ -55,3 +55,29 @@ def test_throughput_bench_times_each_step_and_process(tmp_path):
     assert set(modes["qmover"]["cpu_ms"]) == {"source", "target", "client"}
     assert modes["qmover"]["cpu_ms"]["source"] > 0 and modes["qmover"]["cpu_ms"]["target"] > 0
     assert set(modes["qmover"]["step_ms"]) >= {"next_batch", "position", "copy", "after_target_commit"}
+
+
+def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
+    """Both tools, partitions on two throwaway clusters, ticks as pgqd ticks, central down 2 s:
+    every figure printed, every event exactly once, the clusters gone after."""
+    broker = Redis()
+    out = tmp_path / "live.json"
+    try:
+        result = subprocess.run([sys.executable, "-m", "qmover", "bench", "--routes", "4", "--rate", "5",
+                                 "--seconds", "3", "--warmup", "3", "--servers", "2", "--ticks", "pgqd",
+                                 "--outage", "2", "--idle", "1", "--route-setting", "wake_on_tick = 1",
+                                 "--broker", broker.url, "--json", str(out)],
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        broker.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("central down: backlog when it came back", "from the tick that closed its batch",
+                "peak memory of the mover's processes", "busiest server", "idle (only ticks)"):
+        assert row in result.stdout, row
+    found = json.loads(out.read_text())
+    assert found["servers"] == 2 and found["ticks"] == "pgqd"
+    assert [run["tool"] for run in found["results"]] == ["qmover", "skytools"]
+    for run in found["results"]:
+        assert run["exactly_once"] and run["outage_backlog"] > 0 and run["outage_catch_up_s"] is not None
+        assert run["probes"] > 0 and run["probes_not_arrived"] == 0 and run["peak_memory_mb"] > 0
+        assert run["idle_busy_pct"] is not None and run["idle_stopped_busy_pct"] is not None

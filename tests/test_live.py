@@ -97,8 +97,8 @@ def live(make_db, tmp_path, redis_db) -> Iterator:
         procs = installed_processes(config, tmp_path)
         arrivals = Arrivals(HOST_DSN, central.name)
         arrivals.start()
-        made.append(Live(parts, central, config, procs, Load(HOST_DSN, [part.name for part in parts], rate),
-                         arrivals))
+        load = Load([HOST_DSN] * len(parts), [part.name for part in parts], rate)
+        made.append(Live(parts, central, config, procs, load, arrivals))
         return made[-1]
 
     yield build

@@ -32,7 +32,7 @@ ROUTE_KEYS = frozenset({
     "pgq_batch_collect_events", "pgq_batch_collect_interval", "pgq_keep_lag",
     "loop_delay", "move_interval", "move_budget", "ticker", "ticker_interval",
     "type_filter", "table_filter", "keep_event_id", "split_field", "split_map", "split_unknown",
-    "partitions", "max_source_connections", "merge_ticks", "queue_field", "pgq_consumer_id",
+    "partitions", "max_source_connections", "merge_ticks", "queue_field", "pgq_consumer_id", "wake_on_tick",
 })
 # skytools' queue_splitter reads its config from a section of its own name:
 # each event goes to the target queue its queue_field (default extra1) names.
@@ -360,6 +360,7 @@ def _read_route(section: _Section) -> Route:
         "split": split,
         "max_source_connections": section.number("max_source_connections", int, 1),
         "merge_ticks": section.flag("merge_ticks"),
+        "wake_on_tick": section.flag("wake_on_tick"),
     }
     return Route(
         name=job_name,

@@ -108,6 +108,9 @@ class Route:
     # once, closed after each task (None: one per worker process, kept open)
     max_source_connections: int | None = None
     merge_ticks: bool = True  # a route behind takes its waiting ticks as one batch (see qmover.protocol.batch)
+    # Celery: the source's ticks wake beat's sweep (a trigger, qmover.protocol.wake) instead of a
+    # sweep once a move_interval
+    wake_on_tick: bool = False
 
     @property
     def kind(self) -> RouteKind:

@@ -29,8 +29,8 @@ from qmover.pg.checks import (
     require_queue,
 )
 from qmover.pg.connector import Connector, Loan
-from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side, where
-from qmover.pg.queries import PGQ_EXT_COMMENT, Admin, Status
+from qmover.pg.db import NOT_ALLOWED, QUICK_CONNECT_TIMEOUT, Side, where
+from qmover.pg.queries import PGQ_EXT_COMMENT, WAKE_CHANNEL, WAKE_FUNCTION, WAKE_TRIGGER, Admin, Status
 from qmover.pg.session import Link
 from qmover.protocol import claim
 
@@ -42,20 +42,47 @@ def _opened(route: Route, *sides: Side) -> Iterator[list[Link]]:
         yield [loan.link(route, side) for side in sides]
 
 
+def _script(*parts: str) -> sql.Composed:
+    """qmover's SQL files as one script, so one transaction: all of it or nothing."""
+    texts = [resources.files("qmover.pg").joinpath(part).read_text() for part in parts]
+    return sql.Composed([sql.SQL(text) if part != "wake.sql" else sql.SQL(text).format(
+        channel=sql.Literal(WAKE_CHANNEL), trigger=sql.Identifier(WAKE_TRIGGER),
+        function=sql.Identifier(*WAKE_FUNCTION)) for part, text in zip(parts, texts, strict=True)])
+
+
+def _install_wake(route: Route, src: Link) -> bool:
+    """The tick wake on the route's source (wake.sql), unless there; whether it was made now."""
+    if src.value(Admin.HAS_WAKE):
+        return False
+    try:
+        src.run(_script("schema.sql", "wake.sql"))
+    except QmoverError as exc:
+        if exc.sqlstate != NOT_ALLOWED:
+            raise
+        raise QmoverError(
+            f"{where(route, 'source')}: the role may not install the tick wake (wake_on_tick = 1): it needs "
+            f"TRIGGER on pgq.tick and CREATE on the database (grant trigger on pgq.tick to ROLE; grant create "
+            f"on database DBNAME to ROLE), or install as pgq's owner; or set wake_on_tick = 0 to poll",
+            "source", exc.sqlstate) from None
+    return True
+
+
 def install(route: Route) -> str:
-    """Check pgq and queues on both sides, create pgq_ext and qmover's claim table
-    where absent, register the consumer."""
+    """Check pgq and queues on both sides, make the tick wake where the route
+    asks for it, create pgq_ext and qmover's claim table where absent,
+    register the consumer."""
     with _opened(route, "source", "target") as (src, dst):
         require_queue(src)
         require_queue(dst)
+        woken = _install_wake(route, src) if route.wake_on_tick else None
         created = not has_schema(dst, "pgq_ext")
         # qmover's own pgq_ext, new or from an earlier install, gets upstream's
         # rights and upgrade_schema(); anybody else's is left as it is.
         ours = created or dst.value(Admin.PGQ_EXT_MADE_BY_QMOVER, comment=PGQ_EXT_COMMENT)
         parts = (["pgq_ext.sql"] if created else []) + (["pgq_ext_rights.sql"] if ours else [])
-        parts += [] if dst.value(Admin.HAS_CLAIMS) else ["claims.sql"]
-        if parts:  # one script, so one transaction: all of it or nothing
-            dst.run(sql.SQL("\n".join(resources.files("qmover.pg").joinpath(part).read_text() for part in parts)))
+        parts += [] if dst.value(Admin.HAS_CLAIMS) else ["schema.sql", "claims.sql"]
+        if parts:
+            dst.run(_script(*parts))
         require_pgq_ext(dst)
         new = not is_registered(src)
         if new:
@@ -77,7 +104,8 @@ def install(route: Route) -> str:
         targets = f"target queues named by {route.split.field}" + (f" ({known} ready)" if known else "")
     return (f"route {route.name}: consumer {route.consumer!r} "
             f"{'registered' if new else 'already registered'} on {route.src_queue!r}; "
-            f"{targets}; pgq_ext {'created' if created else 'present'}")
+            f"{targets}; pgq_ext {'created' if created else 'present'}"
+            + ("" if woken is None else f"; tick wake {'installed' if woken else 'present'}"))
 
 
 @dataclass
@@ -250,12 +278,30 @@ def reset(route: Route) -> str:
 
 
 def unregister(route: Route) -> str:
-    """Unregister the source consumer and clear its target position."""
+    """Unregister the source consumer and clear its target position; with the
+    database's last consumer, drop the tick wake too."""
     with _opened(route, "source") as (src,):
         require_queue(src)
+        unwoken = (src.value(Admin.HAS_WAKE)
+                   and not src.value(Admin.OTHER_CONSUMERS, queue=route.src_queue, consumer=route.consumer))
+        if unwoken:
+            _drop_wake(route, src)
         count = src.value(Admin.UNREGISTER, queue=route.src_queue, consumer=route.consumer)
     with _opened(route, "target") as (dst,):
         if has_schema(dst, "pgq_ext"):
             dst.run(Admin.SET_LAST_TICK, consumer=route.consumer, tick=None)
     state = "unregistered" if count else "was not registered"
-    return f"route {route.name}: consumer {route.consumer!r} {state} on {route.src_queue!r}; target position cleared"
+    return (f"route {route.name}: consumer {route.consumer!r} {state} on {route.src_queue!r}; target position cleared"
+            + ("; tick wake removed (the database's last consumer)" if unwoken else ""))
+
+
+def _drop_wake(route: Route, src: Link) -> None:
+    try:
+        src.run(Admin.DROP_WAKE)
+    except QmoverError as exc:
+        if exc.sqlstate != NOT_ALLOWED:
+            raise
+        raise QmoverError(
+            f"{where(route, 'source')}: consumer {route.consumer!r} is the database's last, and the role may "
+            f"not drop the tick wake that goes with it: only pgq.tick's owner may (the role that created "
+            f"extension pgq); run qmover unregister as that role", "source", exc.sqlstate) from None

@@ -11,9 +11,6 @@
 --
 -- Unlogged: a claim is only worth the sessions that hold it, and a server
 -- crash ends them all, so it is written without WAL or a flush.
-create schema if not exists qmover;
-comment on schema qmover is 'qmover''s route claims (leases), installed by qmover';
-
 create unlogged table if not exists qmover.claim (
     kind text not null,          -- 'route' (name: the consumer) or 'place' (name: source database and place)
     name text not null,
@@ -26,6 +23,5 @@ create unlogged table if not exists qmover.claim (
 
 -- Anyone who can connect may see who holds what (beat's sweep, status);
 -- taking, renewing and giving back is for roles that may write the queues.
-grant usage on schema qmover to public;
 grant select on qmover.claim to public;
 grant insert, update, delete on qmover.claim to pgq_writer;

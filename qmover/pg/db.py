@@ -34,6 +34,7 @@ QUICK_CONNECT_TIMEOUT = 2
 # whose client is gone ends too, with its transaction and its claims.
 DEAD_PEER = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
              "tcp_user_timeout": "10000"}
+NOT_ALLOWED = "42501"  # insufficient_privilege: the role lacks a right
 # A statement qmover PREPAREd on this connection missing, or one it has not there already:
 # the connection reached another server session (invalid_sql_statement_name, duplicate_prepared_statement).
 PREPARED_ELSEWHERE = ("26000", "42P05")

@@ -93,6 +93,15 @@ EVENT_COLUMNS = ("ev_time", "ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_
 INCOMING = "qmover_incoming"
 # A pgq_ext schema qmover made (pgq_ext.sql sets this comment): install may bring it up to date.
 PGQ_EXT_COMMENT = "pgq_ext-compatible position tracking, installed by qmover"
+# The tick wake on a source (wake.sql): its trigger on pgq.tick, the
+# trigger's function, and the channel it NOTIFYs.
+WAKE_TRIGGER = "qmover_wake"
+WAKE_FUNCTION = ("qmover", "notify_tick")
+WAKE_CHANNEL = "qmover_tick"
+_HAS_WAKE = f"""
+    exists (select 1 from pg_catalog.pg_trigger
+             where tgrelid = to_regclass('pgq.tick') and tgname = '{WAKE_TRIGGER}' and tgenabled <> 'D')
+"""
 _HAS_TICK_API = """
     to_regprocedure('pgq_ext.get_last_tick(text)') is not null
     and to_regprocedure('pgq_ext.set_last_tick(text, bigint)') is not null
@@ -231,6 +240,9 @@ class Source:
           left join lateral (select t.tick_time, t.tick_event_seq from pgq.tick t
                               where t.tick_queue = s.sub_queue order by t.tick_id desc limit 1) latest on true
     """, prepared=True)
+    # Beat's sweep connection listens for the tick wake, and learns whether the
+    # trigger is there (a listener without it would wait for nothing).
+    LISTEN = Statement(f"listen {WAKE_CHANNEL}; select {_HAS_WAKE}")
 
 
 class Target:
@@ -359,6 +371,18 @@ class Admin:
     """install, rewind, reset, unregister."""
 
     HAS_CLAIMS = Statement("select to_regclass('qmover.claim') is not null")
+    HAS_WAKE = Statement(f"select {_HAS_WAKE}")
+    # The tick wake goes with the database's last consumer (unregister).
+    OTHER_CONSUMERS = Statement("""
+        select count(*) from pgq.subscription s
+          join pgq.consumer c on c.co_id = s.sub_consumer
+          join pgq.queue q on q.queue_id = s.sub_queue
+         where not (q.queue_name = %(queue)s and c.co_name = %(consumer)s)
+    """)
+    DROP_WAKE = Statement(f"""
+        drop trigger if exists {WAKE_TRIGGER} on pgq.tick;
+        drop function if exists {".".join(WAKE_FUNCTION)}()
+    """)
     PGQ_EXT_MADE_BY_QMOVER = Statement("select obj_description('pgq_ext'::regnamespace, 'pg_namespace') = %(comment)s")
     REGISTER = Statement("select pgq.register_consumer(%(queue)s, %(consumer)s)")
     REGISTER_AT = Statement("select pgq.register_consumer_at(%(queue)s, %(consumer)s, %(tick)s)")

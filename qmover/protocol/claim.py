@@ -33,7 +33,7 @@ from qmover.config.route import Route, by_database, database_of
 from qmover.errors import QmoverError, TransientError
 from qmover.pg import queries
 from qmover.pg.connector import Loan
-from qmover.pg.db import where
+from qmover.pg.db import NOT_ALLOWED, where
 from qmover.pg.session import Link
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ RENEW_EVERY = LEASE / 3  # seconds between renewals, while the mover moves
 HELD_TOO_LONG = 30.0  # seconds past its move_budget a claim may last before the sweep and status say so
 # What the server says when claims.sql was never run there, or the role may not use it.
 NOT_INSTALLED = ("42P01", "3F000")
-NOT_ALLOWED = "42501"
 
 
 def source_name(route: Route) -> str:

@@ -38,6 +38,7 @@ from qmover.pg.db import QUICK_CONNECT_TIMEOUT, Side
 from qmover.pg.queries import Session, Source
 from qmover.pg.session import Link
 from qmover.protocol import claim
+from qmover.protocol.wake import Wakes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +50,11 @@ RESEND_AT_LEAST = 5.0  # and not before this many seconds
 
 
 def slices(routes: Iterable[Route], interval: float) -> int:
-    """Into how many slices the source databases of these routes (one interval) are swept."""
+    """Into how many slices the source databases of these routes (one interval) are swept:
+    one when their ticks wake the sweep (the scheduled sweeps then leave most of them out)."""
+    routes = list(routes)
+    if all(route.wake_on_tick for route in routes):
+        return 1
     databases = len(by_database(routes, "source"))
     return max(1, min(MAX_SLICES, databases, int(interval / MIN_SWEEP_PERIOD)))
 
@@ -93,10 +98,6 @@ def waiting(route: Route, row: Sequence[Any] | None, resend: float) -> float | N
         if not enough:
             return -1.0
     return float(waited)
-
-
-def _sweep_state(routes: list[Route], src: Link) -> list[tuple]:
-    return src.rows(Source.SWEEP_STATE, queues=[r.src_queue for r in routes], consumers=[r.consumer for r in routes])
 
 
 @dataclass(frozen=True)
@@ -164,32 +165,59 @@ class Sweeper:
         self.outstanding = Outstanding()
         self._down: dict[tuple, tuple[Route, Side]] = {}  # database key -> a route to reach it by
         self._prober: threading.Thread | None = None  # runs while any database is down
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # over _down, shared with the prober
+        self._using = threading.RLock()  # over the connections and the rest, shared with the waker
+        self.wakes = Wakes(self._using)
         self._next_slice: dict[float, int] = {}  # interval -> the slice its next sweep asks
         self._slicing: dict[float, tuple[tuple[Route, ...], list[list[Route]]]] = {}  # interval -> routes, slices
         self._overdue: dict[str, str] = {}  # route -> the holder it was said to hold it too long
 
-    def sweep(self, routes: Sequence[Route], interval: float) -> Swept:
-        """Ask the next slice of these routes' (one interval's) source databases."""
-        routes = tuple(routes)
+    def sweep(self, routes: Sequence[Route], interval: float, send: Callable[[list[Route]], None]) -> Swept:
+        """Ask the next slice of these routes' (one interval's) source databases, and
+        send(ready routes); until the next few sweeps, send what their ticks wake too."""
+        with self._using:
+            swept = self._sweep(tuple(routes), interval)
+            send(swept.ready)
+            self.sent(swept.ready)
+            self.wakes.keep_alive(interval / swept.slices, functools.partial(self._woken, send=send))
+        return swept
+
+    def _woken(self, routes: list[Route], interval: float, send: Callable[[list[Route]], None]) -> None:
+        """Sweep the routes of databases that ticked (the waker's), and send the ready ones."""
+        ready = self.ready(routes, resend_after(interval), interval, woken=True)
+        log.debug("wake: %d route(s) ticked, sent %s", len(routes), ", ".join(route.name for route in ready) or "none")
+        if ready:
+            send(ready)
+            self.sent(ready)
+
+    def _sweep(self, routes: tuple[Route, ...], interval: float) -> Swept:
         cached = self._slicing.get(interval)
         if cached is None or cached[0] != routes:  # worked out again only when the routes change
             cached = self._slicing[interval] = (routes, sliced(routes, interval))
         slice_no = self._next_slice.get(interval, 0) % len(cached[1])
         self._next_slice[interval] = slice_no + 1
         mine = cached[1][slice_no]
-        swept = Swept(slice_no, len(cached[1]), len(mine), self.ready(mine, resend_after(interval)))
+        swept = Swept(slice_no, len(cached[1]), len(mine), self.ready(mine, resend_after(interval), interval))
         log.debug("sweep of slice %d/%d (%d routes): ready %s", swept.slice + 1, swept.slices, swept.routes,
                   ", ".join(route.name for route in swept.ready) or "none")
         return swept
 
-    def ready(self, routes: Iterable[Route], resend: float) -> list[Route]:
+    def ready(self, routes: Iterable[Route], resend: float, interval: float = 1.0, *,
+              woken: bool = False) -> list[Route]:
         """The routes to move now: a batch may be ready, no mover on them, and
-        no task of theirs waiting (for up to resend seconds); the most behind first."""
+        no task of theirs waiting (for up to resend seconds); the most behind first.
+
+        A scheduled sweep (not woken) leaves out the databases whose ticks wake
+        it, but for a safety sweep now and then (qmover.protocol.wake)."""
         now = time.monotonic()
         candidates: list[tuple[float, Route]] = []
         for group in by_database(routes, "source"):
-            rows = self._ask(group, "source", functools.partial(_sweep_state, group), list[tuple]())
+            key = database_of(group[0].src_dsn)
+            if not woken and self.wakes.listening(key, now):
+                continue
+            rows = self._ask(group, "source", functools.partial(self._source_state, key, group, interval, now),
+                             list[tuple]())
+            self.wakes.swept(key, now)
             if rows is not None:
                 state = {(row[0], row[1]): row[2:] for row in rows}
                 candidates += self.outstanding.candidates(group, state, resend, now)
@@ -208,6 +236,14 @@ class Sweeper:
         ready.sort(key=lambda pair: -pair[0])
         return [route for _, route in ready]
 
+    def _source_state(self, key: tuple, group: list[Route], interval: float, now: float, src: Link) -> list[tuple]:
+        """Where the group's consumers stand (Source.SWEEP_STATE), and the tick wake
+        listened for where a route asks for it."""
+        if any(route.wake_on_tick for route in group):
+            self.wakes.listen(key, group, interval, src, now)
+        return src.rows(Source.SWEEP_STATE, queues=[route.src_queue for route in group],
+                        consumers=[route.consumer for route in group])
+
     def _held(self, route: Route, held: claim.Held) -> None:
         """Say once per claim when a mover has held a route with a batch ready for longer than it should."""
         if not held.overdue(route):
@@ -218,7 +254,8 @@ class Sweeper:
 
     def sent(self, routes: Iterable[Route]) -> None:
         """Note that these routes (from ready()) have a task on its way."""
-        self.outstanding.sent(routes, time.monotonic())
+        with self._using:
+            self.outstanding.sent(routes, time.monotonic())
 
     def _ask(self, group: list[Route], side: Side, ask: Callable[[Link], T], otherwise: T) -> T | None:
         """What ask() finds on the group's database; None when it does not answer,

@@ -164,18 +164,21 @@ class RunsInBeat(Task):
 def sweep(self: Task, interval: float) -> dict[str, Any]:
     """Send move tasks for the routes of this move_interval, in its next slice
     of source databases, that have a batch ready and no mover or task waiting:
-    the most behind first, routes_per_task routes to a task."""
+    the most behind first, routes_per_task routes to a task.  Until the next
+    few sweeps, the same for the databases whose ticks wake beat (wake_on_tick)."""
     try:
         config = config_for(self.app)
     except QmoverError as exc:
         log.error("%s", exc)
         return {"routes": 0, "sent": []}
-    sweeper = process.current().sweeper
-    swept = sweeper.sweep([route for route in config.routes.values() if route.move_interval == interval], interval)
     move = self.app.tasks[MOVE_TASK]
-    for chunk in chunks(swept.ready, config.routes_per_task):
-        move.apply_async(tuple(route.name for route in chunk), queue=config.celery_queue)
-        sweeper.sent(chunk)
+
+    def send(ready: list[Route]) -> None:
+        for chunk in chunks(ready, config.routes_per_task):
+            move.apply_async(tuple(route.name for route in chunk), queue=config.celery_queue)
+
+    routes = [route for route in config.routes.values() if route.move_interval == interval]
+    swept = process.current().sweeper.sweep(routes, interval, send)
     return {"slice": f"{swept.slice + 1}/{swept.slices}", "routes": swept.routes,
             "sent": [route.name for route in swept.ready]}
 

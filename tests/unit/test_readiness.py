@@ -96,6 +96,9 @@ def test_sources_are_dealt_into_at_most_four_slices_of_whole_databases():
     dealt = sliced(routes, 1.0)
     assert [[r.name for r in part] for part in dealt] == [
         ["r0", "r1", "r8", "r9"], ["r2", "r3"], ["r4", "r5"], ["r6", "r7"]]
+    woken = [replace(r, wake_on_tick=True) for r in routes]
+    assert slices(woken, 1.0) == 1  # their ticks wake the sweep: one scheduled sweep an interval
+    assert slices([*woken[:9], routes[9]], 1.0) == 4  # one route polled: sliced as before
 
 
 def test_one_database_reached_by_two_logins_is_in_one_slice():

@@ -1,0 +1,210 @@
+"""The tick wake: a source database's ticks wake beat's sweep of it.
+
+PgQ tells no one when it ticks, so a route without the wake waits for the
+next sweep of its database, once a move_interval.  Where a route sets
+wake_on_tick, `qmover install` puts a trigger on the source's pgq.tick
+(qmover/pg/wake.sql) that NOTIFYs at each ticking commit, and the sweep's
+own connection to that database LISTENs: a Waker thread waits on those
+connections and sweeps a database as soon as it has ticked.
+
+A listening database is left out of the scheduled sweeps except once every
+SAFETY_SWEEP seconds, which also looks for the trigger again: a task the
+broker lost, or a mover that died with its batch open on a queue that no
+longer ticks, is still found.  A database whose trigger is missing (never
+installed, or lost in a dump and restore) is swept every move_interval, as
+without the wake, and the log says so once.  A connection that fails or
+closes stops listening; the next scheduled sweep of its database listens
+on the new one.
+
+The waker sends only while scheduled sweeps keep coming: beat's scheduler,
+or celery-redbeat's lock, decides which beat sweeps, and a standby's waker
+never starts.  Knows nothing of Celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import psycopg2
+from psycopg2.extensions import connection
+
+from qmover.config.route import Route
+from qmover.pg.queries import Source
+from qmover.pg.session import Link, Session
+
+log = logging.getLogger(__name__)
+SAFETY_SWEEP = 30.0  # seconds: a listening database is swept (and its trigger looked for) this often all the same
+WAIT_AT_MOST = 1.0  # seconds the waker waits on its connections before it looks at which they are again
+# Seconds at least between two sweeps of databases that ticked: a tick alone
+# is swept at once, and the ticks of many partitions go in fewer, fuller
+# sweeps and tasks (at most 1 / COALESCE a second), each waiting at most that long.
+COALESCE = 0.1
+ALIVE_PERIODS = 3  # the waker sends while a scheduled sweep came within this many sweep periods
+ALIVE_AT_LEAST = 3.0  # seconds, however short the period
+
+
+@dataclass
+class _Database:
+    """What the wake knows of one source database."""
+
+    routes: list[Route] = field(default_factory=list)  # its routes that set wake_on_tick
+    interval: float = 1.0  # their move_interval
+    session: Session | None = None  # beat's kept connection to it, LISTENing with the trigger there
+    checked: float = float("-inf")  # monotonic time the trigger was last looked for
+    swept: float = float("-inf")  # monotonic time it was last swept
+    missing: bool = False  # the trigger was not there when last looked for
+
+
+class Wakes:
+    """The source databases whose ticks wake the sweep, and the thread that waits for them.
+
+    lock: the sweeper's, held by every user of the sweeper's connections;
+    the waker holds it while it reads notifications and sweeps.
+    """
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+        self._databases: dict[tuple, _Database] = {}  # database key -> its wake
+        self._thread: threading.Thread | None = None
+        self._alive_until = 0.0
+        self._sweep: Callable[[list[Route], float], None] | None = None
+        self._version = 0  # changes whenever a database starts or stops listening
+
+    def listen(self, key: tuple, routes: list[Route], interval: float, link: Link, now: float) -> None:
+        """On a sweep of the database (the lock held): listen on its connection, unless it
+        listens already or the trigger was looked for lately; say when the trigger is missing."""
+        database = self._databases.setdefault(key, _Database())
+        database.routes, database.interval = [route for route in routes if route.wake_on_tick], interval
+        if now - database.checked < SAFETY_SWEEP and (database.missing or self._on(database, link.session)):
+            return
+        found = bool(link.value(Source.LISTEN))
+        link.session.done.add(Source.LISTEN.name)
+        database.checked = now
+        database.session = link.session if found else None
+        self._version += 1
+        if not found and not database.missing:
+            log.warning("sweep: %s: routes %s set wake_on_tick, but the database has no tick wake (run qmover "
+                        "install; a dump and restore leaves it out): swept every %g s instead",
+                        link.route.src_display, ", ".join(route.name for route in database.routes), interval)
+        elif found and database.missing:
+            log.info("sweep: %s: the tick wake is back; swept when it ticks", link.route.src_display)
+        database.missing = not found
+
+    def listening(self, key: tuple, now: float) -> bool:
+        """Whether a scheduled sweep may leave the database out: it listens, and was swept lately."""
+        database = self._databases.get(key)
+        return database is not None and self._on(database) and now - database.swept < SAFETY_SWEEP
+
+    @staticmethod
+    def _on(database: _Database, session: Session | None = None) -> bool:
+        """Whether the database listens (on session, when given): a session's connection
+        replaced after a failure listens no more (qmover.pg.session)."""
+        listening = database.session
+        return (listening is not None and (session is None or listening is session)
+                and not listening.closed and Source.LISTEN.name in listening.done)
+
+    def swept(self, key: tuple, now: float) -> None:
+        database = self._databases.get(key)
+        if database is not None:
+            database.swept = now
+
+    def keep_alive(self, period: float, sweep: Callable[[list[Route], float], None]) -> None:
+        """A scheduled sweep ran (the lock held): send for the next few periods through
+        sweep(routes, interval), and start waiting for ticks if any database listens."""
+        self._alive_until = time.monotonic() + max(ALIVE_AT_LEAST, ALIVE_PERIODS * period)
+        self._sweep = sweep
+        if self._thread is None and self._databases:
+            self._thread = threading.Thread(target=self._wait, name="qmover-waker", daemon=True)
+            self._thread.start()
+
+    def _wait(self) -> None:
+        """Wait for ticks; sweep a database that ticked at once, unless the last such sweep was
+        less than COALESCE ago: then with the others that tick until then."""
+        selector = selectors.DefaultSelector()  # epoll: a fan-in has more than select()'s 1,024 sockets
+        registered: dict[int, tuple[connection, _Database]] = {}  # file descriptor -> what it was registered for
+        woken: dict[int, _Database] = {}  # id -> a database that ticked, not yet swept
+        swept_at = float("-inf")  # monotonic time of the last sweep of woken databases
+        version = -1
+        while True:
+            if version != self._version:
+                with self._lock:
+                    version = self._version
+                    self._register(selector, registered)
+            wait = WAIT_AT_MOST if not woken else max(0.0, swept_at + COALESCE - time.monotonic())
+            if registered:
+                ready = [registered[key.fd][1] for key, _ in selector.select(wait) if key.fd in registered]
+            else:
+                time.sleep(wait)
+                ready = []
+            with self._lock:
+                # on a timeout, also what a sweep's statement read on a connection meanwhile
+                asked = ready if ready or woken else [database for _, database in registered.values()]
+                for database in self._woken(asked, polled=bool(ready)):
+                    woken[id(database)] = database
+                if not woken or time.monotonic() < swept_at + COALESCE:
+                    continue
+                swept, swept_at = list(woken.values()), time.monotonic()
+                woken.clear()
+                if swept_at < self._alive_until and self._sweep is not None:
+                    self._sweep_woken(swept, self._sweep)
+                for database in self._woken(swept, polled=False):  # ticked while it was swept
+                    woken[id(database)] = database
+
+    def _register(self, selector: selectors.BaseSelector, registered: dict[int, tuple[connection, _Database]]
+                  ) -> None:
+        """The selector waits on the listening connections, and no others (the lock held)."""
+        wanted = {session.conn.fileno(): (session.conn, database) for database in self._databases.values()
+                  if self._on(database) and (session := database.session) is not None}
+        for fd, (conn, _) in list(registered.items()):
+            if fd not in wanted or wanted[fd][0] is not conn:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    selector.unregister(fd)
+                del registered[fd]
+        for fd, pair in wanted.items():
+            if fd not in registered:
+                selector.register(fd, selectors.EVENT_READ)
+            registered[fd] = pair
+
+    @staticmethod
+    def _sweep_woken(woken: list[_Database], sweep: Callable[[list[Route], float], None]) -> None:
+        """Sweep the routes of the databases that ticked, per move_interval (the lock held)."""
+        by_interval: dict[float, list[Route]] = {}
+        for database in woken:
+            by_interval.setdefault(database.interval, []).extend(database.routes)
+        for interval, routes in by_interval.items():
+            try:
+                sweep(routes, interval)
+            except Exception as exc:  # the broker down, say: the next tick or sweep tries again
+                log.warning("wake: could not send the moves of %d route(s) that ticked: %s", len(routes), exc)
+
+    def _woken(self, databases: Iterable[_Database], polled: bool) -> list[_Database]:
+        """The databases among these whose connection brought a notification (the lock
+        held); polled: their sockets are readable, so read them first.
+
+        A connection that fails here is closed with the database's other idle
+        ones: its sweep, done now, opens another and listens there, or finds
+        the database down."""
+        woken = []
+        for database in databases:
+            session = database.session
+            if session is None or not self._on(database):
+                continue
+            try:
+                if polled:
+                    session.conn.poll()
+            except psycopg2.Error:
+                session.connector.drop_idle(session.key)
+                database.session = None
+                self._version += 1
+                woken.append(database)
+                continue
+            if session.conn.notifies:
+                session.conn.notifies.clear()
+                woken.append(database)
+        return woken

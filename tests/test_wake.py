@@ -1,0 +1,184 @@
+"""The tick wake (wake_on_tick): a source's ticks wake beat's sweep of it.
+
+Counted in sweeps, not seconds: with a long move_interval, batches of a
+source with the wake arrive while beat runs hardly any scheduled sweep; a
+source without it waits for them, as before.
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+
+from psycopg2 import sql
+from test_beat_lock import active_beat, start_beats, sweeps
+from test_privileges import make_role  # noqa: F401 (a fixture)
+
+from qmover_lab.sandbox import Cluster
+
+from celery_helpers import wait_until
+from conftest import PgqDatabase, installed_processes, run_qmover
+
+INTERVAL = 10  # seconds: a scheduled sweep of a slice every 5 s (two sources), rare next to a tick's move
+WAKE = "wake_on_tick = 1"
+
+
+def has_wake(database) -> bool:
+    return bool(database.value("select count(*) from pg_trigger where tgname = 'qmover_wake'"))
+
+
+def rounds_moved(pipe, part: int, rounds: int, beats: tuple[str, ...] = ("beat",)) -> int:
+    """Produce and tick rounds on one partition, each waited for in central; the scheduled
+    sweeps beat ran meanwhile."""
+    before = sum(sweeps(pipe.procs.log(name)) for name in beats)
+    for n in range(rounds):
+        pipe.parts[part].produce_series("events", 5, tag=f"w{part}-{n}-{before}-")
+        pipe.parts[part].tick("events")
+        expected = sum(len(p.events("events")) for p in pipe.parts)
+        wait_until(lambda expected=expected: len(pipe.central_events()) >= expected, 60, f"round {n} in central")
+    return sum(sweeps(pipe.procs.log(name)) for name in beats) - before
+
+
+def test_a_tick_moves_without_waiting_for_a_sweep_and_a_source_without_the_wake_keeps_polling(pipeline):
+    pipe = pipeline(2, interval=INTERVAL, first_extra=WAKE)
+    assert has_wake(pipe.parts[0]) and not has_wake(pipe.parts[1])
+    pipe.procs.worker(concurrency=2)
+    pipe.procs.beat()
+    wait_until(lambda: sweeps(pipe.procs.log("beat")) >= 1, 30, "beat's first sweep")
+
+    woken = rounds_moved(pipe, 0, 6)
+    polled = rounds_moved(pipe, 1, 2)
+
+    print(f"scheduled sweeps while 6 woken rounds moved: {woken}; while 2 polled rounds moved: {polled}")
+    # Without the wake each round waits for a sweep of its slice, one in two sweeps.
+    assert woken <= 2
+    assert polled >= 2
+    pipe.wait_for(0)
+
+
+def test_the_wake_survives_a_source_restart(make_db, tmp_path, redis_db):
+    cluster = Cluster()
+    try:
+        cluster.execute("postgres", "create database wake_src")
+        src = PgqDatabase("wake_src", server=f"host=127.0.0.1 port={cluster.port} user=postgres")
+        src.execute("create extension pgq")
+        src.create_queue("events")
+        central = make_db()
+        central.create_queue("central_events")
+        config = tmp_path / "wake.ini"
+        config.write_text(f"[qmover]\nbroker_url = {redis_db.url}\n\n[part]\nsrc_db = {src.dsn}\n"
+                          f"dst_db = {central.dsn}\npgq_queue_name = events\ndst_queue_name = central_events\n"
+                          f"move_interval = {INTERVAL}\n{WAKE}\n")
+        procs = installed_processes(config, tmp_path)
+        try:
+            procs.worker(concurrency=1)
+            procs.beat()
+            wait_until(lambda: sweeps(procs.log("beat")) >= 1, 30, "beat's first sweep")
+
+            def moved(rounds: int, tag: str) -> int:
+                before = sweeps(procs.log("beat"))
+                for n in range(rounds):
+                    src.produce_series("events", 5, tag=f"{tag}{n}-")
+                    src.tick("events")
+                    count = len(src.events("events"))
+                    wait_until(lambda count=count: len(central.events("central_events")) >= count, 60,
+                               f"{tag} round {n}")
+                return sweeps(procs.log("beat")) - before
+
+            assert moved(3, "before") <= 1
+            cluster.restart()
+            moved(1, "back")  # may wait for the scheduled sweep that listens on a new connection
+            after = moved(4, "after")
+            print(f"scheduled sweeps while 4 rounds moved after the restart: {after}")
+            assert after <= 1
+            assert sorted(central.events("central_events")) == sorted(src.events("events"))
+        finally:
+            procs.stop()
+    finally:
+        cluster.close()
+
+
+def test_a_standby_beat_takes_over_the_wake(pipeline):
+    pipe = pipeline(2, interval=INTERVAL, extra=WAKE)
+    beats = ("beat_a", "beat_b")
+    pipe.procs.worker(concurrency=2)
+    start_beats(pipe.procs, beats)
+    first = active_beat(pipe.procs, beats)
+    [standby] = [name for name in beats if name != first]
+    wait_until(lambda: sweeps(pipe.procs.log(first)) >= 1, 30, "the active beat's first sweep")
+    assert rounds_moved(pipe, 0, 3, beats) <= 1
+
+    pipe.procs.kill(first)
+    wait_until(lambda: sweeps(pipe.procs.log(standby)) >= 1, 60, "the standby's first sweep")
+    taken_over = rounds_moved(pipe, 1, 4, beats)
+
+    print(f"scheduled sweeps while 4 rounds moved after the failover: {taken_over}")
+    assert taken_over <= 2
+    pipe.wait_for(0)
+
+
+def test_a_missing_trigger_falls_back_to_polling_and_says_so_and_upgrades_keep_it(pipeline):
+    pipe = pipeline(1, interval=2, extra=WAKE)
+    part = pipe.parts[0]
+    # PgQ's update script (run as from 3.4) keeps the trigger
+    part.execute("update pg_extension set extversion = '3.4' where extname = 'pgq'")
+    part.execute("alter extension pgq update")
+    assert has_wake(part)
+    # pg_dump leaves it out: pgq.tick is the extension's table
+    dump = subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", "postgres", part.name], capture_output=True,
+                          text=True, check=True).stdout
+    assert "notify_tick" in dump and "qmover_wake" not in dump
+    part.execute("drop trigger qmover_wake on pgq.tick")  # as after a restore
+
+    pipe.procs.worker(concurrency=1)
+    pipe.procs.beat()
+    wait_until(lambda: "has no tick wake" in pipe.procs.log("beat"), 30, "beat to say the wake is missing")
+    pipe.wait_for(pipe.produce(2))  # polled: moving all the same
+
+    assert "tick wake installed" in run_qmover("install", str(pipe.config), check=True).stdout
+    wait_until(lambda: "the tick wake is back" in pipe.procs.log("beat"), 60, "beat to listen again")
+    assert pipe.procs.log("beat").count("has no tick wake") == 1  # said once
+    assert rounds_moved(pipe, 0, 4) <= 1  # sweeps every 2 s: woken rounds take less
+
+
+def test_install_and_removal_are_idempotent_and_need_only_the_rights_named(make_role, route):  # noqa: F811
+    """Installing the wake takes TRIGGER on pgq.tick and CREATE on the database; removing it
+    (with the database's last consumer) takes pgq.tick's owner.  Short of them: one line, nothing changed."""
+    role = make_role("pgq_reader")
+    admin_config = route.config.read_text() + f"{WAKE}\n"
+    route.config.write_text(admin_config.replace(f"dbname={route.src.name}", f"dbname={route.src.name} user={role}"))
+
+    refused = route.qmover("install")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "may not install the tick wake" in refused.stderr and "grant trigger on pgq.tick" in refused.stderr
+    assert not has_wake(route.src)
+
+    route.src.execute(sql.SQL("grant trigger on pgq.tick to {}").format(sql.Identifier(role)))
+    route.src.execute(sql.SQL("grant create on database {} to {}").format(sql.Identifier(route.src.name),
+                                                                         sql.Identifier(role)))
+    assert "tick wake installed" in route.qmover("install", check=True).stdout
+    assert "tick wake present" in route.qmover("install", check=True).stdout
+    assert has_wake(route.src)
+    # a statement on pgq.tick by another role (pgqd's) fires it
+    listener = route.src.connect()
+    try:
+        listener.cursor().execute("listen qmover_tick")
+        route.src.produce_series("eventlog", 1)
+        route.src.tick("eventlog")
+        assert select.select([listener], [], [], 10)[0]
+        listener.poll()
+        assert listener.notifies
+    finally:
+        listener.close()
+
+    kept = route.qmover("unregister")
+    assert kept.returncode == 1 and "Traceback" not in kept.stderr
+    assert "only pgq.tick's owner may" in kept.stderr
+    assert has_wake(route.src) and route.src.value("select count(*) from pgq.subscription") == 1
+
+    route.config.write_text(admin_config)
+    assert "tick wake removed" in route.qmover("unregister", check=True).stdout
+    assert not has_wake(route.src)
+    assert route.src.value("select to_regprocedure('qmover.notify_tick()')") is None
+    again = route.qmover("unregister", check=True).stdout
+    assert "was not registered" in again and "tick wake" not in again

@@ -224,7 +224,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
              for line in table]
     lines += [f"error: {row['error']}" for row in rows if row["error"]]
-    lines += [f"warning: {row['held_too_long']}" for row in rows if row["held_too_long"]]
+    lines += [f"warning: {row[key]}" for row in rows for key in ("held_too_long", "wake_missing") if row.get(key)]
     return "\n".join(lines)
 
 

@@ -540,7 +540,7 @@ class Bench:
                 figures.caught_up_after_s = self._catch_up(counter, tool, load, before_count)
                 if args.outage:
                     self._outage(figures, counter, tool, load, before_count)
-                produced0, rounds0, late0 = load.snapshot()
+                produced0, _, late0 = load.snapshot()
                 movers = [pid for root in roots for pid in descendants(root)]
                 cpu0 = self._cpu(movers)
                 parts0 = self._parts(tool, roots)
@@ -551,7 +551,7 @@ class Bench:
                 parts1 = self._parts(tool, roots)
                 busy1 = machine_busy()
                 window_end = time.monotonic()
-                produced1, rounds1, late1 = load.snapshot()
+                produced1, _, late1 = load.snapshot()
                 load.quiet()  # the partitions only tick from now on
                 stopped = time.monotonic()
                 produced = load.snapshot()[0]
@@ -575,7 +575,8 @@ class Bench:
                 memory.stop()
         seconds = window_end - started
         figures.produced_in_window = produced1 - produced0
-        figures.batches_in_window = rounds1 - rounds0
+        figures.batches_in_window = sum(1 for ticks in load.ticked.values() for _, when in ticks
+                                        if started <= when < window_end)  # a batch per tick, at most
         figures.machine_busy_pct = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
         for part in ("mover", "postgres", "redis", "load"):
             setattr(figures, f"{part}_cpu_s", round(cpu1[part] - cpu0[part], 1))

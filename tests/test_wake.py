@@ -129,6 +129,10 @@ def test_a_missing_trigger_falls_back_to_polling_and_says_so_and_upgrades_keep_i
                           text=True, check=True).stdout
     assert "notify_tick" in dump and "qmover_wake" not in dump
     part.execute("drop trigger qmover_wake on pgq.tick")  # as after a restore
+    status = run_qmover("status", str(pipe.config), "--json", check=True).stdout
+    assert '"tick_wake": false' in status and "has no tick wake (run qmover install" in status
+    assert "warning: route partition_0: wake_on_tick = 1, but the source database" in run_qmover(
+        "status", str(pipe.config), check=True).stdout
 
     pipe.procs.worker(concurrency=1)
     pipe.procs.beat()
@@ -136,6 +140,7 @@ def test_a_missing_trigger_falls_back_to_polling_and_says_so_and_upgrades_keep_i
     pipe.wait_for(pipe.produce(2))  # polled: moving all the same
 
     assert "tick wake installed" in run_qmover("install", str(pipe.config), check=True).stdout
+    assert '"tick_wake": true' in run_qmover("status", str(pipe.config), "--json", check=True).stdout
     wait_until(lambda: "the tick wake is back" in pipe.procs.log("beat"), 60, "beat to listen again")
     assert pipe.procs.log("beat").count("has no tick wake") == 1  # said once
     assert rounds_moved(pipe, 0, 4) <= 1  # sweeps every 2 s: woken rounds take less

@@ -32,7 +32,7 @@ from qmover.pg.connector import Connector, Loan
 from qmover.pg.db import NOT_ALLOWED, QUICK_CONNECT_TIMEOUT, Side, where
 from qmover.pg.queries import PGQ_EXT_COMMENT, WAKE_CHANNEL, WAKE_FUNCTION, WAKE_TRIGGER, Admin, Status
 from qmover.pg.session import Link
-from qmover.protocol import claim
+from qmover.protocol import claim, wake
 
 
 @contextmanager
@@ -111,6 +111,7 @@ def install(route: Route) -> str:
 @dataclass
 class _SourceState:
     pgq: bool
+    wake: bool | None = None  # the tick wake is there (None: no route there asks for it)
     queues: set[str] = field(default_factory=set)
     consumers: dict[tuple[str, str], tuple] = field(default_factory=dict)  # (queue, consumer) -> info
 
@@ -126,10 +127,12 @@ class _TargetState:
     held: dict[str, claim.Held] = field(default_factory=dict)  # consumer -> its live claim
 
 
-def _read_source(_group: list[Route], src: Link) -> _SourceState:
+def _read_source(group: list[Route], src: Link) -> _SourceState:
     if not has_schema(src, "pgq"):
         return _SourceState(pgq=False)
     state = _SourceState(pgq=True)
+    if any(route.wake_on_tick for route in group):
+        state.wake = bool(src.value(Admin.HAS_WAKE))
     for queue, consumer, *info in src.rows(Status.SOURCE):
         state.queues.add(queue)
         if consumer is not None:
@@ -202,8 +205,11 @@ def _status(route: Route, source: Any, target: Any) -> dict[str, Any]:
         "lag_seconds": None, "last_seen_seconds": None, "pending_events": None,
         "source_last_tick": None, "current_batch": None, "target_last_tick": None,
         "held_by": None, "held_seconds": None, "held_too_long": None,
+        "tick_wake": None, "wake_missing": None,
         "error": _source_problem(route, source) or _target_problem(route, target),
     }
+    if route.wake_on_tick and isinstance(source, _SourceState) and source.wake is not None:
+        info.update(tick_wake=source.wake, wake_missing=None if source.wake else wake.missing([route]))
     if isinstance(source, _SourceState) and (route.src_queue, route.consumer) in source.consumers:
         lag, seen, last_tick, batch, pending = source.consumers[(route.src_queue, route.consumer)]
         info.update(lag_seconds=lag, last_seen_seconds=seen, pending_events=pending,

@@ -9,8 +9,9 @@ each database once an interval, so that the moves a sweep starts are spread
 over the interval instead of queuing up behind each other.
 
 A route sent a task is not sent another while that task waits (its position
-has not moved), unless RESEND_AFTER passes: a task the broker lost, or one a
-killed worker had taken, is replaced then.  So no task expires unrun, and a
+has not moved), unless resend_after() passes: a task the broker lost, or one
+a killed worker had taken, is replaced then, and again after twice and four
+times as long, so that workers slower than that get no pile of tasks.  So no task expires unrun, and a
 route has at most one task queued while the workers keep up.
 
 Errs towards ready: a consumer the query does not find (a dropped queue, an
@@ -46,7 +47,8 @@ PROBE_EVERY = 1.0
 MAX_SLICES = 4  # slices of one interval's source databases
 MIN_SWEEP_PERIOD = 0.05  # seconds between two sweeps of one interval, at least
 RESEND_INTERVALS = 5  # a task not yet run is replaced after this many intervals,
-RESEND_AT_LEAST = 5.0  # and not before this many seconds
+RESEND_AT_LEAST = 5.0  # and not before this many seconds,
+RESEND_DOUBLINGS = 2  # and, while its position stays, each replacement after twice as long, up to four times
 
 
 def slices(routes: Iterable[Route], interval: float) -> int:
@@ -114,6 +116,13 @@ class Swept:
 class _Sent:
     at: float  # monotonic time the task was sent
     position: int | None  # the consumer's position then
+    resent: int = 0  # tasks sent again since, the position unchanged
+
+    def due(self, resend: float, now: float) -> bool:
+        """Whether the task may be replaced: resend seconds after it was sent, twice and
+        then four times that after replacements, so that workers slower than resend do
+        not get a queue of tasks that all find nothing."""
+        return now - self.at >= resend * 2 ** min(self.resent, RESEND_DOUBLINGS)
 
 
 class Outstanding:
@@ -140,7 +149,7 @@ class Outstanding:
                 continue
             position = row[0] if row else None
             sent = self._sent.get(route.name)
-            if sent and sent.position == position and now - sent.at < resend:
+            if sent and sent.position == position and not sent.due(resend, now):
                 continue  # its task has not run yet
             self._seen[route.name] = position
             found.append((waited, route))
@@ -153,7 +162,9 @@ class Outstanding:
     def sent(self, routes: Iterable[Route], now: float) -> None:
         """These routes (from candidates()) have a task on its way."""
         for route in routes:
-            self._sent[route.name] = _Sent(now, self._seen.get(route.name))
+            position, before = self._seen.get(route.name), self._sent.get(route.name)
+            resent = before.resent + 1 if before is not None and before.position == position else 0
+            self._sent[route.name] = _Sent(now, position, resent)
 
 
 class Sweeper:

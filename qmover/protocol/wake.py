@@ -49,6 +49,13 @@ ALIVE_PERIODS = 3  # the waker sends while a scheduled sweep came within this ma
 ALIVE_AT_LEAST = 3.0  # seconds, however short the period
 
 
+def missing(routes: list[Route]) -> str:
+    """What to say of routes (of one source database) that set wake_on_tick where the trigger is missing."""
+    return (f"route{'s' if len(routes) > 1 else ''} {', '.join(route.name for route in routes)}: wake_on_tick = 1, "
+            f"but the source database ({routes[0].src_display}) has no tick wake (run qmover install; a dump and "
+            f"restore leaves it out): swept every {routes[0].move_interval:g} s instead")
+
+
 @dataclass
 class _Database:
     """What the wake knows of one source database."""
@@ -89,9 +96,7 @@ class Wakes:
         database.session = link.session if found else None
         self._version += 1
         if not found and not database.missing:
-            log.warning("sweep: %s: routes %s set wake_on_tick, but the database has no tick wake (run qmover "
-                        "install; a dump and restore leaves it out): swept every %g s instead",
-                        link.route.src_display, ", ".join(route.name for route in database.routes), interval)
+            log.warning("sweep: %s", missing(database.routes))
         elif found and database.missing:
             log.info("sweep: %s: the tick wake is back; swept when it ticks", link.route.src_display)
         database.missing = not found

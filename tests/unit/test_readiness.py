@@ -74,6 +74,25 @@ def test_a_task_that_never_ran_is_replaced_after_resend_seconds():
     assert outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=RESEND) == [(1.5, r)]
 
 
+def test_a_task_replaced_and_still_not_run_is_replaced_after_twice_then_four_times_as_long():
+    outstanding, r = Outstanding(), route()
+    state = {("events", "r"): row()}
+    sent_at = []
+    now = 0.0
+    while now < 20 * RESEND:
+        if outstanding.candidates([r], state, RESEND, now=now):
+            outstanding.sent([r], now=now)
+            sent_at.append(now)
+        now = round(now + 0.5, 1)
+    gaps = [later - earlier for earlier, later in zip(sent_at, sent_at[1:], strict=False)]
+    assert gaps[:4] == [RESEND, 2 * RESEND, 4 * RESEND, 4 * RESEND]
+    # its position moved: the next task is due at resend again
+    moved = {("events", "r"): row(position=8)}
+    assert outstanding.candidates([r], moved, RESEND, now=now) == [(1.5, r)]
+    outstanding.sent([r], now=now)
+    assert outstanding.candidates([r], moved, RESEND, now=now + RESEND) == [(1.5, r)]
+
+
 def test_nothing_to_move_or_a_mover_holding_it_forgets_the_task_out():
     outstanding, r = Outstanding(), route()
     for forget in (lambda: outstanding.candidates([r], {("events", "r"): row(waited=None)}, RESEND, now=1.0),

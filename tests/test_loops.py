@@ -56,7 +56,8 @@ def test_a_route_into_its_own_source_queue_is_refused_at_install_and_every_start
         assert f"route into_itself: its target is its own source, queue 'events' in database '{db.name}'" in line
     assert db.value("select count(*) from pgq.get_consumer_info()") == 0  # install did nothing
 
-    db.execute(resources.files("qmover.pg").joinpath("claims.sql").read_text())  # what install would add
+    db.execute("".join(resources.files("qmover.pg").joinpath(part).read_text()  # what install would add
+                       for part in ("schema.sql", "claims.sql")))
     [outcome] = Mover().move(load_config(config).select(), budget=10)  # checked too when a mover opens it
     assert "its target is its own source" in str(outcome.error)
 

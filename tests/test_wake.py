@@ -56,6 +56,33 @@ def test_a_tick_moves_without_waiting_for_a_sweep_and_a_source_without_the_wake_
     pipe.wait_for(0)
 
 
+def test_routes_of_one_source_with_and_without_the_wake_both_move(make_db, tmp_path, redis_db):
+    """The trigger is the database's: a route there that did not ask for it, on another
+    move_interval, is woken too, and never left out of the sweeps."""
+    src, central = make_db(), make_db()
+    for queue in ("events", "other"):
+        src.create_queue(queue)
+        central.create_queue(f"central_{queue}")
+    config = tmp_path / "mixed.ini"
+    config.write_text(f"[qmover]\nbroker_url = {redis_db.url}\n" + "".join(
+        f"\n[{queue}]\nsrc_db = {src.dsn}\ndst_db = {central.dsn}\npgq_queue_name = {queue}\n"
+        f"dst_queue_name = central_{queue}\nmove_interval = {interval}\n{extra}\n"
+        for queue, interval, extra in (("events", INTERVAL, WAKE), ("other", 2, ""))))
+    procs = installed_processes(config, tmp_path)
+    try:
+        procs.worker(concurrency=1)
+        procs.beat()
+        wait_until(lambda: sweeps(procs.log("beat")) >= 2, 30, "beat's first sweeps")
+        for n in range(3):
+            for queue in ("events", "other"):
+                src.produce_series(queue, 5, tag=f"{queue}{n}-")
+                src.tick(queue)
+            wait_until(lambda: all(len(central.events(f"central_{queue}")) == len(src.events(queue))
+                                   for queue in ("events", "other")), 30, f"round {n} of both routes")
+    finally:
+        procs.stop()
+
+
 def test_the_wake_survives_a_source_restart(make_db, tmp_path, redis_db):
     cluster = Cluster()
     try:

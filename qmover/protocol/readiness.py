@@ -224,7 +224,7 @@ class Sweeper:
         candidates: list[tuple[float, Route]] = []
         for group in by_database(routes, "source"):
             key = database_of(group[0].src_dsn)
-            if not woken and self.wakes.listening(key, now):
+            if not woken and self.wakes.listening(key, interval, now):
                 continue
             rows = self._ask(group, "source", functools.partial(self._source_state, key, group, interval, now),
                              list[tuple]())
@@ -250,7 +250,7 @@ class Sweeper:
     def _source_state(self, key: tuple, group: list[Route], interval: float, now: float, src: Link) -> list[tuple]:
         """Where the group's consumers stand (Source.SWEEP_STATE), and the tick wake
         listened for where a route asks for it."""
-        if any(route.wake_on_tick for route in group):
+        if any(route.wake_on_tick for route in group) or self.wakes.knows(key):
             self.wakes.listen(key, group, interval, src, now)
         return src.rows(Source.SWEEP_STATE, queues=[route.src_queue for route in group],
                         consumers=[route.consumer for route in group])

@@ -4,8 +4,9 @@ PgQ tells no one when it ticks, so a route without the wake waits for the
 next sweep of its database, once a move_interval.  Where a route sets
 wake_on_tick, `qmover install` puts a trigger on the source's pgq.tick
 (qmover/pg/wake.sql) that NOTIFYs at each ticking commit, and the sweep's
-own connection to that database LISTENs: a Waker thread waits on those
-connections and sweeps a database as soon as it has ticked.
+own connection to that database LISTENs: a waker thread waits on those
+connections and sweeps a database as soon as it has ticked (all its routes:
+the trigger is the database's).
 
 A listening database is left out of the scheduled sweeps except once every
 SAFETY_SWEEP seconds, which also looks for the trigger again: a task the
@@ -60,8 +61,8 @@ def missing(routes: list[Route]) -> str:
 class _Database:
     """What the wake knows of one source database."""
 
-    routes: list[Route] = field(default_factory=list)  # its routes that set wake_on_tick
-    interval: float = 1.0  # their move_interval
+    # its routes, by move_interval: a tick wakes them all, whichever of them set wake_on_tick
+    routes: dict[float, list[Route]] = field(default_factory=dict)
     session: Session | None = None  # beat's kept connection to it, LISTENing with the trigger there
     checked: float = float("-inf")  # monotonic time the trigger was last looked for
     swept: float = float("-inf")  # monotonic time it was last swept
@@ -87,7 +88,7 @@ class Wakes:
         """On a sweep of the database (the lock held): listen on its connection, unless it
         listens already or the trigger was looked for lately; say when the trigger is missing."""
         database = self._databases.setdefault(key, _Database())
-        database.routes, database.interval = [route for route in routes if route.wake_on_tick], interval
+        database.routes[interval] = routes
         if now - database.checked < SAFETY_SWEEP and (database.missing or self._on(database, link.session)):
             return
         found = bool(link.value(Source.LISTEN))
@@ -96,15 +97,22 @@ class Wakes:
         database.session = link.session if found else None
         self._version += 1
         if not found and not database.missing:
-            log.warning("sweep: %s", missing(database.routes))
+            log.warning("sweep: %s", missing([route for group in database.routes.values() for route in group
+                                               if route.wake_on_tick]))
         elif found and database.missing:
             log.info("sweep: %s: the tick wake is back; swept when it ticks", link.route.src_display)
         database.missing = not found
 
-    def listening(self, key: tuple, now: float) -> bool:
-        """Whether a scheduled sweep may leave the database out: it listens, and was swept lately."""
+    def knows(self, key: tuple) -> bool:
+        """Whether a route of the database asked for the wake: its other routes are woken too."""
+        return key in self._databases
+
+    def listening(self, key: tuple, interval: float, now: float) -> bool:
+        """Whether a scheduled sweep of this interval's routes may leave the database out:
+        they are woken with it, it listens, and it was swept lately."""
         database = self._databases.get(key)
-        return database is not None and self._on(database) and now - database.swept < SAFETY_SWEEP
+        return (database is not None and interval in database.routes and self._on(database)
+                and now - database.swept < SAFETY_SWEEP)
 
     @staticmethod
     def _on(database: _Database, session: Session | None = None) -> bool:
@@ -181,7 +189,8 @@ class Wakes:
         """Sweep the routes of the databases that ticked, per move_interval (the lock held)."""
         by_interval: dict[float, list[Route]] = {}
         for database in woken:
-            by_interval.setdefault(database.interval, []).extend(database.routes)
+            for interval, routes in database.routes.items():
+                by_interval.setdefault(interval, []).extend(routes)
         for interval, routes in by_interval.items():
             try:
                 sweep(routes, interval)

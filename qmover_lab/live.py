@@ -244,6 +244,8 @@ class Load:
                 if len(self._quiet) == len(self._workers):
                     return
             time.sleep(0.05)
+        raise SystemExit("qmover bench: the load generator did not stop producing within 10 s, so the events "
+                         "it produced are not known; the machine is too busy for this load")
 
     def tick_of(self, marker: str) -> float | None:
         """When the tick that closed the probe's batch was made (the first of its partition's

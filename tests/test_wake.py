@@ -10,13 +10,14 @@ from __future__ import annotations
 import select
 import subprocess
 
+import pytest
 from psycopg2 import sql
 from test_beat_lock import active_beat, start_beats, sweeps
 from test_privileges import make_role  # noqa: F401 (a fixture)
 
 from qmover_lab.sandbox import Cluster
 
-from celery_helpers import wait_until
+from celery_helpers import RabbitVhost, wait_until
 from conftest import PgqDatabase, installed_processes, run_qmover
 
 INTERVAL = 10  # seconds: a scheduled sweep of a slice every 5 s (two sources), rare next to a tick's move
@@ -39,8 +40,23 @@ def rounds_moved(pipe, part: int, rounds: int, beats: tuple[str, ...] = ("beat",
     return sum(sweeps(pipe.procs.log(name)) for name in beats) - before
 
 
-def test_a_tick_moves_without_waiting_for_a_sweep_and_a_source_without_the_wake_keeps_polling(pipeline):
-    pipe = pipeline(2, interval=INTERVAL, first_extra=WAKE)
+@pytest.mark.celery_release
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_tick_moves_without_waiting_for_a_sweep_and_a_source_without_the_wake_keeps_polling(pipeline, broker):
+    """broker: beat's waker sends from a thread of its own, beside beat's scheduler."""
+    rabbit = RabbitVhost() if broker == "rabbitmq" else None
+    try:
+        pipe = pipeline(2, interval=INTERVAL, first_extra=WAKE, broker=rabbit.url if rabbit else None)
+        try:
+            woken_and_polled(pipe)
+        finally:
+            pipe.procs.stop()  # before its vhost goes
+    finally:
+        if rabbit is not None:
+            rabbit.close()
+
+
+def woken_and_polled(pipe) -> None:
     assert has_wake(pipe.parts[0]) and not has_wake(pipe.parts[1])
     pipe.procs.worker(concurrency=2)
     pipe.procs.beat()
@@ -145,7 +161,7 @@ def test_a_standby_beat_takes_over_the_wake(pipeline):
 
 
 def test_a_missing_trigger_falls_back_to_polling_and_says_so_and_upgrades_keep_it(pipeline):
-    pipe = pipeline(1, interval=2, extra=WAKE)
+    pipe = pipeline(1, interval=5, extra=WAKE)
     part = pipe.parts[0]
     # PgQ's update script (run as from 3.4) keeps the trigger
     part.execute("update pg_extension set extversion = '3.4' where extname = 'pgq'")
@@ -170,7 +186,7 @@ def test_a_missing_trigger_falls_back_to_polling_and_says_so_and_upgrades_keep_i
     assert '"tick_wake": true' in run_qmover("status", str(pipe.config), "--json", check=True).stdout
     wait_until(lambda: "the tick wake is back" in pipe.procs.log("beat"), 60, "beat to listen again")
     assert pipe.procs.log("beat").count("has no tick wake") == 1  # said once
-    assert rounds_moved(pipe, 0, 4) <= 1  # sweeps every 2 s: woken rounds take less
+    assert rounds_moved(pipe, 0, 4) <= 1  # sweeps every 5 s: woken rounds take less
 
 
 def test_install_and_removal_are_idempotent_and_need_only_the_rights_named(make_role, route):  # noqa: F811

@@ -43,11 +43,11 @@ def _opened(route: Route, *sides: Side) -> Iterator[list[Link]]:
 
 
 def _script(*parts: str) -> sql.Composed:
-    """qmover's SQL files as one script, so one transaction: all of it or nothing."""
-    texts = [resources.files("qmover.pg").joinpath(part).read_text() for part in parts]
-    return sql.Composed([sql.SQL(text) if part != "wake.sql" else sql.SQL(text).format(
-        channel=sql.Literal(WAKE_CHANNEL), trigger=sql.Identifier(WAKE_TRIGGER),
-        function=sql.Identifier(*WAKE_FUNCTION)) for part, text in zip(parts, texts, strict=True)])
+    """qmover's SQL files as one script, so one transaction: all of it or nothing; the
+    names they share with qmover.pg.queries ({channel}, ...) filled in by the driver."""
+    text = "\n".join(resources.files("qmover.pg").joinpath(part).read_text() for part in parts)
+    return sql.SQL(text).format(channel=sql.Literal(WAKE_CHANNEL), trigger=sql.Identifier(WAKE_TRIGGER),
+                                function=sql.Identifier(*WAKE_FUNCTION))
 
 
 def _install_wake(route: Route, src: Link) -> bool:

@@ -188,8 +188,7 @@ class Sweeper:
         send(ready routes); until the next few sweeps, send what their ticks wake too."""
         with self._using:
             swept = self._sweep(tuple(routes), interval)
-            send(swept.ready)
-            self.sent(swept.ready)
+            self._send(swept.ready, send)
             self.wakes.keep_alive(interval / swept.slices, functools.partial(self._woken, send=send))
         return swept
 
@@ -197,9 +196,13 @@ class Sweeper:
         """Sweep the routes of databases that ticked (the waker's), and send the ready ones."""
         ready = self.ready(routes, resend_after(interval), interval, woken=True)
         log.debug("wake: %d route(s) ticked, sent %s", len(routes), ", ".join(route.name for route in ready) or "none")
+        self._send(ready, send)
+
+    def _send(self, ready: list[Route], send: Callable[[list[Route]], None]) -> None:
+        """Send the ready routes' tasks, and note them as on their way (the lock held)."""
         if ready:
             send(ready)
-            self.sent(ready)
+            self.outstanding.sent(ready, time.monotonic())
 
     def _sweep(self, routes: tuple[Route, ...], interval: float) -> Swept:
         cached = self._slicing.get(interval)
@@ -262,11 +265,6 @@ class Sweeper:
         elif self._overdue.get(route.name) != held.holder:
             self._overdue[route.name] = held.holder
             log.warning("%s", held.said(route))
-
-    def sent(self, routes: Iterable[Route]) -> None:
-        """Note that these routes (from ready()) have a task on its way."""
-        with self._using:
-            self.outstanding.sent(routes, time.monotonic())
 
     def _ask(self, group: list[Route], side: Side, ask: Callable[[Link], T], otherwise: T) -> T | None:
         """What ask() finds on the group's database; None when it does not answer,

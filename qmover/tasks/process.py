@@ -11,6 +11,7 @@ parent's session on the server.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ class Process:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.mover = Mover()
+        self.mover = Mover(batch_log_level=logging.DEBUG)  # the task's result line says what moved
         self.in_beat = False  # beat's process, where sweeps run in place (qmover.tasks.jobs.RunsInBeat)
         self._lock = threading.Lock()
         self._sweeper: Sweeper | None = None

@@ -149,7 +149,9 @@ class Wakes:
                 with self._lock:
                     version = self._version
                     self._register(selector, registered)
-            wait = WAIT_AT_MOST if not woken else max(0.0, swept_at + COALESCE - time.monotonic())
+            if woken:  # what ticks until the window's end goes together: read at its end, not one by one
+                time.sleep(max(0.0, swept_at + COALESCE - time.monotonic()))
+            wait = 0.0 if woken else WAIT_AT_MOST
             if registered:
                 ready = [registered[key.fd][1] for key, _ in selector.select(wait) if key.fd in registered]
             else:

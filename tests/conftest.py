@@ -376,12 +376,16 @@ class Pipeline:
     def run_with_flower(self, rounds: int) -> tuple[int, int]:
         """Worker, beat and Flower; produce and wait. Returns (Flower's port, events produced).
 
-        Flower lists only the tasks whose events it received, so nothing is
-        produced before it has heard from the worker."""
+        Flower lists only the tasks whose events it received, and a worker
+        sends them once Flower has turned them on (qmover's app leaves them
+        off: Flower asks at its start and every 5 s), so nothing is produced
+        before the worker has said so."""
         port = free_port()
         self.procs.flower(port)
         self.procs.worker(concurrency=2)
         wait_until(lambda: flower_hears_workers(port), 60, "Flower to receive the worker's events", every=0.5)
+        wait_until(lambda: TASK_EVENTS_ON in self.procs.log("worker"), 30, "Flower to turn task events on",
+                   every=0.5)
         self.procs.beat()
         produced = self.produce(rounds)
         self.wait_for(produced)
@@ -399,6 +403,9 @@ class Pipeline:
         wait_until(lambda: len(self.central_events()) >= count, timeout, f"{count} events in the central queue")
         time.sleep(1.5)  # a straggler doubling an event would show now
         assert Counter(self.central_events()) == Counter(self.source_events())
+
+
+TASK_EVENTS_ON = "Events of group {task} enabled by remote."  # the worker's log, at INFO
 
 
 def flower_hears_workers(port: int) -> bool:

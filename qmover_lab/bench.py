@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                            "the catch-up")
     live.add_argument("--idle", type=float, default=0, metavar="S",
                       help="after the load: S seconds of ticks only with the tool running, then S with it stopped")
+    live.add_argument("--load-alone", type=float, default=0, metavar="S",
+                      help="before the tools: S seconds of the load with no mover running, what every tool's "
+                           "figures stand on")
     parser.add_argument("--move", nargs=2, metavar=("CONFIG", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.move:

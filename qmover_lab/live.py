@@ -34,7 +34,10 @@ each tool it prints:
   1 s of load behind); the window's other figures are measured after that;
 - with --idle S: once the load stopped and drained, the partitions only
   tick (as pgqd would): the machine's busy share over S seconds with the
-  tool running and over S seconds with it stopped.
+  tool running and over S seconds with it stopped;
+- with --load-alone S, first: the load with no mover for S seconds (the
+  queues have no consumer yet): the machine's busy share, PostgreSQL's CPU
+  and the generator's lateness, the floor under every tool's figures.
 
 The warm-up is not measured: a live fan-in runs all day, so both tools
 start with their connections made.  It lasts --warmup seconds, and then until
@@ -596,6 +599,23 @@ class Bench:
         figures.extra["mover_cpu_s_by_process"] = {part: round(parts1[part] - parts0[part], 1) for part in parts1}
         return figures
 
+    def load_alone(self, seconds: float) -> dict[str, float]:
+        """The load for `seconds` with no mover running, after a few seconds to make its connections."""
+        load = Load(self.server_of, self.partitions, self.args.rate)
+        load.start("alone")
+        try:
+            time.sleep(max(0.0, load.origin + 5 - time.monotonic()))
+            _, _, late0 = load.snapshot()
+            postgres0 = self._cpu([])["postgres"]
+            busy = self._busy_over(seconds)
+            postgres = self._cpu([])["postgres"] - postgres0
+            late = load.lateness[late0:]
+        finally:
+            load.stop()
+        return {"seconds": seconds, "machine_busy_pct": busy, "postgres_cpu_s": round(postgres, 1),
+                "generator_late_rounds": sum(1 for value in late if value > 0.1),
+                "generator_max_late_s": round(max(late, default=0.0), 3)}
+
     def _outage(self, figures: Figures, conn: connection, tool: str, load: Load, before_count: int) -> None:
         """Central refuses connections for --outage seconds; then the backlog, and the time to catch up."""
         for statement in CENTRAL_DOWN:
@@ -778,6 +798,7 @@ def main(args: argparse.Namespace) -> int:
         bench = Bench([f"host=127.0.0.1 port={cluster.port} user=postgres" for cluster in clusters], postmasters,
                       args)
         bench.create()
+        alone = bench.load_alone(args.load_alone) if args.load_alone else None
         results = [bench.run_tool(tool) for _ in range(args.repeat) for tool in tools]
     finally:
         for cluster in clusters:
@@ -791,6 +812,10 @@ def main(args: argparse.Namespace) -> int:
           f"{args.warmup:g} s of warm-up and until caught up (at most {CATCH_UP_LIMIT:g} s more)"
           + (f", after central was down {args.outage:g} s and the tool caught up" if args.outage else ""))
     print(table(results))
+    if alone is not None:
+        print(f"the load alone, no mover ({alone['seconds']:g} s before the tools): machine busy "
+              f"{alone['machine_busy_pct']} %, PostgreSQL CPU {alone['postgres_cpu_s']} s, generator rounds late by "
+              f"> 0.1 s {alone['generator_late_rounds']} (max {alone['generator_max_late_s']} s)")
     if "qmover" in tools and "skytools" in tools:
         print(ratios(results))
     if any(f.generator_late_rounds for f in results):
@@ -803,7 +828,7 @@ def main(args: argparse.Namespace) -> int:
                                          "warmup": args.warmup, "interval": args.interval,
                                          "concurrency": args.concurrency, "servers": servers, "ticks": args.ticks,
                                          "outage": args.outage, "idle": args.idle, "notes": notes,
-                                         "route_settings": args.route_setting,
+                                         "route_settings": args.route_setting, "load_alone": alone,
                                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "results": [asdict(f) for f in results]}, indent=2))
         print(f"results written to {args.json}")

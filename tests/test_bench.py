@@ -58,24 +58,27 @@ def test_throughput_bench_times_each_step_and_process(tmp_path):
 
 
 def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
-    """Both tools, partitions on two throwaway clusters, ticks as pgqd ticks, central down 2 s:
-    every figure printed, every event exactly once, the clusters gone after."""
+    """Both tools, partitions on two throwaway clusters, ticks as pgqd ticks, the load alone
+    first, central down 2 s: every figure printed, every event exactly once (the load-alone
+    events moved by no tool), the clusters gone after."""
     broker = Redis()
     out = tmp_path / "live.json"
     try:
         result = subprocess.run([sys.executable, "-m", "qmover", "bench", "--routes", "4", "--rate", "5",
                                  "--seconds", "3", "--warmup", "3", "--servers", "2", "--ticks", "pgqd",
-                                 "--outage", "2", "--idle", "1", "--route-setting", "wake_on_tick = 1",
+                                 "--outage", "2", "--idle", "1", "--load-alone", "1", "--route-setting", "wake_on_tick = 1",
                                  "--broker", broker.url, "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)
     finally:
         broker.close()
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("central down: backlog when it came back", "from the tick that closed its batch",
-                "peak memory of the mover's processes", "busiest server", "idle (only ticks)"):
+                "peak memory of the mover's processes", "busiest server", "idle (only ticks)",
+                "the load alone, no mover (1 s before the tools)"):
         assert row in result.stdout, row
     found = json.loads(out.read_text())
     assert found["servers"] == 2 and found["ticks"] == "pgqd"
+    assert found["load_alone"]["seconds"] == 1 and found["load_alone"]["machine_busy_pct"] > 0
     assert [run["tool"] for run in found["results"]] == ["qmover", "skytools"]
     for run in found["results"]:
         assert run["exactly_once"] and run["outage_backlog"] > 0 and run["outage_catch_up_s"] is not None

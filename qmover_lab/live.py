@@ -427,7 +427,10 @@ class Bench:
             for n, server in enumerate(self.servers) if self._on(server)]
         self.qmover_config.write_text(QMOVER_SETTINGS.format(
             broker=self.args.broker, qmover_settings="\n".join(self.args.qmover_setting)) + "".join(sections))
-        # pgq_ext on central, which skytools needs too: qmover's install makes it
+
+    def install_central(self) -> None:
+        """pgq_ext on central, which skytools needs too: qmover's install of the first route makes
+        it, and registers that route's consumer (after --load-alone, whose events no tool moves)."""
         admin.install(load_config(self.qmover_config).select()[0])
 
     def _create_partitions(self, server: str) -> None:
@@ -565,7 +568,7 @@ class Bench:
                 figures.behind_at_stop_s = round(figures.behind_at_stop / (args.rate * len(self.partitions)), 2)
                 figures.drain_s = self._drain(counter, tool, before_count + produced, stopped)
                 time.sleep(1)  # a late duplicate would show now
-                figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals)
+                figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals, before_count)
                 if args.idle:
                     figures.idle_busy_pct = self._busy_over(args.idle)
             if args.idle:
@@ -612,9 +615,22 @@ class Bench:
             late = load.lateness[late0:]
         finally:
             load.stop()
+        self._tick_all()  # the events no tool is to move end before the tick the consumers start from
         return {"seconds": seconds, "machine_busy_pct": busy, "postgres_cpu_s": round(postgres, 1),
                 "generator_late_rounds": sum(1 for value in late if value > 0.1),
                 "generator_max_late_s": round(max(late, default=0.0), 3)}
+
+    def _tick_all(self) -> None:
+        """A tick on every partition now, whatever PgQ's thresholds say (a thread per server)."""
+        def tick(server: str) -> None:
+            for part in self._on(server):
+                run_sql(server, part, "select pgq.force_tick('events')", "select pgq.ticker('events')")
+
+        threads = [threading.Thread(target=tick, args=(server,)) for server in self.servers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _outage(self, figures: Figures, conn: connection, tool: str, load: Load, before_count: int) -> None:
         """Central refuses connections for --outage seconds; then the backlog, and the time to catch up."""
@@ -673,14 +689,16 @@ class Bench:
             time.sleep(0.1)
         return round(time.monotonic() - stopped, 2)
 
-    def _exactly_once(self, conn: connection, tool: str, tag: str, produced: int, arrivals: Arrivals) -> bool:
+    def _exactly_once(self, conn: connection, tool: str, tag: str, produced: int, arrivals: Arrivals,
+                      before_count: int) -> bool:
         """Each event of this run is unique by its data (its tag, partition, round
-        and number): central holds each produced one once."""
+        and number): central holds each produced one once, and nothing else came in."""
         with conn.cursor() as cur:
             cur.execute(sql.SQL("select count(*), count(distinct ev_data) from {} where ev_data like %s").format(
                 self._table(tool)), (f"{tag}:%",))
             count, distinct = cur.fetchone() or (0, 0)
-        return count == distinct == produced and arrivals.duplicates == 0
+        arrived = self.central_count(conn, tool) - before_count
+        return count == distinct == produced == arrived and arrivals.duplicates == 0
 
     def _latency(self, figures: Figures, load: Load, arrivals: Arrivals, start: float, end: float) -> None:
         delays: list[float] = []
@@ -799,6 +817,7 @@ def main(args: argparse.Namespace) -> int:
                       args)
         bench.create()
         alone = bench.load_alone(args.load_alone) if args.load_alone else None
+        bench.install_central()
         results = [bench.run_tool(tool) for _ in range(args.repeat) for tool in tools]
     finally:
         for cluster in clusters:

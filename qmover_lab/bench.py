@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                            "the catch-up")
     live.add_argument("--idle", type=float, default=0, metavar="S",
                       help="after the load: S seconds of ticks only with the tool running, then S with it stopped")
+    live.add_argument("--idle-settle", type=float, default=None, metavar="S",
+                      help="with --idle: seconds from the load's stop to the idle figures, while PgQ's ticks slow "
+                           "to one a minute (default 100 s, that ramp with PgQ's defaults)")
     live.add_argument("--load-alone", type=float, default=0, metavar="S",
                       help="before the tools: S seconds of the load with no mover running, what every tool's "
                            "figures stand on")

@@ -33,8 +33,9 @@ each tool it prints:
   backlog when it is back, and how long the tool takes to catch up (at most
   1 s of load behind); the window's other figures are measured after that;
 - with --idle S: once the load stopped and drained, the partitions only
-  tick (as pgqd would): the machine's busy share over S seconds with the
-  tool running and over S seconds with it stopped;
+  tick (as pgqd would); once PgQ's ticks have slowed to one a minute
+  (--idle-settle, IDLE_SETTLE by default), the machine's busy share over S seconds with the tool
+  running and over S seconds with it stopped;
 - with --load-alone S, first: the load with no mover for S seconds (the
   queues have no consumer yet): the machine's busy share, PostgreSQL's CPU
   and the generator's lateness, the floor under every tool's figures.
@@ -81,6 +82,10 @@ from qmover_lab.sandbox import value as scalar
 PREFIX = "qmover_live"
 CENTRAL = f"{PREFIX}_central"
 CATCH_UP_LIMIT = 60.0  # seconds of warm-up past --warmup a tool has to catch up
+# Seconds from the load's stop until an idle queue ticks once a ticker_idle_period: PgQ's
+# ticker doubles the time between ticks without events, from the last busy one (about
+# ticker_max_lag) up to that period, 3 + 6 + 12 + 24 + 48 s with its defaults.
+IDLE_SETTLE = 100.0
 TEMPLATE_DB = f"{PREFIX}_template"
 BENCH_APP = "bench load"  # this process's connections, left out of the counts (not 'qmover ...')
 TOOLS = ("qmover", "skytools")
@@ -570,6 +575,7 @@ class Bench:
                 time.sleep(1)  # a late duplicate would show now
                 figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals, before_count)
                 if args.idle:
+                    time.sleep(max(0.0, stopped + args.idle_settle - time.monotonic()))
                     figures.idle_busy_pct = self._busy_over(args.idle)
             if args.idle:
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
@@ -804,6 +810,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"-- {notes[-1]}", flush=True)
     if args.warmup is None:
         args.warmup = max(10.0, args.routes / 10)
+    if args.idle_settle is None:
+        args.idle_settle = IDLE_SETTLE
     servers = max(1, min(args.servers, args.routes))
     per_server = -(-args.routes // servers)
     connections = per_server * (3 + args.concurrency) + 60

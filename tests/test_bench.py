@@ -66,7 +66,7 @@ def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
     try:
         result = subprocess.run([sys.executable, "-m", "qmover", "bench", "--routes", "4", "--rate", "5",
                                  "--seconds", "3", "--warmup", "3", "--servers", "2", "--ticks", "pgqd",
-                                 "--outage", "2", "--idle", "1", "--load-alone", "1",
+                                 "--outage", "2", "--idle", "1", "--idle-settle", "0", "--load-alone", "1",
                                  "--route-setting", "wake_on_tick = 1",
                                  "--broker", broker.url, "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)

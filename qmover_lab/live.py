@@ -34,8 +34,9 @@ each tool it prints:
   1 s of load behind); the window's other figures are measured after that;
 - with --idle S: once the load stopped and drained, the partitions only
   tick (as pgqd would); once PgQ's ticks have slowed to one a minute
-  (--idle-settle, IDLE_SETTLE by default), the machine's busy share over S seconds with the tool
-  running and over S seconds with it stopped;
+  (--idle-settle, IDLE_SETTLE by default), the machine's busy share over
+  S seconds with the tool running (and the CPU of its processes and of
+  PostgreSQL), then over S seconds with it stopped;
 - with --load-alone S, first: the load with no mover for S seconds (the
   queues have no consumer yet): the machine's busy share, PostgreSQL's CPU
   and the generator's lateness, the floor under every tool's figures.
@@ -387,6 +388,7 @@ class Figures:
     outage_catch_up_s: float | None = None  # from its return to at most 1 s of load behind
     idle_busy_pct: float | None = None  # the machine with only the ticker's load, the tool running
     idle_stopped_busy_pct: float | None = None  # the same, the tool stopped
+    idle_cpu_s: dict[str, float] | None = None  # CPU of the tool's processes and of PostgreSQL, the tool running
     exactly_once: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -576,7 +578,12 @@ class Bench:
                 figures.exactly_once = self._exactly_once(counter, tool, tag, produced, arrivals, before_count)
                 if args.idle:
                     time.sleep(max(0.0, stopped + args.idle_settle - time.monotonic()))
+                    idle_movers = [pid for root in roots for pid in descendants(root)]
+                    idle_cpu0 = self._cpu(idle_movers)
                     figures.idle_busy_pct = self._busy_over(args.idle)
+                    idle_cpu1 = self._cpu(idle_movers)
+                    figures.idle_cpu_s = {part: round(idle_cpu1[part] - idle_cpu0[part], 1)
+                                          for part in ("mover", "postgres")}
             if args.idle:
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
         finally:
@@ -769,6 +776,8 @@ def table(results: list[Figures]) -> str:
     if any(f.idle_busy_pct is not None for f in results):
         rows.append(("idle (only ticks): machine busy, the tool running / stopped",
                      lambda f: f"{f.idle_busy_pct} % / {f.idle_stopped_busy_pct} %"))
+        rows.append(("idle, the tool running: CPU of its processes / of PostgreSQL (s)",
+                     lambda f: f"{f.idle_cpu_s['mover']} / {f.idle_cpu_s['postgres']}" if f.idle_cpu_s else ""))
     lines = ["| | " + " | ".join(f.tool for f in results) + " |", "|---|" + "---:|" * len(results)]
     lines += [f"| {label} | " + " | ".join(str(value(f)) for f in results) + " |" for label, value in rows]
     return "\n".join(lines)

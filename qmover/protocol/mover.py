@@ -78,7 +78,7 @@ class Mover:
     batch_log_level: the level of the line each batch logs.  `qmover run`
     keeps INFO, as skytools' daemon does; a Celery worker logs at DEBUG, since
     its task's result line at INFO already says what each route moved, and a
-    line per batch cost a tenth of the pool's CPU under a steady fan-in.
+    line per batch was an eighth of the pool's time under a steady fan-in.
     """
 
     def __init__(self, connector: Connector | None = None, batch_log_level: int = logging.INFO) -> None:

@@ -46,8 +46,9 @@ class SteadyScheduler(PersistentScheduler):
 
     Celery wakes beat 10 ms before an entry is due and, while the entry says
     it is not due yet, asks again without sleeping: about 130 times each
-    time an entry is due.  Here beat sleeps the little that is left instead.  qmover's app starts beat with it; -S
-    (celery-redbeat, which does not spin) takes its place.
+    time an entry is due.  Here beat sleeps the little that is left instead.
+    qmover's app starts beat with it; -S (celery-redbeat, which does not
+    spin) takes its place.
     """
 
     def adjust(self, n: float, drift: float = -0.010) -> float:

@@ -36,7 +36,7 @@ each tool it prints:
   tick (as pgqd would); once PgQ's ticks have slowed to one a minute
   (--idle-settle, IDLE_SETTLE by default), the machine's busy share over
   S seconds with the tool running (and the CPU of its processes and of
-  PostgreSQL), then over S seconds with it stopped;
+  PostgreSQL), then over S seconds with it stopped (and PostgreSQL's);
 - with --load-alone S, first: the load with no mover for S seconds (the
   queues have no consumer yet): the machine's busy share, PostgreSQL's CPU
   and the generator's lateness, the floor under every tool's figures.
@@ -388,7 +388,7 @@ class Figures:
     outage_catch_up_s: float | None = None  # from its return to at most 1 s of load behind
     idle_busy_pct: float | None = None  # the machine with only the ticker's load, the tool running
     idle_stopped_busy_pct: float | None = None  # the same, the tool stopped
-    idle_cpu_s: dict[str, float] | None = None  # CPU of the tool's processes and of PostgreSQL, the tool running
+    idle_cpu_s: dict[str, float] | None = None  # CPU of the tool's processes and of PostgreSQL; PostgreSQL's stopped
     exactly_once: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -585,7 +585,10 @@ class Bench:
                     figures.idle_cpu_s = {part: round(idle_cpu1[part] - idle_cpu0[part], 1)
                                           for part in ("mover", "postgres")}
             if args.idle:
+                postgres0 = self._cpu([])["postgres"]
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
+                if figures.idle_cpu_s is not None:
+                    figures.idle_cpu_s["postgres_stopped"] = round(self._cpu([])["postgres"] - postgres0, 1)
         finally:
             load.stop()
             arrivals.stop()
@@ -776,8 +779,9 @@ def table(results: list[Figures]) -> str:
     if any(f.idle_busy_pct is not None for f in results):
         rows.append(("idle (only ticks): machine busy, the tool running / stopped",
                      lambda f: f"{f.idle_busy_pct} % / {f.idle_stopped_busy_pct} %"))
-        rows.append(("idle, the tool running: CPU of its processes / of PostgreSQL (s)",
-                     lambda f: f"{f.idle_cpu_s['mover']} / {f.idle_cpu_s['postgres']}" if f.idle_cpu_s else ""))
+        rows.append(("idle: CPU of the tool's processes / of PostgreSQL, running; of PostgreSQL, stopped (s)",
+                     lambda f: (f"{f.idle_cpu_s['mover']} / {f.idle_cpu_s['postgres']}; "
+                                f"{f.idle_cpu_s.get('postgres_stopped')}") if f.idle_cpu_s else ""))
     lines = ["| | " + " | ".join(f.tool for f in results) + " |", "|---|" + "---:|" * len(results)]
     lines += [f"| {label} | " + " | ".join(str(value(f)) for f in results) + " |" for label, value in rows]
     return "\n".join(lines)

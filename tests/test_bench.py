@@ -85,4 +85,4 @@ def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
         assert run["exactly_once"] and run["outage_backlog"] > 0 and run["outage_catch_up_s"] is not None
         assert run["probes"] > 0 and run["probes_not_arrived"] == 0 and run["peak_memory_mb"] > 0
         assert run["idle_busy_pct"] is not None and run["idle_stopped_busy_pct"] is not None
-        assert set(run["idle_cpu_s"]) == {"mover", "postgres"}
+        assert set(run["idle_cpu_s"]) == {"mover", "postgres", "postgres_stopped"}

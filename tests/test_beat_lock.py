@@ -11,10 +11,13 @@ import re
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from celery import Celery
+from redbeat.schedulers import RedBeatScheduler, acquire_distributed_beat_lock
 
-from celery_helpers import Processes, error_lines, wait_until
+from celery_helpers import Processes, beat_ticks, error_lines, wait_until
 from conftest import peaks
 
 # What the README recommends: beat wakes at least every second, so the lock
@@ -123,3 +126,16 @@ def test_two_beats_without_a_lock_both_sweep_and_nothing_is_lost_or_doubled(pipe
     assert all(sweeps(pipe.procs.log(name)) > 0 for name in beats)
     assert peak.partition <= 2 + 2  # each beat's sweep, and the two worker processes
     assert error_lines(pipe.procs.logs()) == []
+
+
+def test_redbeats_scheduler_sleeps_until_an_entry_is_due(redis_db):
+    """README: -S redbeat.RedBeatScheduler takes the place of qmover's SteadyScheduler,
+    and like it does not spin before an entry is due (Celery's own does)."""
+    beat_app = Celery("ticks", broker="memory://", set_as_current=False)
+    beat_app.conf.update(beat_schedule={"often": {"task": "ticks.noop", "schedule": 0.25}},
+                         redbeat_redis_url=redis_db.url, beat_max_loop_interval=1)
+    scheduler = RedBeatScheduler(app=beat_app)
+    acquire_distributed_beat_lock(SimpleNamespace(scheduler=scheduler))  # as beat_init does
+    assert scheduler.lock is not None
+    counted = beat_ticks(scheduler)
+    assert counted.runs >= 2 and counted.spins == 0 and counted.ticks <= 4 * counted.runs

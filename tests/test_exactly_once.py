@@ -14,6 +14,7 @@ import pytest
 from qmover.errors import QmoverError, TransientError
 from qmover.pg.connector import Connector, Loan
 from qmover.pg.queries import NEXT_LOCK
+from qmover.pg.session import Link
 from qmover.protocol import batch as batch_module
 from qmover.protocol.mover import Mover
 
@@ -349,3 +350,25 @@ def test_a_merged_batch_crashed_at_each_point_comes_back_whole(route, point):
     assert moves.batches[0][1].batch_id == batch
     assert multiset(route.target_events()) == multiset(route.source_events())
     assert len(route.target_events()) == 30
+
+
+@pytest.mark.parametrize("point", ["copy", "before_target_commit", "after_target_commit"])
+def test_an_empty_batch_crashed_at_each_point_moves_on_once(route, point, monkeypatch):
+    """An idle queue's tick is an empty batch: only its position goes to the target (no
+    COPY in). Crashed at each step, it comes back or is skipped, and the batch after it
+    moves once."""
+    empty_tick = route.src.tick(route.src_queue)
+    route.crash_at(point)
+    applied = point == "after_target_commit"
+    assert route.dst.last_tick(route.name) == (empty_tick if applied else None)
+    batch = active_batch(route)
+    assert batch is not None
+    produce_batches(route, 1)
+
+    copies_in = []
+    copy_in = Link.copy_in
+    monkeypatch.setattr(Link, "copy_in", lambda link, *args: copies_in.append(link.side) or copy_in(link, *args))
+    moves = route.move()
+    assert (moves.skipped, moves.sizes) == (([batch], [10]) if applied else ([], [0, 10]))
+    assert copies_in == ["target"]  # the batch of 10 only
+    assert route.target_events() == route.source_events() and len(route.target_events()) == 10

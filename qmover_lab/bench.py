@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     live.add_argument("--interval", type=float, default=1.0,
                       help="qmover's move_interval and skytools' loop_delay (default 1)")
     live.add_argument("--concurrency", type=int, default=2, help="qmover's worker processes (default 2)")
+    live.add_argument("--pool", default="prefork", choices=("prefork", "threads", "solo"),
+                      help="qmover's worker pool (default prefork); -c is then its threads")
     live.add_argument("--tools", default="qmover,skytools", help="which movers, in this order (default both)")
     live.add_argument("--repeat", type=int, default=1, help="run the tools this many times, alternating")
     live.add_argument("--qmover-setting", action="append", default=[], metavar="KEY=VALUE",

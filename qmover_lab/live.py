@@ -158,6 +158,9 @@ def connect(server: str, database: str) -> connection:
     return conn
 
 
+KTHREADD = 2  # the parent of the kernel's own threads
+
+
 def descendants(pid: int) -> list[int]:
     """A process and every process under it (a worker's pool, PostgreSQL's backends)."""
     found = [pid]
@@ -376,6 +379,7 @@ class Figures:
     postgres_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
     load_cpu_s: float = 0.0
+    kernel_cpu_s: float = 0.0  # the kernel's own threads: kworkers, and on this VM kdamond (DAMON's reclaim)
     peak_memory_mb: float = 0.0  # the mover's processes together
     peak_process_memory_mb: float = 0.0  # the largest of them
     peak_connections_central: int = 0
@@ -475,7 +479,8 @@ class Bench:
                 admin.install(route)
             logs = [self.workdir / "qmover-worker.log", self.workdir / "qmover-beat.log"]
             worker = start_celery(self.qmover_config, logs[0], "worker", "-l", "info", "--without-mingle",
-                                  "--without-gossip", "-c", str(self.args.concurrency), "-n", "live@%h", mode="w")
+                                  "--without-gossip", "-P", self.args.pool, "-c", str(self.args.concurrency),
+                                  "-n", "live@%h", mode="w")
             beat = start_celery(self.qmover_config, logs[1], "beat", "-l", "info", "-s",
                                 str(self.workdir / "beat-schedule"), mode="w")
             processes = [worker, beat]
@@ -583,12 +588,14 @@ class Bench:
                     figures.idle_busy_pct = self._busy_over(args.idle)
                     idle_cpu1 = self._cpu(idle_movers)
                     figures.idle_cpu_s = {part: round(idle_cpu1[part] - idle_cpu0[part], 1)
-                                          for part in ("mover", "postgres")}
+                                          for part in ("mover", "postgres", "kernel")}
             if args.idle:
-                postgres0 = self._cpu([])["postgres"]
+                stopped0 = self._cpu([])
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
+                stopped1 = self._cpu([])
                 if figures.idle_cpu_s is not None:
-                    figures.idle_cpu_s["postgres_stopped"] = round(self._cpu([])["postgres"] - postgres0, 1)
+                    for part in ("postgres", "kernel"):
+                        figures.idle_cpu_s[f"{part}_stopped"] = round(stopped1[part] - stopped0[part], 1)
         finally:
             load.stop()
             arrivals.stop()
@@ -602,7 +609,7 @@ class Bench:
         figures.batches_in_window = sum(1 for ticks in load.ticked.values() for _, when in ticks
                                         if started <= when < window_end)  # a batch per tick, at most
         figures.machine_busy_pct = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
-        for part in ("mover", "postgres", "redis", "load"):
+        for part in ("mover", "postgres", "redis", "load", "kernel"):
             setattr(figures, f"{part}_cpu_s", round(cpu1[part] - cpu0[part], 1))
         figures.mover_cpu_ms_per_batch = round(1000 * figures.mover_cpu_s / max(1, figures.batches_in_window), 2)
         figures.peak_memory_mb = round(memory.total_mb) if memory else 0.0
@@ -686,7 +693,8 @@ class Bench:
     def _cpu(self, movers: list[int]) -> dict[str, float]:
         postgres = [pid for postmaster in self.postmasters for pid in descendants(postmaster)]
         return {"mover": cpu_seconds(sorted(set(movers))), "postgres": cpu_seconds(postgres),
-                "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu()}
+                "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu(),
+                "kernel": cpu_seconds(descendants(KTHREADD)[1:])}
 
     @staticmethod
     def _parts(tool: str, roots: list[int]) -> dict[str, float]:
@@ -764,6 +772,7 @@ def table(results: list[Figures]) -> str:
         ("CPU of PostgreSQL (s)", lambda f: f.postgres_cpu_s),
         ("CPU of Redis (s)", lambda f: f.redis_cpu_s),
         ("CPU of the load generator, this process (s)", lambda f: f.load_cpu_s),
+        ("CPU of the kernel's own threads (s)", lambda f: f.kernel_cpu_s),
         ("peak connections: central / busiest partition / busiest server",
          lambda f: f"{f.peak_connections_central} / {f.peak_connections_partition} / {f.peak_connections_server}"),
         ("generator rounds late by > 0.1 s (max lateness)",
@@ -779,9 +788,11 @@ def table(results: list[Figures]) -> str:
     if any(f.idle_busy_pct is not None for f in results):
         rows.append(("idle (only ticks): machine busy, the tool running / stopped",
                      lambda f: f"{f.idle_busy_pct} % / {f.idle_stopped_busy_pct} %"))
-        rows.append(("idle: CPU of the tool's processes / of PostgreSQL, running; of PostgreSQL, stopped (s)",
-                     lambda f: (f"{f.idle_cpu_s['mover']} / {f.idle_cpu_s['postgres']}; "
-                                f"{f.idle_cpu_s.get('postgres_stopped')}") if f.idle_cpu_s else ""))
+        rows.append(("idle: CPU of the tool's processes / PostgreSQL / the kernel's threads, running; "
+                     "PostgreSQL / the kernel's threads, stopped (s)",
+                     lambda f: (f"{f.idle_cpu_s['mover']} / {f.idle_cpu_s['postgres']} / {f.idle_cpu_s['kernel']}; "
+                                f"{f.idle_cpu_s['postgres_stopped']} / {f.idle_cpu_s['kernel_stopped']}")
+                     if f.idle_cpu_s else ""))
     lines = ["| | " + " | ".join(f.tool for f in results) + " |", "|---|" + "---:|" * len(results)]
     lines += [f"| {label} | " + " | ".join(str(value(f)) for f in results) + " |" for label, value in rows]
     return "\n".join(lines)
@@ -848,8 +859,8 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(f"{args.routes} partitions on {servers} server(s) x {args.rate} events/s "
           f"({args.routes * args.rate:,} events/s), {ticks}; move_interval / loop_delay {args.interval:g} s, "
-          f"qmover: one worker -c {args.concurrency} and beat; {args.seconds:g} s measured after at least "
-          f"{args.warmup:g} s of warm-up and until caught up (at most {CATCH_UP_LIMIT:g} s more)"
+          f"qmover: one worker -P {args.pool} -c {args.concurrency} and beat; {args.seconds:g} s measured after "
+          f"at least {args.warmup:g} s of warm-up and until caught up (at most {CATCH_UP_LIMIT:g} s more)"
           + (f", after central was down {args.outage:g} s and the tool caught up" if args.outage else ""))
     print(table(results))
     if alone is not None:
@@ -866,7 +877,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"routes": args.routes, "rate": args.rate, "seconds": args.seconds,
                                          "warmup": args.warmup, "interval": args.interval,
-                                         "concurrency": args.concurrency, "servers": servers, "ticks": args.ticks,
+                                         "concurrency": args.concurrency, "pool": args.pool, "servers": servers,
+                                         "ticks": args.ticks,
                                          "outage": args.outage, "idle": args.idle, "notes": notes,
                                          "route_settings": args.route_setting, "load_alone": alone,
                                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -67,7 +67,7 @@ def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
         result = subprocess.run([sys.executable, "-m", "qmover", "bench", "--routes", "4", "--rate", "5",
                                  "--seconds", "3", "--warmup", "3", "--servers", "2", "--ticks", "pgqd",
                                  "--outage", "2", "--idle", "1", "--idle-settle", "0", "--load-alone", "1",
-                                 "--route-setting", "wake_on_tick = 1",
+                                 "--route-setting", "wake_on_tick = 1", "--pool", "threads",
                                  "--broker", broker.url, "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)
     finally:
@@ -78,11 +78,11 @@ def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
                 "the load alone, no mover (1 s before the tools)"):
         assert row in result.stdout, row
     found = json.loads(out.read_text())
-    assert found["servers"] == 2 and found["ticks"] == "pgqd"
+    assert found["servers"] == 2 and found["ticks"] == "pgqd" and found["pool"] == "threads"
     assert found["load_alone"]["seconds"] == 1 and found["load_alone"]["machine_busy_pct"] > 0
     assert [run["tool"] for run in found["results"]] == ["qmover", "skytools"]
     for run in found["results"]:
         assert run["exactly_once"] and run["outage_backlog"] > 0 and run["outage_catch_up_s"] is not None
         assert run["probes"] > 0 and run["probes_not_arrived"] == 0 and run["peak_memory_mb"] > 0
         assert run["idle_busy_pct"] is not None and run["idle_stopped_busy_pct"] is not None
-        assert set(run["idle_cpu_s"]) == {"mover", "postgres", "postgres_stopped"}
+        assert set(run["idle_cpu_s"]) == {"mover", "postgres", "kernel", "postgres_stopped", "kernel_stopped"}

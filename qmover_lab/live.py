@@ -408,6 +408,8 @@ class Bench:
         self.server_of = [servers[n * len(servers) // args.routes] for n in range(args.routes)]
         self.workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-live-"))
         self.runs = 0  # each run's events carry a tag of their own
+        self._kernel_seen: dict[int, float] = {}  # kernel thread -> its CPU at the last _cpu()
+        self._kernel_total = 0.0
         # seconds events wait for their tick: PgQ's ticker_max_lag when it ticks as pgqd does
         self.tick_lag = 3.0 if args.ticks == "pgqd" else 0.0
 
@@ -694,7 +696,17 @@ class Bench:
         postgres = [pid for postmaster in self.postmasters for pid in descendants(postmaster)]
         return {"mover": cpu_seconds(sorted(set(movers))), "postgres": cpu_seconds(postgres),
                 "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu(),
-                "kernel": cpu_seconds(descendants(KTHREADD)[1:])}
+                "kernel": self._kernel_cpu()}
+
+    def _kernel_cpu(self) -> float:
+        """The kernel's threads' CPU since the first call, counted thread by thread from
+        one call to the next: a kworker that exits takes its seconds with it, and a
+        plain sum would then go down."""
+        now = {pid: cpu_seconds([pid]) for pid in descendants(KTHREADD)[1:]}
+        seen = self._kernel_seen
+        self._kernel_total += sum(max(0.0, now[pid] - seen[pid]) for pid in now if pid in seen)
+        self._kernel_seen = now
+        return self._kernel_total
 
     @staticmethod
     def _parts(tool: str, roots: list[int]) -> dict[str, float]:

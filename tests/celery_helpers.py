@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from qmover_lab.processes import move_results, moves_in, start_celery  # noqa: F401 (the tests import them from here)
+from qmover_lab.processes import move_results, moves_in, start_celery, wait_for_celery  # noqa: F401 (the tests import them from here)
 from qmover_lab.processes import stop as stop_celery
 from qmover_lab.sandbox import free_port  # noqa: F401 (the tests import it from here)
 

@@ -13,7 +13,7 @@ from qmover.errors import WrongPooler
 from qmover.pg.connector import Connector, Loan
 from qmover.pg.queries import Source
 
-from celery_helpers import Processes, error_lines, wait_until
+from celery_helpers import Processes, error_lines, wait_for_celery, wait_until
 from conftest import ROUTE, live_claims, partitions_and_central, positions, run_qmover
 from servers import PgBouncer
 
@@ -52,13 +52,16 @@ def test_session_mode_a_worker_sigkilled_while_it_holds_routes(make_db, tmp_path
     try:
         procs.worker("first", 2)
         procs.beat()
+        # the rounds race the worker's start otherwise: 200 of them can end before it moves
+        wait_for_celery([logs / "first.log", logs / "beat.log"], workers=1)
+        held: list[str] = []
         for round_no in range(200):  # until the first worker holds a route, mid-task
             for n, part in enumerate(parts):
                 part.produce_series("events", 2000, size=40, tag=f"p{n}r{round_no}-")
                 part.tick("events")
-            if live_claims(central):
+            held = sorted(live_claims(central))  # read once: a task holds its routes some 30 ms
+            if held:
                 break
-        held = sorted(live_claims(central))
         assert held, "the first worker never held a route"
         procs.kill("first")
         before = positions(central)

@@ -101,6 +101,22 @@ def test_split_crash_after_target_commit_is_exactly_once(split_route):
     assert data(split_route, "pay_q") == ["o2"]
 
 
+def test_an_empty_batch_moves_the_split_routes_position_and_the_next_one_splits(split_route):
+    """An idle tick sends no COPY in (qmover.protocol.batch.copy_spooled): the split still
+    records the batch, and finds nothing left over in its temporary table after it."""
+    configure(split_route, split_field="ev_type", split_map="insert:orders_q, update:pay_q")
+    split_route.src.tick(split_route.src_queue)
+    split_route.qmover("run", "--once", check=True)
+    status = json.loads(split_route.qmover("status", "--json", check=True).stdout)[0]
+    assert status["target_last_tick"] == status["source_last_tick"] is not None
+    assert data(split_route, "orders_q") == [] and data(split_route, "pay_q") == []
+
+    produce(split_route)
+    split_route.qmover("run", "--once", check=True)
+    assert data(split_route, "orders_q") == ["n1", "o1", "p1", "u1"]
+    assert data(split_route, "pay_q") == ["o2"]
+
+
 def test_a_map_naming_a_missing_queue_is_reported_by_install(split_route):
     configure(split_route, install=False, split_field="ev_extra1", split_map="orders:no_such_q")
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -68,39 +67,6 @@ def events_per_route(results: Iterable[str]) -> dict[str, int]:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]
-
-
-@dataclass
-class BeatTicks:
-    """What beat's loop did over a scheduler: ticks asked, entries sent, and
-    spins, the ticks that neither sent an entry nor let beat sleep."""
-
-    ticks: int = 0
-    runs: int = 0
-    spins: int = 0
-
-
-def beat_ticks(scheduler, seconds: float = 2.0) -> BeatTicks:
-    """Run beat's loop (celery.beat.Service.start's) over scheduler for seconds."""
-    counted = BeatTicks()
-    send = scheduler.apply_async
-
-    def sent(*args, **kwargs):
-        counted.runs += 1
-        return send(*args, **kwargs)
-
-    scheduler.apply_async = sent
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        runs = counted.runs
-        counted.ticks += 1
-        interval = scheduler.tick()
-        if interval and interval > 0:
-            time.sleep(interval)
-        elif counted.runs == runs:
-            counted.spins += 1
-    scheduler.close()
-    return counted
 
 
 class Redis:

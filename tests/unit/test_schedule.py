@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from celery import Celery
 from celery.beat import PersistentScheduler
 
 from qmover.config import load_config
@@ -16,7 +15,7 @@ from qmover.tasks import app, beat_schedule
 from qmover.tasks.names import SWEEP_TASK, TICK_TASK
 from qmover.tasks.schedule import SteadyScheduler, celery_settings
 
-from celery_helpers import beat_ticks
+from beat_loop import beat_app, steady
 
 TWO_LOGINS = """
 [qmover]
@@ -119,12 +118,9 @@ def test_qmover_app_acks_late_prefetches_one_and_keeps_redbeat_lock_in_a_redis(t
 
 def test_qmovers_beat_sleeps_until_an_entry_is_due_where_celerys_own_spins(tmp_path):
     assert celery_settings(two_logins(tmp_path))["beat_scheduler"] == "qmover.tasks.schedule:SteadyScheduler"
-    beat_app = Celery("ticks", broker="memory://", set_as_current=False)
-    beat_app.conf.beat_schedule = {"often": {"task": "ticks.noop", "schedule": 0.25}}
-    steady = beat_ticks(SteadyScheduler(app=beat_app, schedule_filename=str(tmp_path / "steady.db")))
-    assert steady.runs >= 2 and steady.spins == 0 and steady.ticks <= 4 * steady.runs
+    assert steady(str(tmp_path / "steady.db")).sleeps_until_due
     # What the class is for: with an entry 5 ms from due, Celery's own returns
     # less than nothing, which beat's loop takes as "ask again now", ms after ms.
-    celerys = PersistentScheduler(app=beat_app, schedule_filename=str(tmp_path / "celery.db"))
+    celerys = PersistentScheduler(app=beat_app(), schedule_filename=str(tmp_path / "celery.db"))
     assert celerys.adjust(0.005) < 0 < SteadyScheduler.adjust(celerys, 0.005)
     celerys.close()

@@ -11,9 +11,9 @@ import pytest
 from qmover.config import load_config
 from qmover.errors import WrongPooler
 from qmover.pg.connector import Connector, Loan
-from qmover.pg.queries import Source
+from qmover.pg.queries import NEXT_LOCK, Source
 
-from celery_helpers import Processes, error_lines, wait_for_celery, wait_until
+from celery_helpers import Processes, error_lines, wait_until
 from conftest import ROUTE, live_claims, partitions_and_central, positions, run_qmover
 from servers import PgBouncer
 
@@ -31,6 +31,11 @@ def bouncer():
         pooler.close()
 
 
+# A qmover session of the database waiting for an advisory lock.
+WAITING = ("select count(*) from pg_stat_activity where datname = %s and application_name like 'qmover %%'"
+           " and wait_event_type = 'Lock' and wait_event = 'advisory'")
+
+
 def pooled_config(make_db, tmp_path, pooler: PgBouncer, routes: int, broker: str):
     parts, central = partitions_and_central(make_db, routes)
     config = tmp_path / "pooled.ini"
@@ -42,28 +47,29 @@ def pooled_config(make_db, tmp_path, pooler: PgBouncer, routes: int, broker: str
 
 def test_session_mode_a_worker_sigkilled_while_it_holds_routes(make_db, tmp_path, redis_db, bouncer):
     """Its claims stay on server sessions the pooler keeps open; they run out,
-    and the next worker moves those routes, every event once."""
+    and the next worker moves those routes, every event once.  The worker is
+    held mid-task, its routes claimed, by the lock its next_batch takes on the
+    first partition (taken there by the test, past the pooler), and killed there."""
     pooler = bouncer("session")
     parts, central, config = pooled_config(make_db, tmp_path, pooler, 4, redis_db.url)
     run_qmover("install", str(config), check=True)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(config, logs, app="qmover")
+    holding = parts[0].connect()
     try:
+        with holding.cursor() as cur:
+            cur.execute(f"select pg_advisory_lock({NEXT_LOCK.key('%s::text')})", ("partition_0",))
         procs.worker("first", 2)
         procs.beat()
-        # the rounds race the worker's start otherwise: 200 of them can end before it moves
-        wait_for_celery([logs / "first.log", logs / "beat.log"], workers=1)
-        held: list[str] = []
-        for round_no in range(200):  # until the first worker holds a route, mid-task
-            for n, part in enumerate(parts):
-                part.produce_series("events", 2000, size=40, tag=f"p{n}r{round_no}-")
-                part.tick("events")
-            held = sorted(live_claims(central))  # read once: a task holds its routes some 30 ms
-            if held:
-                break
-        assert held, "the first worker never held a route"
+        for n, part in enumerate(parts):
+            part.produce_series("events", 20, size=40, tag=f"p{n}-")
+            part.tick("events")
+        wait_until(lambda: "partition_0" in live_claims(central) and parts[0].value(WAITING, (parts[0].name,)), 60,
+                   "the first worker to claim partition_0 and wait for its next batch")
+        held = sorted(live_claims(central))
         procs.kill("first")
+        holding.close()
         before = positions(central)
         procs.worker("second", 2)
         for round_no in range(3):
@@ -77,6 +83,7 @@ def test_session_mode_a_worker_sigkilled_while_it_holds_routes(make_db, tmp_path
         assert sorted(central.events("central_events")) == sorted(source)
         assert error_lines(procs.log("second")) == []
     finally:
+        holding.close()
         procs.stop()
 
 

@@ -13,7 +13,7 @@ from celery import Celery
 from qmover.protocol import batch
 
 from celery_helpers import CELERY_PYTHON, error_lines, moves_in
-from conftest import run_qmover
+from conftest import peaks, run_qmover
 
 POOLS = {
     "prefork": ("-P", "prefork"),
@@ -35,6 +35,7 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
     big = 2 * batch.SMALL_BATCH  # first one batch past the small-batch path (on gevent: spooled, not streamed)
     pipe.parts[0].produce_series("events", big, size=40, tag="big")
     pipe.parts[0].tick("events")
+    peak = peaks(pipe.central, pipe.parts)
     worker = pipe.procs.worker("worker", CONCURRENCY[pool], *POOLS[pool])
     pipe.procs.beat()
 
@@ -56,6 +57,7 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
         done.set()
         sender.join()
         client.close()
+        peak.stop()
 
     results = moves_in(pipe.procs.log("worker"))
     applied = sum(result["batches"] for result in results)  # wait_for saw each event once
@@ -66,7 +68,14 @@ def test_each_pool_moves_overlapping_tasks_exactly_once(pipeline, redis_db, pool
     busy = sum(1 for result in results if result["busy"])
     if pool in ("prefork", "threads"):
         assert busy > 0  # tasks for one route did overlap, and one stood back
-    print(f"{pool}: {applied} batches applied once each, {busy} tasks found their route busy")
+    print(f"{pool}: {applied} batches applied once each, {busy} tasks found their route busy; "
+          f"peak connections: central {peak.central}, busiest partition {peak.partition}")
+    slots = CONCURRENCY[pool]  # the README's bounds count a pool's threads and greenlets as processes
+    assert peak.central <= slots + 2 and peak.partition <= 1 + slots
+    if pool == "threads":
+        # Its threads share the process's kept connections: a route moves in one task at a
+        # time, so its source sees at most two of them (one given back as the next claims).
+        assert peak.partition <= 1 + 2
 
 
 def test_two_threads_run_the_task_for_one_route_at_once(route, monkeypatch):

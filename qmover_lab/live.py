@@ -179,6 +179,24 @@ def self_cpu() -> float:
     return times.user + times.system
 
 
+class KernelThreads:
+    """The CPU of the kernel's own threads (kworkers; on this VM kdamond) from
+    now, counted thread by thread: a kworker that exits takes its seconds with
+    it, and a plain sum at each end would then go down."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> dict[int, float]:
+        return {pid: cpu_seconds([pid]) for pid in descendants(KTHREADD)[1:]}
+
+    def seconds(self) -> float:
+        """Their CPU since this sampler was made, over the threads alive at both ends."""
+        now = self._sample()
+        return sum(max(0.0, now[pid] - self.start[pid]) for pid in now if pid in self.start)
+
+
 class Load:
     """The producers: each partition commits `rate` events and calls the ticker once a
     second, partition i at i/N of each second, spread over `threads` threads with a
@@ -408,8 +426,6 @@ class Bench:
         self.server_of = [servers[n * len(servers) // args.routes] for n in range(args.routes)]
         self.workdir = Path(tempfile.mkdtemp(prefix="qmover-bench-live-"))
         self.runs = 0  # each run's events carry a tag of their own
-        self._kernel_seen: dict[int, float] = {}  # kernel thread -> its CPU at the last _cpu()
-        self._kernel_total = 0.0
         # seconds events wait for their tick: PgQ's ticker_max_lag when it ticks as pgqd does
         self.tick_lag = 3.0 if args.ticks == "pgqd" else 0.0
 
@@ -565,11 +581,13 @@ class Bench:
                 produced0, _, late0 = load.snapshot()
                 movers = [pid for root in roots for pid in descendants(root)]
                 cpu0 = self._cpu(movers)
+                kernel = KernelThreads()
                 parts0 = self._parts(tool, roots)
                 busy0 = machine_busy()
                 started = time.monotonic()
                 time.sleep(args.seconds)
                 cpu1 = self._cpu([pid for root in roots for pid in descendants(root)] + movers)
+                figures.kernel_cpu_s = round(kernel.seconds(), 1)
                 parts1 = self._parts(tool, roots)
                 busy1 = machine_busy()
                 window_end = time.monotonic()
@@ -586,18 +604,19 @@ class Bench:
                 if args.idle:
                     time.sleep(max(0.0, stopped + args.idle_settle - time.monotonic()))
                     idle_movers = [pid for root in roots for pid in descendants(root)]
-                    idle_cpu0 = self._cpu(idle_movers)
+                    idle_cpu0, kernel = self._cpu(idle_movers), KernelThreads()
                     figures.idle_busy_pct = self._busy_over(args.idle)
                     idle_cpu1 = self._cpu(idle_movers)
                     figures.idle_cpu_s = {part: round(idle_cpu1[part] - idle_cpu0[part], 1)
-                                          for part in ("mover", "postgres", "kernel")}
+                                          for part in ("mover", "postgres")}
+                    figures.idle_cpu_s["kernel"] = round(kernel.seconds(), 1)
             if args.idle:
-                stopped0 = self._cpu([])
+                stopped0, kernel = self._cpu([]), KernelThreads()
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
                 stopped1 = self._cpu([])
                 if figures.idle_cpu_s is not None:
-                    for part in ("postgres", "kernel"):
-                        figures.idle_cpu_s[f"{part}_stopped"] = round(stopped1[part] - stopped0[part], 1)
+                    figures.idle_cpu_s["postgres_stopped"] = round(stopped1["postgres"] - stopped0["postgres"], 1)
+                    figures.idle_cpu_s["kernel_stopped"] = round(kernel.seconds(), 1)
         finally:
             load.stop()
             arrivals.stop()
@@ -611,7 +630,7 @@ class Bench:
         figures.batches_in_window = sum(1 for ticks in load.ticked.values() for _, when in ticks
                                         if started <= when < window_end)  # a batch per tick, at most
         figures.machine_busy_pct = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
-        for part in ("mover", "postgres", "redis", "load", "kernel"):
+        for part in ("mover", "postgres", "redis", "load"):
             setattr(figures, f"{part}_cpu_s", round(cpu1[part] - cpu0[part], 1))
         figures.mover_cpu_ms_per_batch = round(1000 * figures.mover_cpu_s / max(1, figures.batches_in_window), 2)
         figures.peak_memory_mb = round(memory.total_mb) if memory else 0.0
@@ -695,18 +714,7 @@ class Bench:
     def _cpu(self, movers: list[int]) -> dict[str, float]:
         postgres = [pid for postmaster in self.postmasters for pid in descendants(postmaster)]
         return {"mover": cpu_seconds(sorted(set(movers))), "postgres": cpu_seconds(postgres),
-                "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu(),
-                "kernel": self._kernel_cpu()}
-
-    def _kernel_cpu(self) -> float:
-        """The kernel's threads' CPU since the first call, counted thread by thread from
-        one call to the next: a kworker that exits takes its seconds with it, and a
-        plain sum would then go down."""
-        now = {pid: cpu_seconds([pid]) for pid in descendants(KTHREADD)[1:]}
-        seen = self._kernel_seen
-        self._kernel_total += sum(max(0.0, now[pid] - seen[pid]) for pid in now if pid in seen)
-        self._kernel_seen = now
-        return self._kernel_total
+                "redis": cpu_seconds(pids_named("redis-server")), "load": self_cpu()}
 
     @staticmethod
     def _parts(tool: str, roots: list[int]) -> dict[str, float]:

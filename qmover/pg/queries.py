@@ -222,27 +222,33 @@ class Source:
     # its position (none: null); events_ahead and seconds_ahead: from its
     # position to the queue's latest tick, what pgq_batch_collect_events /
     # _interval compare.  A consumer missing here counts as ready, a broken one
-    # too, so that its mover says what is wrong.
-    SWEEP_STATE = Statement("""
-        select q.queue_name, c.co_name, s.sub_last_tick,
-               case when s.sub_batch is not null then extract(epoch from now() - s.sub_active)::float8 end,
-               extract(epoch from now() - nxt.tick_time)::float8,
-               latest.tick_event_seq - last.tick_event_seq,
-               extract(epoch from latest.tick_time - last.tick_time)::float8
-          from unnest(%(queues)s::text[], %(consumers)s::text[]) r(queue, consumer)
-          join pgq.queue q on q.queue_name = r.queue
-          join pgq.consumer c on c.co_name = r.consumer
-          join pgq.subscription s on s.sub_queue = q.queue_id and s.sub_consumer = c.co_id
-          join pgq.tick last on last.tick_queue = s.sub_queue and last.tick_id = s.sub_last_tick
-          left join lateral (select t.tick_time from pgq.tick t
-                              where t.tick_queue = s.sub_queue and t.tick_id > s.sub_last_tick
-                              order by t.tick_id limit 1) nxt on true
-          left join lateral (select t.tick_time, t.tick_event_seq from pgq.tick t
-                              where t.tick_queue = s.sub_queue order by t.tick_id desc limit 1) latest on true
+    # too, so that its mover says what is wrong.  Last, whether the tick wake's
+    # trigger is there, on every row and on a row of nulls when no consumer is
+    # found: a listening sweep learns it with no round trip of its own.
+    SWEEP_STATE = Statement(f"""
+        select st.*, w.wake
+          from (select {_HAS_WAKE} as wake) w
+          left join lateral (
+            select q.queue_name, c.co_name, s.sub_last_tick,
+                   case when s.sub_batch is not null then extract(epoch from now() - s.sub_active)::float8 end,
+                   extract(epoch from now() - nxt.tick_time)::float8,
+                   latest.tick_event_seq - last.tick_event_seq,
+                   extract(epoch from latest.tick_time - last.tick_time)::float8
+              from unnest(%(queues)s::text[], %(consumers)s::text[]) r(queue, consumer)
+              join pgq.queue q on q.queue_name = r.queue
+              join pgq.consumer c on c.co_name = r.consumer
+              join pgq.subscription s on s.sub_queue = q.queue_id and s.sub_consumer = c.co_id
+              join pgq.tick last on last.tick_queue = s.sub_queue and last.tick_id = s.sub_last_tick
+              left join lateral (select t.tick_time from pgq.tick t
+                                  where t.tick_queue = s.sub_queue and t.tick_id > s.sub_last_tick
+                                  order by t.tick_id limit 1) nxt on true
+              left join lateral (select t.tick_time, t.tick_event_seq from pgq.tick t
+                                  where t.tick_queue = s.sub_queue order by t.tick_id desc limit 1) latest on true
+          ) st on true
     """, prepared=True)
-    # Beat's sweep connection listens for the tick wake, and learns whether the
-    # trigger is there (a listener without it would wait for nothing).
-    LISTEN = Statement(f"listen {WAKE_CHANNEL}; select {_HAS_WAKE}")
+    # Beat's sweep connection listens for the tick wake, once per connection,
+    # before its first read of the state (a tick after that read is heard).
+    LISTEN = Statement(f"listen {WAKE_CHANNEL}")
 
 
 class Target:

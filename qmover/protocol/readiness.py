@@ -229,7 +229,7 @@ class Sweeper:
             key = database_of(group[0].src_dsn)
             if not woken and self.wakes.listening(key, interval, now):
                 continue
-            rows = self._ask(group, "source", functools.partial(self._source_state, key, group, interval, now),
+            rows = self._ask(group, "source", functools.partial(self._source_state, key, group, interval),
                              list[tuple]())
             self.wakes.swept(key, now)
             if rows is not None:
@@ -250,13 +250,17 @@ class Sweeper:
         ready.sort(key=lambda pair: -pair[0])
         return [route for _, route in ready]
 
-    def _source_state(self, key: tuple, group: list[Route], interval: float, now: float, src: Link) -> list[tuple]:
+    def _source_state(self, key: tuple, group: list[Route], interval: float, src: Link) -> list[tuple]:
         """Where the group's consumers stand (Source.SWEEP_STATE), and the tick wake
         listened for where a route asks for it."""
-        if any(route.wake_on_tick for route in group) or self.wakes.knows(key):
-            self.wakes.listen(key, group, interval, src, now)
-        return src.rows(Source.SWEEP_STATE, queues=[route.src_queue for route in group],
+        wake = any(route.wake_on_tick for route in group) or self.wakes.knows(key)
+        if wake:
+            self.wakes.listen(key, group, interval, src)
+        rows = src.rows(Source.SWEEP_STATE, queues=[route.src_queue for route in group],
                         consumers=[route.consumer for route in group])
+        if wake:
+            self.wakes.trigger(key, src, bool(rows[0][-1]))
+        return [row[:-1] for row in rows if row[0] is not None]
 
     def _held(self, route: Route, held: claim.Held) -> None:
         """Say once per claim when a mover has held a route with a batch ready for longer than it should."""

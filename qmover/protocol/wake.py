@@ -64,7 +64,6 @@ class _Database:
     # its routes, by move_interval: a tick wakes them all, whichever of them set wake_on_tick
     routes: dict[float, list[Route]] = field(default_factory=dict)
     session: Session | None = None  # beat's kept connection to it, LISTENing with the trigger there
-    checked: float = float("-inf")  # monotonic time the trigger was last looked for
     swept: float = float("-inf")  # monotonic time it was last swept
     missing: bool = False  # the trigger was not there when last looked for
 
@@ -84,18 +83,22 @@ class Wakes:
         self._sweep: Callable[[list[Route], float], None] | None = None
         self._version = 0  # changes whenever a database starts or stops listening
 
-    def listen(self, key: tuple, routes: list[Route], interval: float, link: Link, now: float) -> None:
-        """On a sweep of the database (the lock held): listen on its connection, unless it
-        listens already or the trigger was looked for lately; say when the trigger is missing."""
-        database = self._databases.setdefault(key, _Database())
-        database.routes[interval] = routes
-        if now - database.checked < SAFETY_SWEEP and (database.missing or self._on(database, link.session)):
-            return
-        found = bool(link.value(Source.LISTEN))
-        link.session.done.add(Source.LISTEN.name)
-        database.checked = now
-        database.session = link.session if found else None
-        self._version += 1
+    def listen(self, key: tuple, routes: list[Route], interval: float, link: Link) -> None:
+        """Before a sweep of the database reads its state (the lock held): note its
+        routes, and listen on its connection (once per connection), so that a tick
+        after the read is heard."""
+        self._databases.setdefault(key, _Database()).routes[interval] = routes
+        link.ensure(Source.LISTEN)
+
+    def trigger(self, key: tuple, link: Link, found: bool) -> None:
+        """What that sweep's read said of the trigger (the lock held): where it is
+        there, the database listens (on this connection, unless another listens
+        already); said when it goes missing or comes back."""
+        database = self._databases[key]
+        session = (database.session if self._on(database) else link.session) if found else None
+        if session is not database.session:
+            database.session = session
+            self._version += 1
         if not found and not database.missing:
             log.warning("sweep: %s", missing([route for group in database.routes.values() for route in group
                                                if route.wake_on_tick]))
@@ -115,12 +118,11 @@ class Wakes:
                 and now - database.swept < SAFETY_SWEEP)
 
     @staticmethod
-    def _on(database: _Database, session: Session | None = None) -> bool:
-        """Whether the database listens (on session, when given): a session's connection
-        replaced after a failure listens no more (qmover.pg.session)."""
+    def _on(database: _Database) -> bool:
+        """Whether the database listens: a session's connection replaced after a
+        failure listens no more (qmover.pg.session)."""
         listening = database.session
-        return (listening is not None and (session is None or listening is session)
-                and not listening.closed and Source.LISTEN.name in listening.done)
+        return listening is not None and not listening.closed and Source.LISTEN.name in listening.done
 
     def swept(self, key: tuple, now: float) -> None:
         database = self._databases.get(key)

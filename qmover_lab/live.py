@@ -145,6 +145,8 @@ PROBE_TRIGGER = """
 # Every tool's connections (qmover's and skytools'), the benchmark's own left out.
 CLIENTS = f"backend_type = 'client backend' and application_name <> '{BENCH_APP}'"
 CONNECTIONS = f"select datname, count(*) from pg_stat_activity where {CLIENTS} group by datname"
+TOOL_SESSIONS = f"select count(*) from pg_stat_activity where {CLIENTS}"
+REAP_S = 2.0  # seconds for a postmaster to reap the backends whose sessions ended
 # Central refuses connections, and the tools' sessions there end (an outage, as a mover sees it).
 CENTRAL_DOWN = (sql.SQL("alter database {} with allow_connections false").format(sql.Identifier(CENTRAL)),
                 sql.SQL("select count(pg_terminate_backend(pid)) from pg_stat_activity where datname = {} and "
@@ -611,6 +613,7 @@ class Bench:
                                           for part in ("mover", "postgres")}
                     figures.idle_cpu_s["kernel"] = round(kernel.seconds(), 1)
             if args.idle:
+                self._until_tools_gone()
                 stopped0, kernel = self._cpu([]), KernelThreads()
                 figures.idle_stopped_busy_pct = self._busy_over(args.idle)
                 stopped1 = self._cpu([])
@@ -692,6 +695,17 @@ class Bench:
                 return
             time.sleep(0.1)
         figures.outage_catch_up_s = round(time.monotonic() - back, 1)
+
+    def _until_tools_gone(self, timeout: float = 60.0) -> None:
+        """Until no tool's session is left on any server, and a moment more for the
+        postmasters to reap their backends.  A backend that ends as a window starts
+        would otherwise bring its whole life's CPU into the window, through its
+        postmaster's cutime, after the start had missed it."""
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            while run_sql(server, "postgres", TOOL_SESSIONS)[0][0] and time.monotonic() < deadline:
+                time.sleep(0.2)
+        time.sleep(REAP_S)
 
     @staticmethod
     def _busy_over(seconds: float) -> float:

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import select
 import subprocess
+import threading
+import time
+from contextlib import closing
+from dataclasses import replace
 
 import pytest
 from psycopg2 import sql
 from test_beat_lock import active_beat, start_beats, sweeps
 from test_privileges import make_role  # noqa: F401 (a fixture)
 
+from qmover.ops import admin
+from qmover.protocol.readiness import Sweeper
 from qmover_lab.sandbox import Cluster
 
 from celery_helpers import RabbitVhost, wait_until
@@ -230,3 +236,26 @@ def test_install_and_removal_are_idempotent_and_need_only_the_rights_named(make_
     assert route.src.value("select to_regprocedure('qmover.notify_tick()')") is None
     again = route.qmover("unregister", check=True).stdout
     assert "was not registered" in again and "tick wake" not in again
+
+
+def test_a_listening_connection_replaced_in_place_is_waited_on_again(route):
+    """A sweep's statement that finds its kept connection dead replaces it in the
+    same session (qmover.pg.session), which then listens no more.  The next sweep
+    listens on the new connection, and the waker waits on that one from then on:
+    a tick there wakes it, with no scheduled sweep between."""
+    woken = replace(route.route(), wake_on_tick=True)
+    admin.install(woken)
+    ticked = threading.Event()
+    with closing(Sweeper()) as sweeper:
+        assert sweeper.ready([woken], 5, woken=True) == []  # listens
+        sweeper.wakes.keep_alive(100, lambda routes, interval: ticked.set())  # the waker starts
+        with sweeper._using:  # the waker stands by while the connection dies and is replaced
+            route.src.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                              " where datname = current_database() and application_name like 'qmover %'")
+            time.sleep(0.2)
+            sweeper.ready([woken], 5, woken=True)  # replaced in place: its first statement failed
+        sweeper.ready([woken], 5, woken=True)  # as the next scheduled sweep: listens on the new connection
+        time.sleep(0.5)
+        assert not ticked.is_set()
+        route.src.tick(route.src_queue)
+        assert ticked.wait(10), "the waker did not wake on the replaced connection"

@@ -250,9 +250,9 @@ def test_a_listening_connection_replaced_in_place_is_waited_on_again(route):
         assert sweeper.ready([woken], 5, woken=True) == []  # listens
         sweeper.wakes.keep_alive(100, lambda routes, interval: ticked.set())  # the waker starts
         with sweeper._using:  # the waker stands by while the connection dies and is replaced
-            route.src.execute("select pg_terminate_backend(pid) from pg_stat_activity"
-                              " where datname = current_database() and application_name like 'qmover %'")
-            time.sleep(0.2)
+            mine = "from pg_stat_activity where datname = current_database() and application_name like 'qmover %'"
+            route.src.execute(f"select pg_terminate_backend(pid) {mine}")
+            wait_until(lambda: route.src.value(f"select count(*) {mine}") == 0, 10, "the listening session to end")
             sweeper.ready([woken], 5, woken=True)  # replaced in place: its first statement failed
         sweeper.ready([woken], 5, woken=True)  # as the next scheduled sweep: listens on the new connection
         time.sleep(0.5)

@@ -113,11 +113,14 @@ class Link:
         """Send the statements; the last one's row count."""
         return self._send(statements, params, _row_count)
 
-    def ensure(self, statement: Statement) -> None:
-        """Run statement once per connection (outside a transaction: it must not roll back)."""
-        if statement.name not in self.session.done:
-            self.run(statement)
-            self.session.done.add(statement.name)
+    def ensure(self, statement: Statement) -> bool:
+        """Run statement once per connection (outside a transaction: it must not roll back);
+        whether it ran now (a new connection, or one replaced in place)."""
+        if statement.name in self.session.done:
+            return False
+        self.run(statement)
+        self.session.done.add(statement.name)
+        return True
 
     def render(self, key: tuple[object, ...], build: Callable[[], sql.Composable | tuple[sql.Composable, ...]]
                ) -> list[str]:

@@ -88,8 +88,7 @@ class Wakes:
         routes, and listen on its connection (once per connection), so that a tick
         after the read is heard."""
         self._databases.setdefault(key, _Database()).routes[interval] = routes
-        if Source.LISTEN.name not in link.session.done:  # a new connection, or one replaced in place
-            link.ensure(Source.LISTEN)
+        if link.ensure(Source.LISTEN):
             self._version += 1  # the waker waits on the connection that listens now, not on one gone
 
     def trigger(self, key: tuple, link: Link, found: bool) -> None:

@@ -8,6 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+import psycopg2
+import psycopg2.extras
+
+from qmover_lab.connections import ConnectionPeaks
 
 from celery_helpers import Redis
 
@@ -86,3 +92,26 @@ def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):
         assert run["probes"] > 0 and run["probes_not_arrived"] == 0 and run["peak_memory_mb"] > 0
         assert run["idle_busy_pct"] is not None and run["idle_stopped_busy_pct"] is not None
         assert set(run["idle_cpu_s"]) == {"mover", "postgres", "kernel", "postgres_stopped", "kernel_stopped"}
+
+
+def test_connection_peaks_count_what_clients_hold_open_not_backends_left_behind(make_db):
+    """A client that closed its connection is not counted, though its backend is
+    still in pg_stat_activity (here: busy in a statement, as a backend is for a
+    moment while it exits on a busy machine); one held open over TCP or a Unix
+    socket is."""
+    database, other = make_db(pgq=False), make_db(pgq=False)
+    dsn = f"{database.dsn} application_name='qmover test'"
+    left = psycopg2.connect(dsn, async_=1)
+    psycopg2.extras.wait_select(left)
+    left.cursor().execute("select pg_sleep(30)")
+    left.close()  # the backend sleeps on, its client gone
+    held = [psycopg2.connect(dsn), psycopg2.connect(f"{dsn} host=/var/run/postgresql")]
+    try:
+        mine = f"from pg_stat_activity where datname = '{database.name}' and application_name = 'qmover test'"
+        assert database.execute(f"select count(*) {mine}") == [(3,)]
+        peaks = ConnectionPeaks(other.connect(), database.name, [other.name], every=0.02)
+        time.sleep(0.3)
+        assert peaks.stop() == (2, 0, 2)
+    finally:
+        for conn in held:
+            conn.close()

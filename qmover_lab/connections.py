@@ -10,8 +10,9 @@ from pathlib import Path
 
 from psycopg2.extensions import connection
 
-# qmover's own connections: its connections name the process (qmover.pg.db.connect).
-QMOVER = "application_name like 'qmover %%'"
+# qmover's own sessions, as an SQL condition on pg_stat_activity: qmover.pg.db.connect
+# names each by its process ("qmover <pid>"); no % in it, so any query can hold it.
+QMOVER = "starts_with(application_name, 'qmover ')"
 SESSIONS = ("select datname, client_port, client_addr << '127.0.0.0/8' or client_addr = '::1'"
             " from pg_stat_activity where {who} and datname = any(%s)")
 ESTABLISHED = "01"  # the state column of /proc/net/tcp*

@@ -24,7 +24,7 @@ from qmover.ops.metrics import Counters
 from qmover.pg.queries import Claims
 from qmover.protocol.batch import Moved
 from qmover.protocol.mover import Mover
-from qmover_lab.connections import ConnectionPeaks
+from qmover_lab.connections import QMOVER, ConnectionPeaks
 
 from celery_helpers import Processes, Redis, free_port, wait_until
 from fault_mover import CRASH_EXIT
@@ -34,8 +34,7 @@ HOST_DSN = os.environ.get("QMOVER_TEST_HOST_DSN", "host=127.0.0.1")
 
 Event = tuple  # (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
 # A mover's COPY is running in the database named by the parameter.
-COPY_RUNNING = ("select count(*) from pg_stat_activity where datname = %s"
-                " and application_name like 'qmover %%' and query ilike 'copy %%'")
+COPY_RUNNING = f"select count(*) from pg_stat_activity where datname = %s and {QMOVER} and query ilike 'copy %%'"
 
 
 EVENT_FIELDS = "ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"

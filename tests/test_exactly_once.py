@@ -17,6 +17,7 @@ from qmover.pg.queries import NEXT_LOCK
 from qmover.pg.session import Link
 from qmover.protocol import batch as batch_module
 from qmover.protocol.mover import Mover
+from qmover_lab.connections import QMOVER
 
 from celery_helpers import wait_until
 from conftest import multiset
@@ -123,8 +124,8 @@ def test_source_lost_with_the_finish_pending_moves_each_batch_once(route):
     def kill_source(_route, point: str) -> None:
         if point == "after_target_commit":
             batches.append(active_batch(route))
-            route.src.value("select pg_terminate_backend(pid) from pg_stat_activity"
-                            " where datname = %s and application_name like 'qmover %%'", (route.src.name,))
+            route.src.value(f"select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and {QMOVER}",
+                            (route.src.name,))
 
     with pytest.raises(TransientError):
         route.move(checkpoint=kill_source)  # finish + next batch, on a dead connection
@@ -141,8 +142,7 @@ def test_taking_the_next_batch_failing_leaves_the_batch_before_open(route):
     batches, cancellers = [], []
 
     def cancel_when_waiting() -> None:
-        waiting = ("select pid from pg_stat_activity where datname = %s and application_name like 'qmover %%'"
-                   " and wait_event_type = 'Lock'")
+        waiting = f"select pid from pg_stat_activity where datname = %s and {QMOVER} and wait_event_type = 'Lock'"
         wait_until(lambda: route.src.value(waiting, (route.src.name,)), timeout=10,
                    what="the mover to queue on the lock", every=0.02)
         route.src.value("select pg_cancel_backend(pid) from pg_stat_activity where pid = (%s)",

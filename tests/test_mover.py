@@ -21,6 +21,7 @@ from qmover.pg.connector import Connector, Loan
 from qmover.pg.queries import Claims
 from qmover.protocol import claim as claim_module
 from qmover.protocol.mover import Mover
+from qmover_lab.connections import QMOVER
 
 from celery_helpers import wait_until
 from conftest import ROUTE, claim_as_another_mover, let_go_as_another_mover, partitions_and_central, run_qmover
@@ -60,9 +61,9 @@ def no_live_claims(central) -> None:
                "the closed sessions' backends to end")
 
 
-def backend_of(database, application: str = "qmover %") -> None:
-    database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
-                     " where datname = %s and application_name like %s", (database.name, application))
+def backend_of(database) -> None:
+    database.execute(f"select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and {QMOVER}",
+                     (database.name,))
 
 
 def test_one_loop_moves_every_ready_batch_of_each_route_and_finishes_the_last(three):
@@ -170,8 +171,8 @@ def test_a_kept_mover_lets_go_of_its_claims_and_survives_dropped_connections(rou
         assert other.move(routes, 10)[0].events == 5  # the claim was let go
         other.close()
         for database in (route.src, route.dst):  # e.g. a server restart between two tasks
-            database.execute("select pg_terminate_backend(pid) from pg_stat_activity"
-                             " where datname = %s and application_name like 'qmover %%'", (database.name,))
+            database.execute(f"select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and {QMOVER}",
+                             (database.name,))
 
         route.src.produce_series(route.src_queue, 5, tag="again")
         route.src.tick(route.src_queue)

@@ -12,6 +12,7 @@ from qmover.config import load_config
 from qmover.errors import WrongPooler
 from qmover.pg.connector import Connector, Loan
 from qmover.pg.queries import NEXT_LOCK, Source
+from qmover_lab.connections import QMOVER
 
 from celery_helpers import Processes, error_lines, wait_until
 from conftest import ROUTE, live_claims, partitions_and_central, positions, run_qmover
@@ -32,7 +33,7 @@ def bouncer():
 
 
 # A qmover session of the database waiting for an advisory lock.
-WAITING = ("select count(*) from pg_stat_activity where datname = %s and application_name like 'qmover %%'"
+WAITING = (f"select count(*) from pg_stat_activity where datname = %s and {QMOVER}"
            " and wait_event_type = 'Lock' and wait_event = 'advisory'")
 
 

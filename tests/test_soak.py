@@ -31,6 +31,8 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+from qmover_lab.connections import QMOVER
+
 from celery_helpers import EXITS_ON_REDIS_LOSS, Processes, celery_under_test, moves_in, wait_until
 from conftest import run_qmover
 from servers import Cluster, RedisServer
@@ -159,7 +161,7 @@ class Soak:
             with conn.cursor() as cur:
                 while time.monotonic() < deadline:
                     cur.execute("select count(*) from pg_stat_activity"
-                                " where application_name like 'qmover %' and xact_start is not null")
+                                f" where {QMOVER} and xact_start is not null")
                     if cur.fetchone()[0]:
                         self.kills_in_transaction += 1
                         break

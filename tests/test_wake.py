@@ -21,6 +21,7 @@ from test_privileges import make_role  # noqa: F401 (a fixture)
 
 from qmover.ops import admin
 from qmover.protocol.readiness import Sweeper
+from qmover_lab.connections import QMOVER
 from qmover_lab.sandbox import Cluster
 
 from celery_helpers import RabbitVhost, wait_until
@@ -250,7 +251,7 @@ def test_a_listening_connection_replaced_in_place_is_waited_on_again(route):
         assert sweeper.ready([woken], 5, woken=True) == []  # listens
         sweeper.wakes.keep_alive(100, lambda routes, interval: ticked.set())  # the waker starts
         with sweeper._using:  # the waker stands by while the connection dies and is replaced
-            mine = "from pg_stat_activity where datname = current_database() and application_name like 'qmover %'"
+            mine = f"from pg_stat_activity where datname = current_database() and {QMOVER}"
             route.src.execute(f"select pg_terminate_backend(pid) {mine}")
             wait_until(lambda: route.src.value(f"select count(*) {mine}") == 0, 10, "the listening session to end")
             sweeper.ready([woken], 5, woken=True)  # replaced in place: its first statement failed

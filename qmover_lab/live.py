@@ -146,7 +146,6 @@ PROBE_TRIGGER = """
 CLIENTS = f"backend_type = 'client backend' and application_name <> '{BENCH_APP}'"
 CONNECTIONS = f"select datname, count(*) from pg_stat_activity where {CLIENTS} group by datname"
 TOOL_SESSIONS = f"select count(*) from pg_stat_activity where {CLIENTS}"
-REAP_S = 2.0  # seconds for a postmaster to reap the backends whose sessions ended
 # Central refuses connections, and the tools' sessions there end (an outage, as a mover sees it).
 CENTRAL_DOWN = (sql.SQL("alter database {} with allow_connections false").format(sql.Identifier(CENTRAL)),
                 sql.SQL("select count(pg_terminate_backend(pid)) from pg_stat_activity where datname = {} and "
@@ -161,6 +160,24 @@ def connect(server: str, database: str) -> connection:
 
 
 KTHREADD = 2  # the parent of the kernel's own threads
+
+
+def unreaped(cur: Any, postmaster: int) -> int:
+    """The server's backends that ended and are not yet reaped by its postmaster (whose
+    cutime then holds their CPU): exiting, a client's backend gone from pg_stat_activity,
+    or zombies.  cur: a session of that server's."""
+    cur.execute("select pid from pg_stat_activity")
+    listed = {pid for (pid,) in cur.fetchall()}
+    left = 0
+    for pid in descendants(postmaster)[1:]:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()  # "postgres: USER DB HOST(PORT) STATE"
+        except OSError:
+            continue  # reaped meanwhile
+        if state == "Z" or (pid not in listed and (b"(" in title or b"[local]" in title)):
+            left += 1
+    return left
 
 
 def descendants(pid: int) -> list[int]:
@@ -697,15 +714,19 @@ class Bench:
         figures.outage_catch_up_s = round(time.monotonic() - back, 1)
 
     def _until_tools_gone(self, timeout: float = 60.0) -> None:
-        """Until no tool's session is left on any server, and a moment more for the
-        postmasters to reap their backends.  A backend that ends as a window starts
-        would otherwise bring its whole life's CPU into the window, through its
+        """Until no tool's session is left on any server, and its postmaster has reaped
+        every backend that ended.  A backend that ends as a window starts would
+        otherwise bring its whole life's CPU into the window, through its
         postmaster's cutime, after the start had missed it."""
         deadline = time.monotonic() + timeout
-        for server in self.servers:
-            while run_sql(server, "postgres", TOOL_SESSIONS)[0][0] and time.monotonic() < deadline:
-                time.sleep(0.2)
-        time.sleep(REAP_S)
+        for server, postmaster in zip(self.servers, self.postmasters, strict=True):
+            with closing(connect(server, "postgres")) as conn, conn.cursor() as cur:
+                while time.monotonic() < deadline:
+                    cur.execute(TOOL_SESSIONS)
+                    (sessions,) = cur.fetchone() or (0,)
+                    if not sessions and not unreaped(cur, postmaster):
+                        break
+                    time.sleep(0.2)
 
     @staticmethod
     def _busy_over(seconds: float) -> float:

@@ -6,16 +6,21 @@ Its figures are not judged here: goals live in the benchmark's own output.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import psycopg2
 import psycopg2.extras
 
 from qmover_lab.connections import ConnectionPeaks
+from qmover_lab.live import unreaped
+from qmover_lab.sandbox import Cluster
 
-from celery_helpers import Redis
+from celery_helpers import Redis, wait_until
 
 
 def test_fan_in_bench_prints_every_figure_and_drops_what_it_made(tmp_path):
@@ -115,3 +120,24 @@ def test_connection_peaks_count_what_clients_hold_open_not_backends_left_behind(
     finally:
         for conn in held:
             conn.close()
+
+
+def test_a_backend_its_postmaster_has_not_reaped_is_waited_for():
+    """The idle minute with the tools stopped starts once their backends are reaped
+    (their CPU then in the postmaster's cutime): a backend that ended while its
+    postmaster cannot reap it (stopped here) is counted until it is reaped."""
+    cluster = Cluster()
+    try:
+        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        ending = cluster.connect()
+        with closing(cluster.connect()) as conn, conn.cursor() as cur:
+            assert unreaped(cur, postmaster) == 0
+            os.kill(postmaster, signal.SIGSTOP)
+            try:
+                ending.close()  # its backend exits, and stays a zombie while the postmaster is stopped
+                wait_until(lambda: unreaped(cur, postmaster) == 1, 10, "the ended backend to be counted")
+            finally:
+                os.kill(postmaster, signal.SIGCONT)
+            wait_until(lambda: unreaped(cur, postmaster) == 0, 10, "the postmaster to reap it")
+    finally:
+        cluster.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from qmover_lab.connections import ConnectionPeaks
 from qmover_lab.live import Arrivals, Load, watch_probes
 
 from celery_helpers import Processes, celery_under_test, error_lines, wait_until
@@ -112,20 +113,27 @@ def wait_for_first_sweep(live: Live) -> None:
     wait_until(lambda: live.sweep_times()[0] and " ready." in live.procs.log("worker"), 60, "worker and beat")
 
 
-@pytest.mark.alone
-def test_under_a_steady_load_every_route_moves_within_two_intervals_on_bounded_connections(live):
-    fan = live(30, rate=5)
+def moved_under_load(fan: Live, tag: str, rounds: int) -> ConnectionPeaks:
+    """A worker -c 2 and beat move the steady load's rounds, every event once; qmover's
+    connection peaks meanwhile."""
     peak = peaks(fan.central, fan.parts)
     try:
         fan.procs.worker("worker", 2)
         fan.procs.beat()
         wait_for_first_sweep(fan)
-        fan.start_load("steady")
-        fan.run_rounds(12)
+        fan.start_load(tag)
+        fan.run_rounds(rounds)
         produced = fan.stop_and_drain()
     finally:
         peak.stop()
     fan.exactly_once(produced)
+    return peak
+
+
+@pytest.mark.alone
+def test_under_a_steady_load_every_route_moves_within_two_intervals_on_bounded_connections(live):
+    fan = live(30, rate=5)
+    peak = moved_under_load(fan, "steady", 12)
     assert error_lines(fan.procs.logs()) == []
 
     # Each probe reached central before two whole intervals of sweeps had ended after its commit.
@@ -214,17 +222,7 @@ def test_sweeps_run_in_beat_not_on_workers(live):
     """On every Celery release (scripts/test.sh runs this on each): beat's process is
     known by the beat_init signal, not by a header only 5.7 sends."""
     fan = live(6, rate=10)
-    peak = peaks(fan.central, fan.parts)
-    try:
-        fan.procs.worker("worker", 2)
-        fan.procs.beat()
-        wait_for_first_sweep(fan)
-        fan.start_load("sweeps")
-        fan.run_rounds(5)
-        produced = fan.stop_and_drain()
-    finally:
-        peak.stop()
-    fan.exactly_once(produced)
+    peak = moved_under_load(fan, "sweeps", 5)
     worker, beat = fan.procs.log("worker"), fan.procs.log("beat")
     version = re.search(r" \S+@\S+ v(\d+\.\d+\.\d+) ", worker)[1]
     print(f"celery {version}: {len(fan.sweep_times()[0])} sweeps in beat, none on the worker")

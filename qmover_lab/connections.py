@@ -53,6 +53,7 @@ class ConnectionPeaks(threading.Thread):
         self.conn = conn
         self.every = every
         self.central = self.partition = self.total = 0
+        self.samples = 0  # taken so far
         self._central_name = central
         self._names = [central, *others]
         self._query = SESSIONS.format(who=who)
@@ -73,6 +74,7 @@ class ConnectionPeaks(threading.Thread):
                 self.central = max(self.central, central)
                 self.partition = max([self.partition, *counts.values()])
                 self.total = max(self.total, central + sum(counts.values()))
+                self.samples += 1
 
     def stop(self) -> tuple[int, int, int]:
         """Stop sampling; the peaks: central, busiest other, all."""

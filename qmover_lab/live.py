@@ -70,12 +70,12 @@ from typing import Any
 
 import psycopg2
 from psycopg2 import sql
-from psycopg2.extensions import connection
+from psycopg2.extensions import connection, cursor
 
 from qmover.config import load_config
 from qmover.ops import admin
 from qmover_lab.connections import ConnectionPeaks
-from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, start_celery, wait_for_celery
+from qmover_lab.processes import cpu_seconds, machine_busy, pids_named, start_celery, stat_fields, wait_for_celery
 from qmover_lab.processes import stop as stop_processes
 from qmover_lab.sandbox import Cluster, drop_database, run_sql
 from qmover_lab.sandbox import value as scalar
@@ -162,7 +162,7 @@ def connect(server: str, database: str) -> connection:
 KTHREADD = 2  # the parent of the kernel's own threads
 
 
-def unreaped(cur: Any, postmaster: int) -> int:
+def unreaped(cur: cursor, postmaster: int) -> int:
     """The server's backends that ended and are not yet reaped by its postmaster (whose
     cutime then holds their CPU): exiting, a client's backend gone from pg_stat_activity,
     or zombies.  cur: a session of that server's."""
@@ -170,14 +170,19 @@ def unreaped(cur: Any, postmaster: int) -> int:
     listed = {pid for (pid,) in cur.fetchall()}
     left = 0
     for pid in descendants(postmaster)[1:]:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            title = Path(f"/proc/{pid}/cmdline").read_bytes()  # "postgres: USER DB HOST(PORT) STATE"
-        except OSError:
-            continue  # reaped meanwhile
-        if state == "Z" or (pid not in listed and (b"(" in title or b"[local]" in title)):
+        fields = stat_fields(pid)
+        if fields is not None and (fields[0] == "Z" or (pid not in listed and _titled_as_client(pid))):
             left += 1
     return left
+
+
+def _titled_as_client(pid: int) -> bool:
+    """Whether a PostgreSQL process's title is a client backend's: "postgres: USER DB HOST(PORT) STATE"."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # reaped meanwhile
+    return b"(" in title or b"[local]" in title
 
 
 def descendants(pid: int) -> list[int]:

@@ -47,16 +47,23 @@ def stop(processes: Iterable[subprocess.Popen], timeout: float = 20) -> None:
             process.wait()
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name, from the state on
+    (proc(5) numbers them from 3); None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """CPU time of the processes and of their children that ended (PostgreSQL's
     backends and autovacuum workers, say)."""
     ticks = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+        fields = stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import closing
 
 import psycopg2
@@ -110,12 +109,13 @@ def test_connection_peaks_count_what_clients_hold_open_not_backends_left_behind(
     psycopg2.extras.wait_select(left)
     left.cursor().execute("select pg_sleep(30)")
     left.close()  # the backend sleeps on, its client gone
-    held = [psycopg2.connect(dsn), psycopg2.connect(f"{dsn} host=/var/run/postgresql")]
+    sockets = database.value("select split_part(current_setting('unix_socket_directories'), ',', 1)")
+    held = [psycopg2.connect(dsn), psycopg2.connect(f"{dsn} host={sockets}")]
     try:
         mine = f"from pg_stat_activity where datname = '{database.name}' and application_name = 'qmover test'"
         assert database.execute(f"select count(*) {mine}") == [(3,)]
         peaks = ConnectionPeaks(other.connect(), database.name, [other.name], every=0.02)
-        time.sleep(0.3)
+        wait_until(lambda: peaks.samples >= 5, 10, "five samples")
         assert peaks.stop() == (2, 0, 2)
     finally:
         for conn in held:

@@ -243,8 +243,9 @@ def test_a_listening_connection_replaced_in_place_is_waited_on_again(route):
     """A sweep's statement that finds its kept connection dead replaces it in the
     same session (qmover.pg.session), which then listens no more.  The next sweep
     listens on the new connection, and the waker waits on that one from then on:
-    a tick there wakes it, with no scheduled sweep between."""
-    woken = replace(route.route(), wake_on_tick=True)
+    a tick there wakes it, with no scheduled sweep between.  The route collects batches
+    (min_count), so that its woken sweeps, as this test's, read its source's state."""
+    woken = replace(route.route(), wake_on_tick=True, min_count=1)
     admin.install(woken)
     ticked = threading.Event()
     with closing(Sweeper()) as sweeper:
@@ -260,3 +261,31 @@ def test_a_listening_connection_replaced_in_place_is_waited_on_again(route):
         assert not ticked.is_set()
         route.src.tick(route.src_queue)
         assert ticked.wait(10), "the waker did not wake on the replaced connection"
+
+
+def test_a_woken_sweep_of_a_listening_source_asks_only_its_target(route):
+    """The tick is the source's answer: with the source's consumer table locked, so
+    that a read of the source's state would wait, a woken sweep still finds the route
+    ready at once; a route that collects batches (min_count) waits for that read."""
+    woken = replace(route.route(), wake_on_tick=True)
+    collects = replace(woken, min_count=1)
+    admin.install(woken)
+    with closing(Sweeper()) as sweeper:
+        assert sweeper.ready([woken], 5) == []  # a scheduled sweep: its connection listens
+        route.src.produce_series(route.src_queue, 3)
+        route.src.tick(route.src_queue)
+        with closing(route.src.connect()) as locker:
+            locker.autocommit = False
+            locker.cursor().execute("lock table pgq.subscription in access exclusive mode")
+            found: list = []
+            sweeping = threading.Thread(target=lambda: found.append(sweeper.ready([woken], 5, woken=True)))
+            sweeping.start()
+            sweeping.join(10)
+            assert found == [[woken]], "the woken sweep waited for the source"
+            sweeping = threading.Thread(target=lambda: found.append(sweeper.ready([collects], 5, woken=True)))
+            sweeping.start()
+            waits = f"select count(*) from pg_stat_activity where {QMOVER} and wait_event_type = 'Lock'"
+            wait_until(lambda: route.src.value(waits) == 1, 10, "the sweep to read the state of a collecting route")
+            locker.rollback()
+        sweeping.join(10)
+        assert found == [[woken], [collects]]

@@ -113,6 +113,11 @@ class Route:
     wake_on_tick: bool = False
 
     @property
+    def collects(self) -> bool:
+        """Whether its batches wait for more than the next tick (keep_lag, min_count, min_interval)."""
+        return self.keep_lag is not None or self.min_count is not None or self.min_interval is not None
+
+    @property
     def kind(self) -> RouteKind:
         """"queue": every event into dst_queue; "split": each into the queue its field names."""
         return "split" if self.split else "queue"

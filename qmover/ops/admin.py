@@ -147,7 +147,7 @@ def _read_target(group: list[Route], dst: Link) -> _TargetState:
     if state.pgq_ext and state.tick_api:
         state.ticks = dict(dst.rows(Status.LAST_TICKS, consumers=[route.consumer for route in group]))
     if state.claims:
-        state.held = claim.claimed(dst, group)
+        state.held = claim.claimed(dst, group).held
     return state
 
 

@@ -8,6 +8,8 @@
 -- A worker the network cuts off therefore gives its routes up within the
 -- lease, whether or not the server ever notices that its client is gone, and
 -- a pooler that keeps the server session open cannot keep a claim alive.
+-- A claim given back keeps its row, with no session (backend 0): its `since`
+-- tells beat's sweep that a mover took the route after the task it sent.
 --
 -- Unlogged: a claim is only worth the sessions that hold it, and a server
 -- crash ends them all, so it is written without WAL or a flush.
@@ -15,7 +17,7 @@ create unlogged table if not exists qmover.claim (
     kind text not null,          -- 'route' (name: the consumer) or 'place' (name: source database and place)
     name text not null,
     holder text not null,        -- the mover: host and process, for status and the log
-    backend int4 not null,       -- the session that took it: the claim ends with it
+    backend int4 not null,       -- the session that took it: the claim ends with it (0: given back)
     since timestamptz not null,  -- taken
     until timestamptz not null,  -- ends unless renewed
     primary key (kind, name)

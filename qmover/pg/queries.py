@@ -229,7 +229,7 @@ class Source:
         select st.*, w.wake
           from (select {_HAS_WAKE} as wake) w
           left join lateral (
-            select q.queue_name, c.co_name, s.sub_last_tick,
+            select q.queue_name, c.co_name,
                    case when s.sub_batch is not null then extract(epoch from now() - s.sub_active)::float8 end,
                    extract(epoch from now() - nxt.tick_time)::float8,
                    latest.tick_event_seq - last.tick_event_seq,
@@ -330,19 +330,20 @@ class Claims:
          where c.backend = pg_backend_pid()
         returning c.kind, c.name
     """)
-    # Each gives back what it deleted, as every claim statement returns rows.
-    RELEASE = Statement("""
-        delete from qmover.claim
-         where kind = 'route' and name = any(%(consumers)s) and backend = pg_backend_pid()
-        returning name
-    """)
-    RELEASE_ALL = Statement("delete from qmover.claim where backend = pg_backend_pid() returning kind, name")
-    # The sweep and status, once per target database: which of these consumers
-    # a mover holds, who, and for how many seconds.
+    # Giving back keeps the row, with no session and its deadline passed: when a
+    # route was last taken tells the sweep whether the task it sent has run.
+    # Each returns what it gave back, as every claim statement returns rows.
+    _GIVE_BACK = "update qmover.claim set backend = 0, until = now() where backend = pg_backend_pid()"
+    RELEASE = Statement(f"{_GIVE_BACK} and kind = 'route' and name = any(%(consumers)s) returning name")
+    RELEASE_ALL = Statement(f"{_GIVE_BACK} returning kind, name")
+    # The sweep and status, once per target database, for each of these
+    # consumers: who holds it now, for how many seconds, and when a mover last
+    # took it (epoch seconds, or null), with the server's clock.
     CLAIMED = Statement(f"""
-        select c.name, c.holder, extract(epoch from now() - c.since)::float8
-          from qmover.claim c
-         where c.kind = 'route' and c.name = any(%(consumers)s::text[]) and {LIVE}
+        select r.consumer, case when {LIVE} then c.holder end, extract(epoch from now() - c.since)::float8,
+               extract(epoch from c.since)::float8, extract(epoch from now())::float8
+          from unnest(%(consumers)s::text[]) r(consumer)
+          left join qmover.claim c on c.kind = 'route' and c.name = r.consumer
     """, prepared=True)
 
 

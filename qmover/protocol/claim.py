@@ -1,7 +1,8 @@
 """The route claim: one mover per route at a time, across threads, processes and hosts.
 
 Everything about claims is here: taking them, renewing them, letting go,
-and telling the readiness sweep which routes a mover holds.  Two holds,
+and telling the readiness sweep which routes a mover holds and when each
+was last taken (whether the task it sent has run).  Two holds,
 both needed: the in-process one (the threads or greenlets of one process
 share nothing on the server, so they are kept apart first), then a lease in
 the target's qmover.claim table (claims.sql), taken on the task's target
@@ -204,10 +205,26 @@ class Held:
                 f"its claim ends {LEASE:g} s after its last renewal, or with its session")
 
 
-def claimed(dst: Link, routes: Sequence[Route]) -> dict[str, Held]:
-    """The consumers among these routes' (one target database) that a mover holds now, with who and how long."""
+@dataclass(frozen=True)
+class Taken:
+    """What the sweep and status read of the claims of some routes on one target database."""
+
+    now: float  # the server's clock when read (epoch seconds)
+    held: dict[str, Held]  # consumer -> its live claim
+    last: dict[str, float]  # consumer -> when a mover last took it (epoch seconds), held still or given back
+
+    @classmethod
+    def unknown(cls) -> Taken:
+        """What a target without qmover's claims says: nothing held, and no task seen to run."""
+        return cls(float("-inf"), {}, {})
+
+
+def claimed(dst: Link, routes: Sequence[Route]) -> Taken:
+    """Who holds these routes (of one target database) now, and when each was last taken."""
     try:
         rows = dst.rows(queries.Claims.CLAIMED, consumers=[route.consumer for route in routes])
     except QmoverError as exc:
         raise explained(dst.route, exc) from None
-    return {consumer: Held(who, seconds) for consumer, who, seconds in rows}
+    now = rows[0][4] if rows else float("-inf")
+    return Taken(now, {consumer: Held(who, seconds) for consumer, who, seconds, _, _ in rows if who is not None},
+                 {consumer: since for consumer, _, _, since, _ in rows if since is not None})

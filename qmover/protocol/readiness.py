@@ -8,11 +8,17 @@ databases of one move_interval are swept in slices, one slice at a time,
 each database once an interval, so that the moves a sweep starts are spread
 over the interval instead of queuing up behind each other.
 
-A route sent a task is not sent another while that task waits (its position
-has not moved), unless resend_after() passes: a task the broker lost, or one
-a killed worker had taken, is replaced then, and again after twice and four
-times as long, so that workers slower than that get no pile of tasks.  So no task expires unrun, and a
-route has at most one task queued while the workers keep up.
+A database whose ticks wake the sweep (qmover.protocol.wake) is not asked
+when it ticks: its tick is its routes' readiness, and only its target is
+asked, unless a route there collects batches (keep_lag, min_count,
+min_interval), which its source's state decides.
+
+A route sent a task is not sent another while that task waits (no mover
+has taken the route since, as the target's claims say), unless
+resend_after() passes: a task the broker lost, or one a killed worker had
+taken, is replaced then, and again after twice and four times as long, so
+that workers slower than that get no pile of tasks.  So no task expires
+unrun, and a route has at most one task queued while the workers keep up.
 
 Errs towards ready: a consumer the query does not find (a dropped queue, an
 unregistered consumer) counts as ready, so that its mover says what is
@@ -83,12 +89,12 @@ def waiting(route: Route, row: Sequence[Any] | None, resend: float) -> float | N
     first); -1 when it has nothing to move; None while a mover has its batch open.
 
     row: the route's Source.SWEEP_STATE columns after queue and consumer
-    (position, batch_age, waiting, events_ahead, seconds_ahead); None when
+    (batch_age, waiting, events_ahead, seconds_ahead); None when
     the sweep did not find the consumer.
     """
     if row is None:
         return 0.0  # not found: ready, so that its mover says why
-    _, batch_age, waited, events_ahead, seconds_ahead = row
+    batch_age, waited, events_ahead, seconds_ahead = row
     if batch_age is not None:
         return batch_age if batch_age >= resend else None  # an old open batch: its mover is gone
     if waited is None or (route.keep_lag is not None and waited < route.keep_lag):
@@ -112,59 +118,70 @@ class Swept:
     ready: list[Route]
 
 
+def candidates(routes: Iterable[Route], state: Mapping[tuple[str, str], Sequence[Any]], resend: float
+               ) -> tuple[list[tuple[float, Route]], list[Route]]:
+    """From their source's state (Source.SWEEP_STATE rows, by queue and consumer):
+    (waiting, route) of the routes with a batch to move, and the routes with none."""
+    found, idle = [], []
+    for route in routes:
+        waited = waiting(route, state.get((route.src_queue, route.consumer)), resend)
+        if waited is None:
+            continue
+        if waited < 0:
+            idle.append(route)
+        else:
+            found.append((waited, route))
+    return found, idle
+
+
 @dataclass
 class _Sent:
-    at: float  # monotonic time the task was sent
-    position: int | None  # the consumer's position then
-    resent: int = 0  # tasks sent again since, the position unchanged
+    at: float  # the target's clock (epoch seconds) when the sweep chose the route, before the send
+    sent: float  # monotonic time the task was sent
+    resent: int = 0  # tasks sent again since, none of them run
 
     def due(self, resend: float, now: float) -> bool:
         """Whether the task may be replaced: resend seconds after it was sent, twice and
         then four times that after replacements, so that workers slower than resend do
         not get a queue of tasks that all find nothing."""
-        return now - self.at >= resend * 2 ** min(self.resent, RESEND_DOUBLINGS)
+        return now - self.sent >= resend * 2 ** min(self.resent, RESEND_DOUBLINGS)
 
 
 class Outstanding:
     """The routes sent a task that may not have run yet, so that a sweep does
     not send them another; a task that has not run within resend seconds (the
-    broker lost it, or a killed worker had it) is replaced then."""
+    broker lost it, or a killed worker had it) is replaced then.
+
+    A task has run once a mover took its route after the sweep chose it: the
+    target's claims say when (qmover.protocol.claim), on the target's clock.
+    """
 
     def __init__(self) -> None:
         self._sent: dict[str, _Sent] = {}  # route -> its task that may not have run yet
-        self._seen: dict[str, int | None] = {}  # route -> the position its last sweep saw
+        self._chosen: dict[str, float] = {}  # route -> the target's clock when a sweep last found it ready
 
-    def candidates(self, routes: Iterable[Route], state: Mapping[tuple[str, str], Sequence[Any]], resend: float,
-                   now: float) -> list[tuple[float, Route]]:
-        """(waiting, route) of the routes with a batch to move and no task out, from
-        their source's state (Source.SWEEP_STATE rows, by queue and consumer)."""
-        found = []
+    def out(self, route: Route, taken: claim.Taken, resend: float, now: float) -> bool:
+        """Whether the route has a task that has not run yet and is not due to be replaced."""
+        sent = self._sent.get(route.name)
+        if sent is not None and taken.last.get(route.consumer, float("-inf")) > sent.at:
+            del self._sent[route.name]  # a mover took the route after the send
+            sent = None
+        if sent is not None and not sent.due(resend, now):
+            return True
+        self._chosen[route.name] = taken.now
+        return False
+
+    def forget(self, routes: Iterable[Route]) -> None:
+        """These routes have nothing to move, or a mover holds them: once it lets go, a new task may go."""
         for route in routes:
-            row = state.get((route.src_queue, route.consumer))
-            waited = waiting(route, row, resend)
-            if waited is None:
-                continue
-            if waited < 0:  # nothing to move: its task, if any, has run
-                self._sent.pop(route.name, None)
-                continue
-            position = row[0] if row else None
-            sent = self._sent.get(route.name)
-            if sent and sent.position == position and not sent.due(resend, now):
-                continue  # its task has not run yet
-            self._seen[route.name] = position
-            found.append((waited, route))
-        return found
-
-    def held(self, route: Route) -> None:
-        """A mover has the route: once it lets go, a new task may go."""
-        self._sent.pop(route.name, None)
+            self._sent.pop(route.name, None)
 
     def sent(self, routes: Iterable[Route], now: float) -> None:
-        """These routes (from candidates()) have a task on its way."""
+        """These routes (found not out()) have a task on its way."""
         for route in routes:
-            position, before = self._seen.get(route.name), self._sent.get(route.name)
-            resent = before.resent + 1 if before is not None and before.position == position else 0
-            self._sent[route.name] = _Sent(now, position, resent)
+            before = self._sent.get(route.name)
+            resent = before.resent + 1 if before is not None else 0
+            self._sent[route.name] = _Sent(self._chosen.get(route.name, float("-inf")), now, resent)
 
 
 class Sweeper:
@@ -224,29 +241,35 @@ class Sweeper:
         A scheduled sweep (not woken) leaves out the databases whose ticks wake
         it, but for a safety sweep now and then (qmover.protocol.wake)."""
         now = time.monotonic()
-        candidates: list[tuple[float, Route]] = []
+        found: list[tuple[float, Route]] = []
         for group in by_database(routes, "source"):
             key = database_of(group[0].src_dsn)
-            if not woken and self.wakes.listening(key, interval, now):
+            listening = self.wakes.listening(key, interval, now)
+            if listening and not woken:
+                continue
+            if listening and not any(route.collects for route in group):
+                found += [(0.0, route) for route in group]  # it ticked: a batch is ready for each
+                self.wakes.swept(key, now)
                 continue
             rows = self._ask(group, "source", functools.partial(self._source_state, key, group, interval),
                              list[tuple]())
-            self.wakes.swept(key, now)
+            self.wakes.swept(key, now)  # known to the wake once its first sweep listened
             if rows is not None:
-                state = {(row[0], row[1]): row[2:] for row in rows}
-                candidates += self.outstanding.candidates(group, state, resend, now)
+                moving, idle = candidates(group, {(row[0], row[1]): row[2:] for row in rows}, resend)
+                found += moving
+                self.outstanding.forget(idle)  # their tasks, if any, have run
+        waited = {route.name: seconds for seconds, route in found}
         ready: list[tuple[float, Route]] = []
-        for group in by_database([route for _, route in candidates], "target"):
-            held = self._ask(group, "target", functools.partial(claim.claimed, routes=group),
-                             dict[str, claim.Held]())
-            if held is None:
+        for group in by_database([route for _, route in found], "target"):
+            taken = self._ask(group, "target", functools.partial(claim.claimed, routes=group), claim.Taken.unknown())
+            if taken is None:
                 continue
-            for waited, route in candidates:
-                if route in group and route.consumer in held:
-                    self.outstanding.held(route)
-                    self._held(route, held[route.consumer])
-                elif route in group:
-                    ready.append((waited, route))
+            for route in group:
+                if route.consumer in taken.held:
+                    self.outstanding.forget([route])
+                    self._held(route, taken.held[route.consumer])
+                elif not self.outstanding.out(route, taken, resend, now):
+                    ready.append((waited[route.name], route))
         ready.sort(key=lambda pair: -pair[0])
         return [route for _, route in ready]
 

@@ -6,7 +6,8 @@ wake_on_tick, `qmover install` puts a trigger on the source's pgq.tick
 (qmover/pg/wake.sql) that NOTIFYs at each ticking commit, and the sweep's
 own connection to that database LISTENs: a waker thread waits on those
 connections and sweeps a database as soon as it has ticked (all its routes:
-the trigger is the database's).
+the trigger is the database's).  That sweep does not ask the source again:
+the tick says a batch is ready (qmover.protocol.readiness).
 
 A listening database is left out of the scheduled sweeps except once every
 SAFETY_SWEEP seconds, which also looks for the trigger again: a task the

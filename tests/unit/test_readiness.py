@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from qmover.config import Route
-from qmover.protocol.readiness import Outstanding, chunks, resend_after, sliced, slices, waiting
+from qmover.protocol.claim import Taken
+from qmover.protocol.readiness import Outstanding, candidates, chunks, resend_after, sliced, slices, waiting
 
 RESEND = 5.0
 
@@ -18,10 +19,15 @@ def route(name: str = "r", source: str = "shop", **settings) -> Route:
                  dst_dsn="host=127.0.0.1 dbname=central", src_queue="events", dst_queue="central", **settings)
 
 
-def row(position: int = 7, batch_age: float | None = None, waited: float | None = 1.5, events_ahead: int = 10,
+def row(batch_age: float | None = None, waited: float | None = 1.5, events_ahead: int = 10,
         seconds_ahead: float = 2.0) -> tuple:
     """The columns of Source.SWEEP_STATE after queue and consumer."""
-    return (position, batch_age, waited, events_ahead, seconds_ahead)
+    return (batch_age, waited, events_ahead, seconds_ahead)
+
+
+def taken(now: float, last: float | None = None) -> Taken:
+    """The target's claims of route r, read at now (its clock): none live, last taken at last."""
+    return Taken(now, {}, {} if last is None else {"r": last})
 
 
 def test_a_route_with_a_tick_past_its_position_waited_as_long_as_that_tick():
@@ -58,49 +64,60 @@ def test_batch_collection_waits_for_what_next_batch_custom_would_ask(settings, a
     assert (waiting(route(**settings), row(**ahead), RESEND) == 1.5) is ready
 
 
-def test_a_route_sent_a_task_is_not_sent_another_until_its_position_moves():
+def test_candidates_are_the_routes_with_a_batch_to_move_and_those_with_none_are_told_apart():
+    ready, idle, busy = route("ready"), route("idle"), route("busy")
+    state = {("events", "ready"): row(), ("events", "idle"): row(waited=None), ("events", "busy"): row(batch_age=1)}
+    assert candidates([ready, idle, busy], state, RESEND) == ([(1.5, ready)], [idle])
+
+
+def test_a_route_sent_a_task_is_not_sent_another_until_a_mover_takes_it_after_the_send():
     outstanding, r = Outstanding(), route()
-    assert outstanding.candidates([r], {("events", "r"): row(position=7)}, RESEND, now=0.0) == [(1.5, r)]
+    assert not outstanding.out(r, taken(now=100.0), RESEND, now=0.0)
     outstanding.sent([r], now=0.0)
-    assert outstanding.candidates([r], {("events", "r"): row(position=7)}, RESEND, now=1.0) == []
-    assert outstanding.candidates([r], {("events", "r"): row(position=8)}, RESEND, now=1.0) == [(1.5, r)]
+    assert outstanding.out(r, taken(now=101.0), RESEND, now=1.0)
+    assert outstanding.out(r, taken(now=101.0, last=99.0), RESEND, now=1.0)  # taken before: not by that task
+    assert not outstanding.out(r, taken(now=101.0, last=100.5), RESEND, now=1.0)  # taken after: it ran
+
+
+def test_a_task_that_ran_and_found_nothing_does_not_hold_back_the_next_tick():
+    """Woken sweeps do not ask the source: a task that moved nothing still counts as run."""
+    outstanding, r = Outstanding(), route()
+    for tick, now in ((100.0, 0.0), (101.0, 1.0), (102.0, 2.0)):
+        assert not outstanding.out(r, taken(now=tick, last=tick - 0.5), RESEND, now=now)
+        outstanding.sent([r], now=now)
 
 
 def test_a_task_that_never_ran_is_replaced_after_resend_seconds():
     outstanding, r = Outstanding(), route()
-    outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=0.0)
+    outstanding.out(r, taken(now=100.0), RESEND, now=0.0)
     outstanding.sent([r], now=0.0)
-    assert outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=RESEND - 0.1) == []
-    assert outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=RESEND) == [(1.5, r)]
+    assert outstanding.out(r, taken(now=104.9), RESEND, now=RESEND - 0.1)
+    assert not outstanding.out(r, taken(now=105.0), RESEND, now=RESEND)
 
 
 def test_a_task_replaced_and_still_not_run_is_replaced_after_twice_then_four_times_as_long():
     outstanding, r = Outstanding(), route()
-    state = {("events", "r"): row()}
     sent_at = []
     now = 0.0
     while now < 20 * RESEND:
-        if outstanding.candidates([r], state, RESEND, now=now):
+        if not outstanding.out(r, taken(now=100.0 + now), RESEND, now=now):
             outstanding.sent([r], now=now)
             sent_at.append(now)
         now = round(now + 0.5, 1)
     gaps = [later - earlier for earlier, later in zip(sent_at, sent_at[1:], strict=False)]
     assert gaps[:4] == [RESEND, 2 * RESEND, 4 * RESEND, 4 * RESEND]
-    # its position moved: the next task is due at resend again
-    moved = {("events", "r"): row(position=8)}
-    assert outstanding.candidates([r], moved, RESEND, now=now) == [(1.5, r)]
+    # a mover took it at last: the next task is due at resend again
+    assert not outstanding.out(r, taken(now=100.0 + now, last=100.0 + now - 0.1), RESEND, now=now)
     outstanding.sent([r], now=now)
-    assert outstanding.candidates([r], moved, RESEND, now=now + RESEND) == [(1.5, r)]
+    assert not outstanding.out(r, taken(now=100.0 + now + RESEND), RESEND, now=now + RESEND)
 
 
 def test_nothing_to_move_or_a_mover_holding_it_forgets_the_task_out():
     outstanding, r = Outstanding(), route()
-    for forget in (lambda: outstanding.candidates([r], {("events", "r"): row(waited=None)}, RESEND, now=1.0),
-                   lambda: outstanding.held(r)):
-        outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=0.0)
-        outstanding.sent([r], now=0.0)
-        forget()
-        assert outstanding.candidates([r], {("events", "r"): row()}, RESEND, now=1.0) == [(1.5, r)]
+    outstanding.out(r, taken(now=100.0), RESEND, now=0.0)
+    outstanding.sent([r], now=0.0)
+    outstanding.forget([r])
+    assert not outstanding.out(r, taken(now=101.0), RESEND, now=1.0)
 
 
 def test_resend_is_five_intervals_and_at_least_five_seconds():

@@ -64,7 +64,7 @@ def test_throughput_bench_times_each_step_and_process(tmp_path):
     assert set(modes["floor"]["cpu_ms"]) == {"server"}
     assert set(modes["qmover"]["cpu_ms"]) == {"source", "target", "client"}
     assert modes["qmover"]["cpu_ms"]["source"] > 0 and modes["qmover"]["cpu_ms"]["target"] > 0
-    assert set(modes["qmover"]["step_ms"]) >= {"next_batch", "position", "copy", "after_target_commit"}
+    assert set(modes["qmover"]["step_ms"]) >= {"next_batch", "position", "before_target_commit", "after_target_commit"}
 
 
 def test_live_bench_over_two_servers_with_an_outage_and_an_idle_phase(tmp_path):

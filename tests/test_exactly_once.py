@@ -335,10 +335,19 @@ def test_source_lost_mid_copy_applies_nothing(route, monkeypatch):
     assert multiset(route.target_events()) == multiset(route.source_events())
 
 
-@pytest.mark.parametrize("point", ["next_batch", "position", "copy", "before_target_commit", "after_target_commit"])
-def test_a_merged_batch_crashed_at_each_point_comes_back_whole(route, point):
+POINTS = ["next_batch", "position", "before_target_commit", "after_target_commit"]
+FILTERS = "type_filter = type_*\n"  # keeps every event, and copies in a round trip of its own
+
+
+@pytest.mark.parametrize(("filters", "point"), [("", point) for point in POINTS]
+                         + [(FILTERS, point) for point in [*POINTS[:2], "copy", *POINTS[2:]]])
+def test_a_merged_batch_crashed_at_each_point_comes_back_whole(route, filters, point):
     """Three waiting ticks taken as one batch: its assignment is committed before
-    anything moves, so after a crash the same three ticks come back as one batch."""
+    anything moves, so after a crash the same three ticks come back as one batch.
+    A plain route sends its COPY with the commit; a filtering one copies first
+    (a point between: copy), then commits."""
+    with route.config.open("a") as config:
+        config.write(filters)
     produce_batches(route, 3)
     route.crash_at(point)
     batch = active_batch(route)
@@ -367,8 +376,55 @@ def test_an_empty_batch_crashed_at_each_point_moves_on_once(route, point, monkey
 
     copies_in = []
     copy_in = Link.copy_in
-    monkeypatch.setattr(Link, "copy_in", lambda link, *args: copies_in.append(link.side) or copy_in(link, *args))
+    monkeypatch.setattr(Link, "copy_in", lambda link, *args, **params: copies_in.append(link.side)
+                        or copy_in(link, *args, **params))
     moves = route.move()
     assert (moves.skipped, moves.sizes) == (([batch], [10]) if applied else ([], [0, 10]))
     assert copies_in == ["target"]  # the batch of 10 only
     assert route.target_events() == route.source_events() and len(route.target_events()) == 10
+
+
+def test_a_small_batch_takes_two_round_trips_on_the_target(route, monkeypatch):
+    """Its position, then its COPY with its end tick and the commit."""
+    produce_batches(route, 1)
+    trips: list[str] = []
+    for name in ("_send_once", "_copy"):
+        sent = getattr(Link, name)
+        monkeypatch.setattr(Link, name, lambda link, *args, _sent=sent, **params:
+                            (link.side == "target" and trips.append(link.side), _sent(link, *args, **params))[1])
+    steps: dict[str, int] = {}
+    route.move(checkpoint=lambda _route, step: steps.setdefault(step, len(trips)))
+    assert steps["after_target_commit"] - steps["next_batch"] == 2
+    assert "copy" not in steps
+    assert route.target_events() == route.source_events() and len(route.target_events()) == 10
+
+
+def test_the_target_cut_off_during_the_copy_that_commits_applies_nothing(route, monkeypatch):
+    """The target's session ends once its COPY has begun, before the rows, the end tick and the
+    commit that go with it: nothing is applied, the batch comes back and moves once."""
+    route.src.produce_series(route.src_queue, 2000, size=200)  # several reads of the spool
+    route.src.tick(route.src_queue)
+    rewind = batch_module.Spool.rewind
+
+    def cut_on_first_read(spool) -> None:
+        rewind(spool)
+        read = spool.read
+
+        def first_read(size: int = -1) -> bytes:
+            copying = f"from pg_stat_activity where {QMOVER} and query ilike 'copy %%'"
+            route.dst.execute(f"select pg_terminate_backend(pid) {copying}")
+            wait_until(lambda: route.dst.value(f"select count(*) {copying}") == 0, 10, "the COPY's session to end")
+            spool.read = read
+            return read(size)
+        spool.read = first_read
+
+    monkeypatch.setattr(batch_module.Spool, "rewind", cut_on_first_read)
+    with pytest.raises(TransientError, match="target database"):
+        route.move()
+    assert route.target_events() == []
+    assert route.dst.last_tick(route.name) is None
+    assert active_batch(route) is not None
+
+    monkeypatch.undo()
+    assert route.move().sizes == [2000]
+    assert multiset(route.target_events()) == multiset(route.source_events())

@@ -108,7 +108,7 @@ def test_the_shared_target_lost_mid_loop_stops_every_route_and_nothing_is_half_d
     lost = []
 
     def lose_target(route, step: str) -> None:
-        if route is routes[1] and step == "copy" and not lost:
+        if route is routes[1] and step == "position" and not lost:
             lost.append(route)
             backend_of(central)  # the connection that holds every route's claim
 

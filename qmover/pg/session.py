@@ -139,14 +139,19 @@ class Link:
         """A COPY ... TO STDOUT into sink; the rows sent."""
         return self._copy(statement, sink)
 
-    def copy_in(self, statement: str, source: Readable) -> int:
-        """A COPY ... FROM STDIN from source; the rows taken."""
-        return self._copy(statement, source)
+    def copy_in(self, statement: str, source: Readable, *then: Statement, **params: Any) -> int:
+        """A COPY ... FROM STDIN from source, and the statements then, in the same round
+        trip; the rows taken, or -1 with statements after it (the driver counts the last)."""
+        return self._copy(statement, source, then, params)
 
-    def _copy(self, statement: str, file: Any) -> int:  # a Readable for COPY FROM, a Writable for COPY TO
+    def _copy(self, statement: str, file: Any,  # a Readable for COPY FROM, a Writable for COPY TO
+              then: tuple[Statement, ...] = (), params: dict[str, Any] | None = None) -> int:
         session = self.session
         try:
             with session.conn.cursor() as cur:
+                if then:
+                    _prepare(cur, then, session)
+                    statement = f"{statement}; {cur.mogrify(_joined(then), params or None).decode()}"
                 cur.copy_expert(statement, file, size=65536)
                 count = cur.rowcount
         except psycopg2.Error as exc:
@@ -174,14 +179,19 @@ class Link:
         session = self.session
         try:
             with session.conn.cursor() as cur:
-                for statement in statements:
-                    if isinstance(statement, Statement) and statement.prepared and statement.name not in session.done:
-                        cur.execute(statement.preparation)
-                        session.done.add(statement.name)
+                _prepare(cur, statements, session)
                 cur.execute(_sent(statements, session.conn), params or None)
                 return read(cur)
         except psycopg2.Error as exc:
             raise db.translate(exc, self.route, self.side) from None
+
+
+def _prepare(cur: Any, statements: tuple[Sent, ...], session: Session) -> None:
+    """PREPARE those of the statements that are not yet PREPAREd on the session's connection."""
+    for statement in statements:
+        if isinstance(statement, Statement) and statement.prepared and statement.name not in session.done:
+            cur.execute(statement.preparation)
+            session.done.add(statement.name)
 
 
 def _sent(statements: tuple[Sent, ...], conn: connection) -> str:

@@ -8,7 +8,9 @@
    type/table filters apply in the source's COPY, kept event ids move the
    target's event sequence, a split route lands the batch in a temporary
    table and hands it out to its queues (split.py).
-4. record the batch's end tick in pgq_ext and commit the target.
+4. record the batch's end tick in pgq_ext and commit the target.  A small
+   batch of a route that neither filters nor hands events on through a
+   temporary table sends 3 and 4 with its COPY, in one round trip.
 5. source: finish_batch, in step 1's transaction for the next batch (or
    alone, by finish_batch(), when the mover stops).
 A crash before 4 commits leaves nothing applied; after it, step 2 of the
@@ -29,13 +31,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO, Literal
 
 from qmover.config.route import Route
 from qmover.errors import LostPosition, QmoverError
 from qmover.pg import queries
 from qmover.pg.db import RAISED
-from qmover.pg.queries import Source, Target, Transaction
+from qmover.pg.queries import Source, Statement, Target, Transaction
 from qmover.pg.session import Link
 from qmover.protocol import split
 
@@ -126,22 +129,36 @@ def move_batch(route: Route, src: Link, dst: Link, *, finish: int | None = None,
                 dst.run(Transaction.ROLLBACK)
                 return None  # another mover applied and finished it meanwhile
             raise lost_position(route, position, batch)
-        if says == "apply":
-            small = batch.estimate is not None and batch.estimate <= SMALL_BATCH
-            copy = copy_spooled if small or threads_are_green() else copy_streamed
+        committed = False
+        record = {"consumer": route.consumer, "tick": batch.cur_tick, "queue": route.dst_queue,
+                  "last_event_seq": batch.last_event_seq}
+        small = batch.estimate is not None and batch.estimate <= SMALL_BATCH
+        spooled = small or threads_are_green()
+        if says == "apply" and spooled and not incoming and not route.filtered:
+            # the events, their end tick and the commit in one round trip (none when the batch is empty)
+            ending = ((Target.ADVANCE_EVENT_SEQ,) if route.keep_event_id else ()) + (Target.RECORD,
+                                                                                     Transaction.COMMIT)
+            events = copy_spooled(route, src, dst, batch.select, event_table,
+                                  ending=(ending, partial(checkpoint, "before_target_commit"), record))
+            committed = events > 0
+            if not committed:
+                checkpoint("copy")  # an empty batch: no COPY in, the end tick and the commit come next
+        elif says == "apply":
+            copy = copy_spooled if spooled else copy_streamed
             events = copy(route, src, dst, batch.select, queries.INCOMING if incoming else event_table)
             if via_insert_event:
                 dst.run(Target.INCOMING_TO_QUEUE, queue=route.dst_queue)
             if route.keep_event_id:
-                dst.run(Target.ADVANCE_EVENT_SEQ, last_event_seq=batch.last_event_seq, queue=route.dst_queue)
+                dst.run(Target.ADVANCE_EVENT_SEQ, **record)
             if route.filtered:
                 filtered = src.value(queries.count_batch(batch.select)) - events
             if route.kind == "split":
                 events, left_out = split.distribute(route, dst, batch.id)
                 filtered += left_out
             checkpoint("copy")
-        checkpoint("before_target_commit")
-        dst.run(Target.RECORD, Transaction.COMMIT, consumer=route.consumer, tick=batch.cur_tick)
+        if not committed:
+            checkpoint("before_target_commit")
+            dst.run(Target.RECORD, Transaction.COMMIT, **record)
     except BaseException:
         _rollback(dst)
         raise
@@ -204,18 +221,33 @@ def copy_statements(route: Route, src: Link, dst: Link, select: str, table: str)
     return head + select + tail, into
 
 
-def copy_spooled(route: Route, src: Link, dst: Link, select: str, table: str) -> int:
+# What ends the target transaction in the COPY's round trip: the statements
+# after the COPY, a call before it is sent (the last point before the commit),
+# and the statements' parameters.
+Ending = tuple[tuple[Statement, ...], Callable[[], None], dict[str, Any]]
+
+
+def copy_spooled(route: Route, src: Link, dst: Link, select: str, table: str, ending: Ending | None = None) -> int:
     """Copy a small batch out, then in: no thread hand-off, which costs more than
     it saves on a few hundred events.  Beyond SPOOL_BYTES the buffer spills to a
     temporary file, so memory stays bounded even when PgQ's estimate is wrong.
-    An empty batch (an idle queue's tick) sends no COPY in: a round trip less."""
+    An empty batch (an idle queue's tick) sends no COPY in: a round trip less.
+
+    ending: sent with the COPY in, the transaction's end.  The driver then
+    counts no rows for the COPY: the whole spool goes, and COPY takes every
+    row of it or fails, and the commit with it."""
     out, into = copy_statements(route, src, dst, select, table)
     with Spool(SPOOL_BYTES) as buffer:
         sent = src.copy_out(out, buffer)
         if sent == 0:
             return 0
         buffer.rewind()
-        return _same_count(sent, dst.copy_in(into, buffer))
+        if ending is None:
+            return _same_count(sent, dst.copy_in(into, buffer))
+        statements, before, params = ending
+        before()
+        dst.copy_in(into, buffer, *statements, **params)
+        return sent
 
 
 class Spool:

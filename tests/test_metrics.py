@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 from contextlib import closing
 
 import pytest
+import redis
 
 from qmover.protocol.readiness import Sweeper
 
@@ -78,6 +80,28 @@ def test_a_failing_route_counts_errors_and_is_down(route, metrics_redis):
     assert found[("qmover_errors_total", route.name)] == 2
     assert found[("qmover_route_up", route.name)] == 0
     assert ("qmover_last_success_timestamp_seconds", route.name) not in found
+
+
+def test_counters_count_where_the_redis_refuses_scripts(route, metrics_redis):
+    """A Redis user without scripting (an ACL): the counters go a command at a time."""
+    admin = redis.Redis.from_url(metrics_redis.url)
+    user = f"qmover_no_scripts_{os.getpid()}"
+    admin.acl_setuser(user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-@scripting"])
+    try:
+        with_metrics_url(route, metrics_redis.url.replace("redis://", f"redis://{user}:any@"))
+        for n in range(2):
+            route.src.produce_series(route.src_queue, 10 + n, tag=f"b{n}-")
+            route.src.tick(route.src_queue)
+            result = route.qmover("run", "--once", check=True)
+            assert result.stderr.count("counted without a Lua script") == 1  # once a process
+
+        found = samples(route.qmover("status", "--prometheus", check=True).stdout)
+        assert found[("qmover_events_moved_total", route.name)] == 21
+        assert found[("qmover_batches_moved_total", route.name)] == 2
+        assert found[("qmover_last_success_timestamp_seconds", route.name)] > 1.7e9
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
 
 
 def test_moving_goes_on_when_redis_is_away(route):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psycopg2
 from psycopg2 import sql
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE, connection
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, connection, cursor
 
 from qmover.config.route import Route
 from qmover.errors import TransientError
@@ -60,6 +60,14 @@ class Session:
         # It sat idle before this loan and has not answered since: a connection
         # error is worth one more try, on a new connection.
         self.reused = False
+        self._cursor: cursor | None = None
+
+    def cursor(self) -> cursor:
+        """The connection's one cursor, kept: a new one per statement cost a
+        quarter of a short statement's client time (34 against 26 us)."""
+        if self._cursor is None or self._cursor.connection is not self.conn or self._cursor.closed:
+            self._cursor = self.conn.cursor()
+        return self._cursor
 
     @property
     def closed(self) -> bool:
@@ -148,12 +156,12 @@ class Link:
               then: tuple[Statement, ...] = (), params: dict[str, Any] | None = None) -> int:
         session = self.session
         try:
-            with session.conn.cursor() as cur:
-                if then:
-                    _prepare(cur, then, session)
-                    statement = f"{statement}; {cur.mogrify(_joined(then), params or None).decode()}"
-                cur.copy_expert(statement, file, size=65536)
-                count = cur.rowcount
+            cur = session.cursor()
+            if then:
+                _prepare(cur, then, session)
+                statement = f"{statement}; {cur.mogrify(_joined(then), params or None).decode()}"
+            cur.copy_expert(statement, file, size=65536)
+            count = cur.rowcount
         except psycopg2.Error as exc:
             raise db.translate(exc, self.route, self.side) from None
         finally:
@@ -178,10 +186,10 @@ class Link:
     def _send_once(self, statements: tuple[Sent, ...], params: dict[str, Any], read: Callable[[Any], T]) -> T:
         session = self.session
         try:
-            with session.conn.cursor() as cur:
-                _prepare(cur, statements, session)
-                cur.execute(_sent(statements, session.conn), params or None)
-                return read(cur)
+            cur = session.cursor()
+            _prepare(cur, statements, session)
+            cur.execute(_sent(statements, session.conn), params or None)
+            return read(cur)
         except psycopg2.Error as exc:
             raise db.translate(exc, self.route, self.side) from None
 

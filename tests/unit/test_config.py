@@ -251,3 +251,12 @@ def test_a_route_side_is_source_or_target_and_nothing_else(tmp_path):
 def test_qmover_says_its_version():
     result = run_qmover("--version", check=True)
     assert result.stdout.strip() == f"qmover {importlib.metadata.version('qmover')}"
+
+
+def test_routes_are_equal_when_every_field_is_and_hash_alike_then():
+    made = {"name": "r", "consumer": "r", "src_dsn": "dbname=a", "dst_dsn": "dbname=b", "src_queue": "q",
+            "dst_queue": "t"}
+    route = Route(**made)
+    assert route == Route(**made) and hash(route) == hash(Route(**made))
+    assert route != Route(**{**made, "consumer": "other"}) and route != Route(**{**made, "keep_lag": 1.0})
+    assert route != ("r",) and {route: 1}[Route(**made)] == 1
